@@ -1,0 +1,45 @@
+# Fresh machine: `make run` (whole pipeline, CPU) and `make test` (the suite) set everything up.
+#
+# TORCH_VARIANT picks the torch 2.13 build: `cpu` (default) or a CUDA tag such as `cu128`
+# for GPU hosts, e.g. `make run TORCH_VARIANT=cu128`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VARIANT ?= cpu
+TORCH_VERSION := 2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(TORCH_VARIANT)
+
+ifeq ($(TORCH_VARIANT),cpu)
+TORCH_SPEC := torch==$(TORCH_VERSION)+cpu
+TORCH_INDEX := --extra-index-url https://download.pytorch.org/whl/cpu
+else
+TORCH_SPEC := torch==$(TORCH_VERSION)
+TORCH_INDEX := --extra-index-url https://download.pytorch.org/whl/$(TORCH_VARIANT)
+endif
+
+.PHONY: install run test lint bench clean
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# A wheel already on this machine (pip's find-links) is used first; the index is the fallback.
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" || $(BIN)/pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+run: install
+	$(BIN)/arpipe run
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+bench: install
+	$(BIN)/python benchmarks/shard.py
+
+clean:
+	rm -rf $(VENV) .arpipe

@@ -1,0 +1,183 @@
+"""Strict loading of params.yaml sections into frozen dataclasses.
+
+Every stage owns one section of params.yaml and one ``Config`` dataclass. Loading fails before any
+work starts when a key is unknown, missing or of the wrong type, and the message names the key
+(``shard.image_size: expected int, got str '16'``). Supported field types: bool, int, float, str,
+Literal[...], X | None, list[T], tuple[T, ...], dict[str, T] and nested dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A params.yaml key is unknown, missing or mistyped; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Paths:
+    """Where each stage's artifacts live (params.yaml ``paths``; dvc.yaml reads the same keys)."""
+
+    shards: str = "data/shards"
+    """Webdataset tars, manifest.parquet, rejected.parquet and classes.json written by ``shard``."""
+    metrics: str = "metrics"
+    """Small JSON metrics per stage, tracked by git and DVC (``cache: false``)."""
+    plots: str = "plots"
+    """Per-stage curves as CSV for ``dvc plots``."""
+
+
+def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameters file not found (run from the repository root)")
+    with path.open() as f:
+        params = yaml.safe_load(f) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return params
+
+
+def load_section(params: dict[str, Any], section: str, cls: type[T]) -> T:
+    """Build ``cls`` from ``params[section]``, checking every key and type."""
+    if section not in params:
+        raise ConfigError(f"params.yaml has no section '{section}'")
+    return from_dict(cls, params[section], prefix=section)
+
+
+def load_paths(params: dict[str, Any]) -> Paths:
+    return load_section(params, "paths", Paths) if "paths" in params else Paths()
+
+
+def from_dict(cls: type[T], data: Any, *, prefix: str) -> T:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {_describe(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(fields))})"
+        )
+    hints = get_type_hints(cls)
+    values = {}
+    for name, field in fields.items():
+        key = f"{prefix}.{name}"
+        if name not in data:
+            has_default = (
+                field.default is not dataclasses.MISSING
+                or field.default_factory is not dataclasses.MISSING
+            )
+            if has_default:
+                continue
+            raise ConfigError(f"{key}: missing required key")
+        values[name] = _check(hints[name], data[name], key)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # __post_init__ range checks
+        raise ConfigError(f"{prefix}: {exc}") from exc
+
+
+def _check(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in get_args(tp):
+            try:
+                return _check(option, value, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {_describe(value)}")
+    if origin is Literal:
+        if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
+            return value
+        choices = ", ".join(repr(a) for a in get_args(tp))
+        raise ConfigError(f"{key}: expected one of {choices}, got {_describe(value)}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_check(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        items = [_check(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
+        key_tp, val_tp = get_args(tp) or (Any, Any)
+        return {
+            _check(key_tp, k, f"{key}.{k}"): _check(val_tp, v, f"{key}.{k}") for k, v in value.items()
+        }
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"{key}: unsupported field type {tp!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a (nested) config dataclass to ``{"a.b": value}`` for MLflow params."""
+    out: dict[str, Any] = {}
+    for name, value in dataclasses.asdict(obj).items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            for sub, sub_value in _flatten_mapping(value, f"{key}."):
+                out[sub] = sub_value
+        else:
+            out[key] = value
+    return out
+
+
+def _flatten_mapping(mapping: dict, prefix: str) -> typing.Iterator[tuple[str, Any]]:
+    for name, value in mapping.items():
+        if isinstance(value, dict):
+            yield from _flatten_mapping(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value

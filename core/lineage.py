@@ -1,0 +1,107 @@
+"""Tie MLflow runs to DVC: the pipeline (parent) run, dvc.lock hashes as tags, skipped stages.
+
+Used by the Prefect flow (no torch here). After ``dvc repro`` a stage's dvc.lock entry holds the
+md5 of its deps and outs; the flow tags the stage's run with them. When DVC skips an up-to-date
+stage no new run exists, so the pipeline run links the run whose ``arpipe.dvc.outs`` tag matches
+the current outs: that run produced the artifacts in the workspace.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.metrics import flatten_metrics
+from core.tracking import client_for, experiment_id, git_commit
+
+OUTS_TAG = "arpipe.dvc.outs"
+DEPS_TAG = "arpipe.dvc.deps"
+
+
+def lock_entry(root: Path, stage: str) -> dict[str, Any] | None:
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return None
+    return (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage)
+
+
+def lock_hashes(entry: dict[str, Any]) -> tuple[str, str]:
+    """``path=md5`` lists (sorted, ``;``-joined) of a dvc.lock stage entry's deps and outs."""
+
+    def joined(items: list[dict]) -> str:
+        return ";".join(sorted(f"{i['path']}={i.get('md5', i.get('hash', ''))}" for i in items))
+
+    return joined(entry.get("deps", [])), joined(entry.get("outs", []))
+
+
+class PipelineRun:
+    """The parent MLflow run of one ``arpipe run``; stage runs nest under it."""
+
+    def __init__(self, root: Path, flow_run_id: str | None, tags: dict[str, str] | None = None):
+        self.root = root
+        self.client = client_for(root)
+        self.experiment_id = experiment_id(self.client, root)
+        run_tags = {"arpipe.stage": "pipeline", "git.commit": git_commit(root), **(tags or {})}
+        if flow_run_id:
+            run_tags["prefect.flow_run_id"] = flow_run_id
+        self.run_id = self.client.create_run(self.experiment_id, run_name="pipeline", tags=run_tags).info.run_id
+
+    def env(self) -> dict[str, str]:
+        """What a stage subprocess needs to nest its run under this one."""
+        from core.tracking import tracking_uri
+
+        return {
+            "MLFLOW_TRACKING_URI": tracking_uri(self.root),
+            "ARPIPE_EXPERIMENT": self.client.get_experiment(self.experiment_id).name,
+            "ARPIPE_PARENT_RUN_ID": self.run_id,
+        }
+
+    def record_stage(self, stage: str, status: str, metrics: dict[str, Any] | None) -> str | None:
+        """Tag the stage's run with its dvc.lock hashes, or link the producing run if DVC skipped it.
+
+        Returns the run id that produced the stage's current outs (None if none is known).
+        """
+        entry = lock_entry(self.root, stage)
+        deps, outs = lock_hashes(entry) if entry else ("", "")
+        run_id = None
+        if status == "ran":
+            runs = self.client.search_runs(
+                [self.experiment_id],
+                f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`arpipe.stage` = '{stage}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if runs:
+                run_id = runs[0].info.run_id
+                self.client.set_tag(run_id, DEPS_TAG, deps)
+                self.client.set_tag(run_id, OUTS_TAG, outs)
+        elif outs:
+            escaped = outs.replace("'", "\\'")
+            runs = self.client.search_runs(
+                [self.experiment_id],
+                f"tags.`{OUTS_TAG}` = '{escaped}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            run_id = runs[0].info.run_id if runs else None
+        tags = {f"arpipe.{stage}.status": status}
+        if run_id:
+            tags[f"arpipe.{stage}.run_id"] = run_id
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+        if metrics:
+            from mlflow.entities import Metric
+
+            flat = flatten_metrics(metrics, f"{stage}/")
+            now = int(time.time() * 1000)
+            points = [Metric(k, v, now, 0) for k, v in flat.items()]
+            for i in range(0, len(points), 1000):
+                self.client.log_batch(self.run_id, metrics=points[i : i + 1000])
+        return run_id
+
+    def finish(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+

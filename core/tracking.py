@@ -1,0 +1,183 @@
+"""MLflow tracking: one run per stage invocation, nested under the pipeline run when there is one.
+
+Environment (set by ``arpipe run`` / the Prefect flow; never semantic, so DVC's checks stay true):
+
+- ``MLFLOW_TRACKING_URI``  absolute store URI; default ``sqlite:///<repo>/.arpipe/mlflow.db``
+- ``ARPIPE_EXPERIMENT``    experiment name (default ``arpipe``)
+- ``ARPIPE_PARENT_RUN_ID`` the pipeline run a stage run nests under
+- ``ARPIPE_FLOW_RUN_ID``   the Prefect flow-run id, recorded as a tag
+- ``ARPIPE_TRACKING=off``  use the null tracker (no MLflow at all)
+
+A stage opens a *new* child run (tag ``mlflow.parentRunId``); it never resumes the parent's id,
+which would mark the pipeline run finished. Step metrics are buffered and written with
+``log_batch`` (one call per metric is ~100x slower on sqlite). This module imports no torch, so
+the flow process can use it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_EXPERIMENT = "arpipe"
+FLUSH_EVERY = 500  # buffered metric points per log_batch call (MLflow accepts up to 1000)
+
+
+def repo_root() -> Path:
+    """The DVC root when run by DVC, else the current directory."""
+    return Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve()
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    store = (root or repo_root()) / ".arpipe" / "mlflow.db"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store}"
+
+
+def tracking_enabled() -> bool:
+    return os.environ.get("ARPIPE_TRACKING", "on").lower() not in {"off", "0", "false", "no"}
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+class NullTracker:
+    """Same interface as ``MlflowTracker``, records nothing (tests, ``ARPIPE_TRACKING=off``)."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def log_image(self, image_HWC: np.ndarray, name: str) -> None: ...
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def flush(self) -> None: ...
+
+
+class MlflowTracker(NullTracker):
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+        self._buffer: list = []
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            self._buffer.append(Metric(_metric_key(key), float(value), now, step or 0))
+        if len(self._buffer) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def log_image(self, image_HWC: np.ndarray, name: str) -> None:
+        self.client.log_image(self.run_id, np.ascontiguousarray(image_HWC), artifact_file=name)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def _metric_key(key: str) -> str:
+    """MLflow keys allow alphanumerics, '_', '-', '.', ' ', '/'; class names may hold anything."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+
+
+def client_for(root: Path | None = None):
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(root)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(client, root: Path | None = None) -> str:
+    """The experiment's id, created on first use with an absolute artifact folder in the repo."""
+    name = os.environ.get("ARPIPE_EXPERIMENT", DEFAULT_EXPERIMENT)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri(root).startswith("sqlite:"):
+        location = ((root or repo_root()) / ".arpipe" / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # another process created it between our two calls
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+@contextmanager
+def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[NullTracker]:
+    """Open the stage's MLflow run (a child of ``ARPIPE_PARENT_RUN_ID`` when set).
+
+    The run ends FINISHED, or FAILED when the body raises; buffered metrics are flushed either way.
+    """
+    if not tracking_enabled():
+        yield NullTracker()
+        return
+    root = repo_root()
+    client = client_for(root)
+    tags = {
+        "arpipe.stage": stage,
+        "git.commit": git_commit(root),
+        "mlflow.source.git.commit": git_commit(root),
+        "mlflow.source.name": f"stages.{stage}",
+    }
+    if parent := os.environ.get("ARPIPE_PARENT_RUN_ID"):
+        tags["mlflow.parentRunId"] = parent
+    if flow_run := os.environ.get("ARPIPE_FLOW_RUN_ID"):
+        tags["prefect.flow_run_id"] = flow_run
+    if experiment := os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = experiment
+    run = client.create_run(experiment_id(client, root), run_name=stage, tags=tags)
+    tracker = MlflowTracker(client, run.info.run_id)
+    if params:
+        tracker.log_params(params)
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    finally:
+        try:
+            tracker.flush()
+        finally:
+            client.set_terminated(tracker.run_id, status=status)
