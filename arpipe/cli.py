@@ -38,7 +38,7 @@ def _setup_env(root: Path) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri(root)  # absolute, for `dvc exp run --temp`
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="arpipe", context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """arpipe: raw images to an evaluated autoregressive image generator.
 
@@ -82,9 +82,13 @@ def run(until: str | None, stage_timeout: float) -> None:
 
 @cli.command()
 @click.option("--port", default=5000, show_default=True, help="Port to listen on.")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Interface to bind. The UI has no authentication: keep it on 127.0.0.1 and "
-                   "use an SSH tunnel (ssh -L 5000:127.0.0.1:5000 host) from another machine.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to bind. The UI has no authentication: keep it on 127.0.0.1 and "
+    "use an SSH tunnel (ssh -L 5000:127.0.0.1:5000 host) from another machine.",
+)
 def ui(port: int, host: str) -> None:
     """Start the MLflow UI over the project's tracking store.
 
@@ -94,8 +98,20 @@ def ui(port: int, host: str) -> None:
     root = _root()
     _setup_env(root)
     uri = os.environ["MLFLOW_TRACKING_URI"]
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-           "--host", host, "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     if uri.startswith("sqlite:"):
         cmd += ["--artifacts-destination", str(root / ".arpipe" / "mlartifacts")]
     click.echo(f"MLflow UI on http://{host}:{port} (store {uri})")
@@ -108,8 +124,12 @@ def data() -> None:
 
 
 @data.command()
-@click.option("--shards", "shards_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Shards folder (default: params.yaml paths.shards).")
+@click.option(
+    "--shards",
+    "shards_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Shards folder (default: params.yaml paths.shards).",
+)
 def stats(shards_dir: Path | None) -> None:
     """Per-split x per-class counts, duplicates and rejects (DuckDB over the manifest)."""
     from core.manifest import data_stats, format_stats

@@ -65,18 +65,13 @@ def from_dict(cls: type[T], data: Any, *, prefix: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{prefix}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(fields))})"
-        )
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(fields))})")
     hints = get_type_hints(cls)
     values = {}
     for name, field in fields.items():
         key = f"{prefix}.{name}"
         if name not in data:
-            has_default = (
-                field.default is not dataclasses.MISSING
-                or field.default_factory is not dataclasses.MISSING
-            )
+            has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
             if has_default:
                 continue
             raise ConfigError(f"{key}: missing required key")
@@ -119,7 +114,7 @@ def _check(tp: Any, value: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-            return tuple(_check(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(_check(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
         item = args[0] if args else Any
         items = [_check(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -127,9 +122,7 @@ def _check(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
         key_tp, val_tp = get_args(tp) or (Any, Any)
-        return {
-            _check(key_tp, k, f"{key}.{k}"): _check(val_tp, v, f"{key}.{k}") for k, v in value.items()
-        }
+        return {_check(key_tp, k, f"{key}.{k}"): _check(val_tp, v, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

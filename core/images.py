@@ -108,9 +108,7 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.Resampling.BOX)
     scale = size / min(image.size)
-    image = image.resize(
-        tuple(max(size, round(s * scale)) for s in image.size), resample=Image.Resampling.BICUBIC
-    )
+    image = image.resize(tuple(max(size, round(s * scale)) for s in image.size), resample=Image.Resampling.BICUBIC)
     left = (image.size[0] - size) // 2
     top = (image.size[1] - size) // 2
     return image.crop((left, top, left + size, top + size))

@@ -104,4 +104,3 @@ class PipelineRun:
 
     def finish(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status=status)
-

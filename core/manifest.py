@@ -28,7 +28,9 @@ def data_stats(shards_dir: str | Path) -> DataStats:
     con = duckdb.connect()
     con.execute(f"CREATE VIEW manifest AS SELECT * FROM read_parquet('{_sql_path(manifest)}')")
     con.execute(f"CREATE VIEW rejected AS SELECT * FROM read_parquet('{_sql_path(rejected)}')")
-    splits = [s for (s,) in con.execute("SELECT DISTINCT split FROM manifest ORDER BY split DESC").fetchall()]
+    splits = [
+        s for (s,) in con.execute("SELECT DISTINCT split FROM manifest ORDER BY split <> 'train', split").fetchall()
+    ]
     rows = con.execute(
         "SELECT label, class_name, split, count(*) FROM manifest GROUP BY ALL ORDER BY label, split"
     ).fetchall()
@@ -73,12 +75,16 @@ def format_stats(stats: DataStats) -> str:
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
 
     out = [line(header), line(["-" * w for w in widths]), *map(line, body[:-1])]
     out += [line(["-" * w for w in widths]), line(body[-1]), ""]
-    out.append(f"seen {stats.seen} = accepted {sum(totals)} + rejected "
-               f"{sum(n for _, n in stats.rejects)} + duplicates {stats.duplicates}")
+    out.append(
+        f"seen {stats.seen} = accepted {sum(totals)} + rejected "
+        f"{sum(n for _, n in stats.rejects)} + duplicates {stats.duplicates}"
+    )
     if stats.duplicate_keys:
         out.append(f"warning: {stats.duplicate_keys} manifest rows share a sha256 with another row")
     if stats.rejects:

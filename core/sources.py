@@ -36,9 +36,7 @@ class Source:
     total: int | None  # for the progress bar, when known up front
 
 
-def open_source(
-    kind: str, path: str, *, image_column: str = "image", label_column: str = "label"
-) -> Source:
+def open_source(kind: str, path: str, *, image_column: str = "image", label_column: str = "label") -> Source:
     if kind == "digits":
         return digits_source()
     root = Path(path)
@@ -69,10 +67,7 @@ def digits_source() -> Source:
     # 17 grey levels (0..16) stretched to 0..255; the stage upsamples to image_size.
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     order = _shuffled_order([f"digits/{i:04d}" for i in range(len(images))])
-    entries = (
-        Item(source=f"sklearn-digits:{i:04d}", label=int(digits.target[i]), data=_png(images[i]))
-        for i in order
-    )
+    entries = (Item(source=f"sklearn-digits:{i:04d}", label=int(digits.target[i]), data=_png(images[i])) for i in order)
     return Source([str(c) for c in range(10)], entries, len(images))
 
 
@@ -146,7 +141,7 @@ def parquet_source(root: Path, image_column: str, label_column: str) -> Source:
             for batch in reader.to_batches(columns=[image_column, label_column], batch_size=256):
                 images = batch.column(image_column).to_pylist()
                 batch_labels = batch.column(label_column).to_pylist()
-                for image, label in zip(images, batch_labels):
+                for image, label in zip(images, batch_labels, strict=True):
                     source = f"{file}#row={row}"
                     row += 1
                     data = image.get("bytes") if isinstance(image, dict) else image
@@ -191,9 +186,7 @@ def webdataset_source(root: Path) -> Source:
             return True
 
         for tar in tars:
-            dataset = wds.WebDataset(
-                str(tar), shardshuffle=False, handler=record, empty_check=False
-            )
+            dataset = wds.WebDataset(str(tar), shardshuffle=False, handler=record, empty_check=False)
             for sample in dataset:
                 source = f"{tar}#{sample.get('__key__')}"
                 image_key = next((k for k in TAR_IMAGE_EXTENSIONS if k in sample), None)
@@ -208,5 +201,26 @@ def webdataset_source(root: Path) -> Source:
                 yield Item(source=source, label=label, data=sample[image_key])
             while errors:
                 yield Rejected(str(tar), f"unreadable tar data: {errors.pop(0)}")
+            if problem := tar_problem(tar):
+                yield Rejected(str(tar), f"unreadable tar data: {problem}")
 
     return Source(names, entries(), None)
+
+
+def tar_problem(path: Path) -> str | None:
+    """Why a tar is damaged, or None. Python's tarfile ends a stream silently when it is cut at a
+    header boundary, so the end is checked here: a whole tar ends in zero blocks after its last member."""
+    import tarfile
+
+    try:
+        with tarfile.open(path, "r:") as tar:
+            tar.getmembers()
+            end = tar.offset
+    except (tarfile.TarError, OSError) as exc:
+        return f"{exc}"
+    with open(path, "rb") as f:
+        f.seek(end)
+        tail = f.read(1024)
+    if len(tail) < 1024 or tail.strip(b"\0"):
+        return f"truncated: the archive ends at byte {path.stat().st_size} inside a member (after byte {end})"
+    return None

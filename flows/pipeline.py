@@ -12,6 +12,7 @@ No torch, models or stages are imported here: a flow worker only needs Prefect, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 from core.config import load_paths, read_params
 from core.lineage import PipelineRun
@@ -56,6 +58,14 @@ def select_stages(names: list[str], until: str | None) -> list[str]:
     return names[: names.index(until) + 1]
 
 
+def _logger():
+    """The Prefect run logger, or a plain one when called outside a run (``run_stage.fn``)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("arpipe.pipeline")
+
+
 def _retry_if_transient(task, task_run, state) -> bool:
     try:
         state.result()
@@ -76,7 +86,7 @@ def _retry_if_transient(task, task_run, state) -> bool:
 )
 def run_stage(stage: str, root: str, env: dict[str, str], timeout_s: float, metrics_dir: str = "metrics") -> dict:
     """Run one stage through DVC; returns its status (ran | skipped | restored), time and metrics."""
-    logger = get_run_logger()
+    logger = _logger()
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     logger.info("$ %s", " ".join(cmd[2:]))
@@ -140,9 +150,7 @@ _STATUS_WORDS = {
 
 
 @flow(name="arpipe-pipeline", log_prints=True)
-def pipeline(
-    until: str | None = None, root: str = ".", stage_timeout_s: float = DEFAULT_STAGE_TIMEOUT_S
-) -> list[dict]:
+def pipeline(until: str | None = None, root: str = ".", stage_timeout_s: float = DEFAULT_STAGE_TIMEOUT_S) -> list[dict]:
     """Every dvc.yaml stage in order (or up to ``until``), skipping what DVC finds up to date."""
     from prefect.runtime import flow_run
 

@@ -86,9 +86,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     shutil.rmtree(partial_dir, ignore_errors=True)
     partial_dir.mkdir(parents=True)
 
-    source = open_source(
-        cfg.source, cfg.source_path, image_column=cfg.image_column, label_column=cfg.label_column
-    )
+    source = open_source(cfg.source, cfg.source_path, image_column=cfg.image_column, label_column=cfg.label_column)
     rows: list[dict] = []
     rejected: list[dict] = []
     first_of: dict[str, str] = {}  # sha256 -> source of the kept copy

@@ -1,0 +1,56 @@
+"""The `arpipe` command line: help for every command, data stats, clear errors."""
+
+import pytest
+from click.testing import CliRunner
+from helpers import REPO
+
+from arpipe.cli import cli
+
+
+def all_commands(group=cli, prefix=()):
+    for name, command in group.commands.items():
+        yield (*prefix, name)
+        if hasattr(command, "commands"):
+            yield from all_commands(command, (*prefix, name))
+
+
+@pytest.mark.parametrize("command", [(), *all_commands()], ids=lambda c: " ".join(c) or "arpipe")
+def test_every_command_explains_itself(command):
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage: arpipe" in result.output
+    body = result.output.split("Options:")[0]
+    assert len(body.split("\n", 2)[-1].strip()) > 20, "no description"
+
+
+def test_top_level_help_lists_the_commands():
+    output = CliRunner().invoke(cli, ["--help"]).output
+    for name in ("run", "ui", "data"):
+        assert f"  {name}" in output
+
+
+def test_data_stats_prints_the_split_class_table(shard_run):
+    _, out = shard_run(source="digits")
+    result = CliRunner().invoke(cli, ["data", "stats", "--shards", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["class", "train", "val", "total"]
+    assert any(line.split()[:1] == ["7"] for line in lines)
+    assert "seen 1797 = accepted 1797 + rejected 0 + duplicates 0" in result.output
+
+
+def test_data_stats_without_shards_says_what_to_run(tmp_path):
+    result = CliRunner().invoke(cli, ["data", "stats", "--shards", str(tmp_path)])
+    assert result.exit_code == 1 and "run the shard stage first" in result.output
+
+
+def test_run_rejects_an_unknown_stage_before_starting(monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = CliRunner().invoke(cli, ["run", "--until", "nope"])
+    assert result.exit_code == 2 and "unknown stage 'nope'" in result.output and "shard" in result.output
+
+
+def test_commands_outside_a_project_say_where_to_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["run"])
+    assert result.exit_code == 1 and "no dvc.yaml" in result.output

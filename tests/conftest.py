@@ -1,0 +1,49 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("ARPIPE_TRACKING", "off")  # unit tests never touch the user's MLflow store
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+@pytest.fixture
+def shard_run(tmp_path):
+    """Run the shard stage into tmp_path; returns (metrics, shards_dir)."""
+    from core.config import Paths
+    from core.tracking import NullTracker
+    from stages.shard import Config, run
+
+    def _run(out_name: str = "shards", **overrides):
+        paths = Paths(shards=str(tmp_path / out_name), metrics=str(tmp_path / "metrics"))
+        cfg = Config(**{"num_workers": 0, **overrides})
+        return run(cfg, paths, NullTracker()), Path(paths.shards)
+
+    return _run
+
+
+@pytest.fixture(scope="session")
+def mlflow_template_db(tmp_path_factory) -> Path:
+    """One migrated MLflow sqlite DB per session (migrations cost ~3 s); tests copy it."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, mlflow_template_db, monkeypatch):
+    """A private, already-migrated MLflow store; tracking switched on for the test."""
+    import shutil
+
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(mlflow_template_db, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("ARPIPE_TRACKING", "on")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    return uri

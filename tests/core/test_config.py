@@ -1,0 +1,86 @@
+"""Strict params loading: a bad key fails before any work, naming the key."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from core.config import ConfigError, Paths, as_flat_dict, from_dict, load_section, read_params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inner:
+    rate: float = 0.1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Example:
+    size: int
+    name: str = "x"
+    kind: Literal["a", "b"] = "a"
+    flag: bool = False
+    scales: tuple[int, ...] = (1, 2)
+    limit: int | None = None
+    inner: Inner = field(default_factory=Inner)
+
+    def __post_init__(self):
+        if self.size < 0:
+            raise ValueError(f"size must be >= 0, got {self.size}")
+
+
+def test_valid_section_loads_with_defaults_and_converted_types():
+    cfg = from_dict(Example, {"size": 3, "scales": [1, 2, 3], "inner": {"rate": 1}}, prefix="ex")
+    assert cfg.size == 3 and cfg.name == "x"
+    assert cfg.scales == (1, 2, 3)
+    assert cfg.inner.rate == 1.0 and isinstance(cfg.inner.rate, float)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"size": 3, "colour": 1}, "ex.colour: unknown key"),
+        ({}, "ex.size: missing required key"),
+        ({"size": "16"}, "ex.size: expected int, got str '16'"),
+        ({"size": True}, "ex.size: expected int, got bool"),
+        ({"size": 1.5}, "ex.size: expected int, got float"),
+        ({"size": 1, "kind": "c"}, "ex.kind: expected one of 'a', 'b'"),
+        ({"size": 1, "flag": "yes"}, "ex.flag: expected bool"),
+        ({"size": 1, "scales": [1, "2"]}, "ex.scales[1]: expected int"),
+        ({"size": 1, "limit": "none"}, "ex.limit: expected int or null"),
+        ({"size": 1, "inner": {"rate": 0.1, "typo": 2}}, "ex.inner.typo: unknown key"),
+        ({"size": -1}, "ex: size must be >= 0"),
+    ],
+)
+def test_bad_keys_fail_naming_the_key(data, message):
+    with pytest.raises(ConfigError) as info:
+        from_dict(Example, data, prefix="ex")
+    assert message in str(info.value)
+
+
+def test_missing_section_and_missing_file_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="no section 'shard'"):
+        load_section({}, "shard", Example)
+    with pytest.raises(ConfigError, match="parameters file not found"):
+        read_params(tmp_path / "params.yaml")
+
+
+def test_flat_dict_for_mlflow_params():
+    cfg = Example(size=2)
+    flat = as_flat_dict(cfg)
+    assert flat["size"] == 2 and flat["inner.rate"] == 0.1
+
+
+def test_every_section_of_the_shipped_params_loads():
+    """Each params.yaml section maps to a stage Config (or Paths) and loads strictly."""
+    import importlib
+
+    params = read_params(REPO / "params.yaml")
+    load_section(params, "paths", Paths)
+    stage_sections = [s for s in params if s != "paths"]
+    assert stage_sections, "params.yaml has no stage sections"
+    for section in stage_sections:
+        module = importlib.import_module(f"stages.{section}")
+        load_section(params, section, module.Config)

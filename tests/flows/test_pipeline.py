@@ -1,0 +1,156 @@
+"""The Prefect flow: stages through DVC, nested MLflow runs with lineage tags, skips, timeouts."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import REPO
+from mlflow import MlflowClient
+
+from flows.pipeline import StageFailed, run_stage, select_stages, stage_names, summary_markdown
+
+PROJECT_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+    ".gitignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    "core",
+    "stages",
+    "models",
+]
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def make_project(root: Path, params: dict | None = None, dvc_yaml: dict | None = None) -> Path:
+    """A throwaway clone of the project (or a custom dvc.yaml) as its own git + DVC repo."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        dst = root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    if params is not None:
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if dvc_yaml is not None:
+        (root / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    git(root, "init", "-q")
+    git(root, "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    git(root, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    return root
+
+
+def test_stage_order_comes_from_dvc_yaml_and_until_is_checked():
+    names = stage_names(REPO)
+    assert names[0] == "shard"
+    assert select_stages(names, "shard") == ["shard"]
+    with pytest.raises(ValueError, match="unknown stage 'nope'"):
+        select_stages(names, "nope")
+
+
+def test_summary_lists_every_stage_with_status():
+    text = summary_markdown(
+        [{"stage": "shard", "status": "skipped", "seconds": 0.4, "run_id": "abc", "metrics": {"seen": 5}}],
+        ["shard", "later"],
+        "parent1",
+        "FINISHED",
+    )
+    assert "| shard | skipped | 0.4 | `abc` | seen=5 |" in text and "| later | not run |" in text
+
+
+@pytest.fixture
+def dvc_project(tmp_path):
+    def _make(cmd: str) -> Path:
+        root = make_project(
+            tmp_path / "proj",
+            params={"paths": {"metrics": "metrics"}},
+            dvc_yaml={"stages": {"work": {"cmd": cmd, "outs": ["out.txt"]}}},
+        )
+        return root
+
+    return _make
+
+
+def test_a_stage_past_its_timeout_is_killed_with_its_children(dvc_project):
+    marker = "arpipe-timeout-test-sleeper"
+    root = dvc_project(f"bash -c 'exec -a {marker} sleep 60' && echo done > out.txt")
+    started = time.perf_counter()
+    with pytest.raises(StageFailed, match="ran past its timeout of 3 s"):
+        run_stage.fn("work", str(root), {}, 3.0)
+    assert time.perf_counter() - started < 30
+    time.sleep(0.5)
+    alive = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+    assert not alive.strip(), "the stage's child process outlived the timeout"
+
+
+def test_a_failing_stage_reports_its_exit_code_and_output(dvc_project):
+    root = dvc_project("python -c \"import sys; print('bad input in foo.png'); sys.exit(3)\"")
+    with pytest.raises(StageFailed) as info:
+        run_stage.fn("work", str(root), {}, 60.0)
+    assert "stage 'work' failed" in str(info.value) and "bad input in foo.png" in str(info.value)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.mark.slow
+def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflow_store, prefect_harness, monkeypatch):
+    from flows.pipeline import pipeline
+
+    root = make_project(tmp_path / "project")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    first = pipeline(until="shard", root=str(root))
+    assert [(r["stage"], r["status"]) for r in first] == [("shard", "ran")]
+    assert first[0]["metrics"]["seen"] == 1797
+
+    client = MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name("arpipe").experiment_id
+    parents = client.search_runs([experiment], "tags.`arpipe.stage` = 'pipeline'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    child = client.get_run(first[0]["run_id"])
+    tags = child.data.tags
+    assert tags["mlflow.parentRunId"] == parent.info.run_id
+    assert tags["arpipe.stage"] == "shard"
+    assert tags["git.commit"] == git(root, "rev-parse", "HEAD")
+    assert tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"] != ""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["shard"]
+    shards_md5 = next(o["md5"] for o in lock["outs"] if o["path"] == "data/shards")
+    assert f"data/shards={shards_md5}" in tags["arpipe.dvc.outs"]
+    assert "stages/shard.py=" in tags["arpipe.dvc.deps"]
+    metrics = child.data.metrics
+    assert metrics["seen"] == 1797 and metrics["rejected"] == 0 and metrics["images_per_s"] > 0
+    assert metrics["train/count"] + metrics["val/count"] == 1797 and "val/class_7" in metrics
+    assert child.data.params["shard.image_size"] == "16"
+    assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["preview.png"]
+    assert json.loads((root / "metrics" / "shard.json").read_text())["accepted"] == 1797
+
+    second = pipeline(root=str(root))
+    assert [(r["stage"], r["status"]) for r in second] == [("shard", "skipped")]
+    assert second[0]["run_id"] == child.info.run_id  # linked to the run that made the outs
+    latest = client.search_runs(
+        [experiment], "tags.`arpipe.stage` = 'pipeline'", order_by=["attributes.start_time DESC"]
+    )[0]
+    assert latest.data.tags["arpipe.shard.status"] == "skipped"
+    assert latest.data.tags["arpipe.shard.run_id"] == child.info.run_id
+    assert len(client.search_runs([experiment], "tags.`arpipe.stage` = 'shard'")) == 1
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True, text=True)
+    assert "up to date" in status.stdout
