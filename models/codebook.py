@@ -1,0 +1,143 @@
+"""What both quantizers share: their forward output and codebook-usage bookkeeping.
+
+Usage is an EMA of per-update code hit counts, one row per scale (one row for the single-scale
+tokenizer). The training loop sums the hit counts over processes, gathers the candidate vectors,
+and calls the quantizer's ``update_codebook``; this module never talks to other processes.
+
+A code is *used* at a scale when its EMA hits reach ``dead_code_threshold`` times that scale's
+uniform share (EMA vectors per update / codebook size); VAR's monitor uses the same rule with
+0.08. A code is *dead* when it is used at no scale: the multi-scale codebook is shared, so a code
+idle at 1x1 but busy at 4x4 must be kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def full_precision(device: torch.device) -> torch.autocast:
+    """Quantisation runs in fp32 whatever autocast the caller uses (as VAR does): bf16 distances
+    pick wrong codes and bf16 residual sums drift."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+@dataclass
+class QuantizerOutput:
+    """What a tokenizer's forward returns beside the reconstruction."""
+
+    codebook_loss: torch.Tensor
+    """Scalar; pulls codes (and φ convs) toward the stopped-gradient latents."""
+    commit_loss: torch.Tensor
+    """Scalar, already multiplied by β; pulls the encoder toward the stopped-gradient codes."""
+    entropy_loss: torch.Tensor
+    """Scalar, already weighted; zero when the entropy weight is 0."""
+    scale_losses_K: torch.Tensor
+    """(K,) codebook + commitment loss of each scale before averaging (K = 1 for vq)."""
+    tokens_BL: torch.Tensor
+    """int64 token indices, the same as ``encode`` gives."""
+    counts: torch.Tensor
+    """float hit counts of this process's batch: counts_V (vq) or counts_KV (msvq)."""
+    candidates: list[torch.Tensor]
+    """Per scale, the detached (N_k, D) vectors that were quantised: restart candidates."""
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.codebook_loss + self.commit_loss + self.entropy_loss
+
+
+class CodebookUsage(nn.Module):
+    """EMA hit counts per scale, a ring buffer of recent candidates per scale, dead-code restart.
+
+    The buffers are persistent so a resumed run restarts the same codes as an uninterrupted one.
+    """
+
+    def __init__(self, *, num_scales: int, codebook_size: int, dim: int, momentum: float,
+                 dead_code_threshold: float, restart_every: int, candidate_buffer_size: int):
+        super().__init__()
+        self.momentum = momentum
+        self.dead_code_threshold = dead_code_threshold
+        self.restart_every = restart_every
+        self.register_buffer("hits_ema_KV", torch.zeros(num_scales, codebook_size))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("candidates_KND", torch.zeros(num_scales, candidate_buffer_size, dim))
+        # Rows of candidates_KND filled so far and where the next write goes, per scale.
+        self.register_buffer("filled_K", torch.zeros(num_scales, dtype=torch.int64))
+        self.register_buffer("write_at_K", torch.zeros(num_scales, dtype=torch.int64))
+
+    @property
+    def num_scales(self) -> int:
+        return self.hits_ema_KV.shape[0]
+
+    @torch.no_grad()
+    def observe(self, counts_KV: torch.Tensor, candidates: list[torch.Tensor]) -> None:
+        """Fold one update's (all-reduced) hit counts into the EMA and remember candidates."""
+        if counts_KV.shape != self.hits_ema_KV.shape:
+            raise ValueError(f"counts must have shape {tuple(self.hits_ema_KV.shape)}, "
+                             f"got {tuple(counts_KV.shape)}")
+        if len(candidates) != self.num_scales:
+            raise ValueError(f"need one candidate tensor per scale ({self.num_scales}), "
+                             f"got {len(candidates)}")
+        # Until 1 / (1 - momentum) updates have been seen the EMA is the plain running mean,
+        # so early usage is not biased toward zero.
+        step = int(self.updates.item())
+        momentum = min(self.momentum, step / (step + 1))
+        self.hits_ema_KV.mul_(momentum).add_(counts_KV.to(self.hits_ema_KV), alpha=1 - momentum)
+        self.updates.add_(1)
+        for k, vectors_ND in enumerate(candidates):
+            self._remember(k, vectors_ND.detach().to(self.candidates_KND))
+
+    def _remember(self, k: int, vectors_ND: torch.Tensor) -> None:
+        capacity = self.candidates_KND.shape[1]
+        vectors_ND = vectors_ND[-capacity:]
+        rows = (self.write_at_K[k] + torch.arange(len(vectors_ND), device=vectors_ND.device))
+        self.candidates_KND[k, rows % capacity] = vectors_ND
+        self.write_at_K[k] = (self.write_at_K[k] + len(vectors_ND)) % capacity
+        self.filled_K[k] = torch.clamp(self.filled_K[k] + len(vectors_ND), max=capacity)
+
+    def used_KV(self) -> torch.Tensor:
+        """bool (K, V): code v reaches the usage threshold at scale k."""
+        uniform_K1 = self.hits_ema_KV.sum(dim=1, keepdim=True) / self.hits_ema_KV.shape[1]
+        return (self.hits_ema_KV > 0) & (self.hits_ema_KV >= self.dead_code_threshold * uniform_K1)
+
+    def usage(self) -> tuple[float, list[float]]:
+        """(fraction of codes used at any scale, fraction used at each scale)."""
+        used_KV = self.used_KV()
+        overall = used_KV.any(dim=0).float().mean().item()
+        return overall, used_KV.float().mean(dim=1).tolist()
+
+    def restart_due(self) -> bool:
+        step = int(self.updates.item())
+        return self.restart_every > 0 and step > 0 and step % self.restart_every == 0
+
+    @torch.no_grad()
+    def restart(self, codebook_VD: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Re-seed dead codes of ``codebook_VD`` in place from remembered candidates.
+
+        Dead codes, in index order, are dealt round-robin to the scales that have candidates, so
+        each scale (coarse ones included) gets fresh codes drawn from its own recent vectors.
+        Their EMA is zeroed: they must earn hits before the next restart to count as used.
+        Returns the re-seeded code indices (int64, ascending).
+        """
+        dead_V = ~self.used_KV().any(dim=0)
+        scales = [k for k in range(self.num_scales) if self.filled_K[k] > 0]
+        if not scales or not dead_V.any():
+            return torch.zeros(0, dtype=torch.int64, device=codebook_VD.device)
+        dead = dead_V.nonzero().squeeze(1)
+        for slot, k in enumerate(scales):
+            codes = dead[slot::len(scales)]
+            if len(codes) == 0:
+                continue
+            filled = int(self.filled_K[k])
+            if filled >= len(codes):  # distinct candidates, so re-seeded codes differ
+                rows = torch.randperm(filled, generator=generator, device=generator.device)
+                rows = rows[: len(codes)]
+            else:
+                rows = torch.randint(filled, (len(codes),), generator=generator,
+                                     device=generator.device)
+            picked_ND = self.candidates_KND[k, rows.to(self.candidates_KND.device)]
+            codebook_VD[codes.to(codebook_VD.device)] = picked_ND.to(codebook_VD)
+        self.hits_ema_KV[:, dead] = 0.0
+        return dead.to(codebook_VD.device)

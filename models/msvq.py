@@ -1,0 +1,143 @@
+"""Multi-scale residual VQ tokenizer (VAR-style).
+
+encoder -> 3x3 quant_conv -> multi-scale residual quantizer (models/residual_quantizer.py)
+-> 3x3 post_quant_conv -> decoder. Tokens are the scales concatenated coarse -> fine, each
+row-major; the next-scale model's inputs come from ``teacher_forcing_input`` /
+``next_scale_input`` (VAR also takes ``quantizer`` itself at construction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.codebook import QuantizerOutput
+from models.config_dict import config_to_dict, require
+from models.conv_autoencoder import ConvBackboneConfig, Decoder, Encoder, check_images
+from models.residual_quantizer import MultiScaleResidualQuantizer
+
+
+@dataclass(frozen=True, kw_only=True)
+class MSVQConfig(ConvBackboneConfig):
+    """Multi-scale tokenizer. Defaults: 16x16 RGB -> 4x4 latent, scales (1,2,3,4) = 30 tokens,
+    about 1.1M params. ``z_channels`` is also the codebook dimension (VAR's Cvae)."""
+
+    z_channels: int = 16
+    """Encoder output channels = codebook vector dimension C."""
+    codebook_size: int = 512
+    """Number of codes V, shared by all scales."""
+    scales: tuple[int, ...] = (1, 2, 3, 4)
+    """Side of each scale's token grid, increasing; the last equals the latent side."""
+    commitment_weight: float = 0.25
+    """β in mean_k [β·mse(sg(f_hat_k), f) + mse(f_hat_k, sg(f))]."""
+    quant_resi: float = 0.5
+    """r in φ(h) = (1 − r)·h + r·conv3x3(h); 0 makes φ the identity."""
+    share_quant_resi: int = 4
+    """Number of φ convs spread over the scales (VAR's default); 0 = one per scale."""
+    usage_momentum: float = 0.99
+    """EMA momentum of per-update code hit counts (per scale)."""
+    dead_code_threshold: float = 0.1
+    """A code is dead below this fraction of each scale's uniform share of EMA hits."""
+    restart_every: int = 100
+    """Re-seed dead codes every this many ``update_codebook`` calls (0 = never)."""
+    candidate_buffer_size: int = 1024
+    """Recent residual vectors kept per scale to re-seed codes from (coarse scales see B
+    vectors per batch, so they need a memory longer than one batch)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.codebook_size > 1, "codebook_size", "must be at least 2")
+        require(len(self.scales) > 0 and all(s > 0 for s in self.scales), "scales",
+                "must be a non-empty list of positive sides")
+        require(all(a < b for a, b in zip(self.scales, self.scales[1:], strict=False)), "scales",
+                "must be strictly increasing")
+        require(self.scales[-1] == self.latent_side, "scales",
+                f"must end at the latent side {self.latent_side} "
+                f"(image_size {self.image_size} / downsample factor {self.downsample_factor})")
+        require(self.commitment_weight >= 0, "commitment_weight", "must be >= 0")
+        require(0 <= self.quant_resi <= 1, "quant_resi", "must be in [0, 1]")
+        require(self.share_quant_resi >= 0, "share_quant_resi", "must be >= 0")
+        require(0 <= self.usage_momentum < 1, "usage_momentum", "must be in [0, 1)")
+        require(self.dead_code_threshold >= 0, "dead_code_threshold", "must be >= 0")
+        require(self.restart_every >= 0, "restart_every", "must be >= 0")
+        require(self.candidate_buffer_size > 0, "candidate_buffer_size", "must be positive")
+
+
+class MSVQTokenizer(nn.Module):
+    """images_BCHW in [-1, 1] <-> tokens_BL (B, Σ s_k²), scales coarse -> fine, row-major."""
+
+    kind = "msvq"
+
+    def __init__(self, config: MSVQConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 3, padding=1)
+        self.quantizer = MultiScaleResidualQuantizer(
+            codebook_size=config.codebook_size, dim=config.z_channels, scales=config.scales,
+            commitment_weight=config.commitment_weight, quant_resi=config.quant_resi,
+            share_quant_resi=config.share_quant_resi, usage_momentum=config.usage_momentum,
+            dead_code_threshold=config.dead_code_threshold, restart_every=config.restart_every,
+            candidate_buffer_size=config.candidate_buffer_size)
+        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 3, padding=1)
+        self.decoder = Decoder(config)
+
+    # -- layout ---------------------------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        return self.quantizer.seq_len
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def token_layout(self) -> dict:
+        return {"kind": self.kind, "scales": list(self.config.scales)}
+
+    def config_dict(self) -> dict:
+        return config_to_dict(self.config)
+
+    # -- encode / decode (token caching, sampling, evaluation) ----------------------------
+    def encode_latent(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """images -> pre-quantisation latents f_BChw."""
+        check_images(images_BCHW, self.config)
+        return self.quant_conv(self.encoder(images_BCHW))
+
+    def decode_latent(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
+        """Accumulated f_hat -> images (unclamped, so training sees true errors)."""
+        return self.decoder(self.post_quant_conv(f_hat_BChw))
+
+    def encode(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.quantizer(self.encode_latent(images_BCHW))[1].tokens_BL
+
+    def decode(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+        return self.decode_latent(self.quantizer.tokens_to_f_hat(tokens_BL)).clamp(-1, 1)
+
+    # -- next-scale model inputs (pretraining, SAR, sampling) -----------------------------
+    def teacher_forcing_input(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.teacher_forcing_input(tokens_BL)
+
+    def next_scale_input(self, f_hat_BChw: torch.Tensor, scale_index: int,
+                         tokens_B_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.quantizer.next_scale_input(f_hat_BChw, scale_index, tokens_B_l)
+
+    # -- training -------------------------------------------------------------------------
+    def forward(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
+        """images -> (reconstruction, VQ losses and statistics); recon is not clamped."""
+        f_hat_BChw, out = self.quantizer(self.encode_latent(images_BCHW))
+        return self.decode_latent(f_hat_BChw), out
+
+    def update_codebook(self, counts_KV: torch.Tensor, candidates: list[torch.Tensor],
+                        generator: torch.Generator) -> torch.Tensor:
+        return self.quantizer.update_codebook(counts_KV, candidates, generator)
+
+    def codebook_usage(self) -> dict[str, float]:
+        """Fraction of codes used at any scale ("overall") and at each scale ("4x4", ...)."""
+        overall, per_scale = self.quantizer.usage.usage()
+        usage = {"overall": overall}
+        usage.update({f"{side}x{side}": u for side, u in zip(self.config.scales, per_scale,
+                                                              strict=True)})
+        return usage
