@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 from PIL import Image
 
 from core.images import IMAGE_EXTENSIONS, Item, Rejected
@@ -110,6 +109,8 @@ def imagefolder_source(root: Path) -> Source:
 def parquet_source(root: Path, image_column: str, label_column: str) -> Source:
     """A Parquet file or directory with image bytes (binary, or the Hugging Face {bytes, path}
     struct) and an int or string label column."""
+    import pyarrow.dataset as pads  # here: it loads pandas (0.25 s), and decode workers re-import this module
+
     files = [root] if root.is_file() else sorted(root.rglob("*.parquet"))
     if not files:
         raise SourceError(f"no .parquet files in {root}")

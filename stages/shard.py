@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import shutil
-import tarfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -31,7 +30,6 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 from tqdm import tqdm
 
 from core.config import Paths, as_flat_dict, load_paths, load_section, read_params
@@ -42,6 +40,7 @@ from core.tracking import stage_run
 
 STAGE = "shard"
 KEY_HEX_DIGITS = 20
+PREVIEW_PER_CLASS = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,7 +89,8 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     rows: list[dict] = []
     rejected: list[dict] = []
     first_of: dict[str, str] = {}  # sha256 -> source of the kept copy
-    writers: dict[str, wds.ShardWriter] = {}
+    writers: dict = {}  # split -> webdataset.ShardWriter, opened on the split's first sample
+    preview: dict[int, list[bytes]] = {}  # label -> first PREVIEW_PER_CLASS train PNGs
     seen = 0
     prepare = partial(prepare_image, size=cfg.image_size, max_pixels=cfg.max_pixels)
 
@@ -108,7 +108,10 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
                 )
                 continue
             first_of[result.sha256] = result.source
-            rows.append(_write_sample(result, cfg, partial_dir, writers))
+            row = _write_sample(result, cfg, partial_dir, writers)
+            rows.append(row)
+            if row["split"] == "train" and len(pngs := preview.setdefault(row["label"], [])) < PREVIEW_PER_CLASS:
+                pngs.append(result.png)
     for writer in writers.values():
         writer.close()
 
@@ -132,7 +135,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     elapsed = time.perf_counter() - started
     metrics = _summary(rows, class_names, seen=seen, invalid=invalid, duplicates=duplicates)
     tracker.log_metrics({**flatten_metrics(metrics), "images_per_s": seen / elapsed, "seconds": elapsed})
-    tracker.log_image(preview_grid(out_dir, rows, class_names), "preview.png")
+    tracker.log_image(preview_grid(preview), "preview.png")
     print(
         f"shard: {seen} seen = {len(rows)} accepted + {invalid} rejected + {duplicates} duplicates "
         f"({seen / elapsed:.0f} images/s) -> {out_dir}"
@@ -157,7 +160,7 @@ class _results:
             return map(work, self.entries)
         # spawn: no inherited threads or locks from the parent (MLflow, tqdm).
         self.pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
-        return self.pool.imap(work, self.entries, chunksize=32)
+        return self.pool.imap(work, self.entries, chunksize=128)
 
     def __exit__(self, *exc):
         if self.pool is not None:
@@ -170,12 +173,17 @@ def _prepare_or_pass(entry: Item | Rejected, prepare) -> Prepared | Rejected:
 
 
 def _write_sample(result: Prepared, cfg: Config, out_dir: Path, writers: dict) -> dict:
+    # Imported here, not at the top: spawned decode workers re-import this module, and webdataset
+    # pulls in torch (~0.6 s per worker start).
+    import webdataset as wds
+
     split = split_of(result.sha256, cfg.val_fraction)
     key = result.sha256[:KEY_HEX_DIGITS]
     if split not in writers:
         pattern = str(out_dir / f"{split}-%06d.tar")
-        # mtime fixed so the tar bytes depend only on the content.
-        writers[split] = wds.ShardWriter(pattern, maxcount=cfg.shard_max_count, verbose=0, mtime=0.0)
+        # mtime fixed so the tar bytes depend only on the content; an int, because a float mtime
+        # makes tarfile add a pax header to every member (+37% size).
+        writers[split] = wds.ShardWriter(pattern, maxcount=cfg.shard_max_count, verbose=0, mtime=0)
     meta = {"source": result.source, "width": result.width, "height": result.height, "sha256": result.sha256}
     writer = writers[split]
     writer.write(
@@ -233,26 +241,16 @@ def _summary(rows: list[dict], class_names: list[str], *, seen: int, invalid: in
     return {"seen": seen, "accepted": len(rows), "rejected": invalid, "duplicates": duplicates, **per_split}
 
 
-def preview_grid(out_dir: Path, rows: list[dict], class_names: list[str], per_class: int = 8) -> np.ndarray:
-    """A row of up to ``per_class`` train images per class (first 20 classes), upscaled to >= 32 px."""
-    wanted: dict[int, list[dict]] = {}
-    for row in rows:
-        if row["split"] == "train" and row["label"] < 20 and len(wanted.setdefault(row["label"], [])) < per_class:
-            wanted[row["label"]].append(row)
-    picks = [r for label in sorted(wanted) for r in wanted[label]]
-    pixels = {}
-    for shard in sorted({r["shard"] for r in picks}):
-        names = {f"{r['key']}.png" for r in picks if r["shard"] == shard}
-        with tarfile.open(out_dir / shard) as tar:
-            for member in tar:
-                if member.name in names:
-                    pixels[member.name[: -len(".png")]] = decode_png(tar.extractfile(member).read())
-    size = next(iter(pixels.values())).shape[0]
+def preview_grid(preview: dict[int, list[bytes]]) -> np.ndarray:
+    """One row of train images per class (first 20 classes), upscaled to >= 32 px."""
+    labels = sorted(preview)[:20]
+    images = {label: [decode_png(png) for png in preview[label]] for label in labels}
+    size = images[labels[0]][0].shape[0]
+    grid = np.full((len(labels) * size, PREVIEW_PER_CLASS * size, 3), 255, np.uint8)
+    for row, label in enumerate(labels):
+        for col, image in enumerate(images[label]):
+            grid[row * size : (row + 1) * size, col * size : (col + 1) * size] = image
     scale = max(1, 32 // size)
-    grid = np.full((len(wanted) * size, per_class * size, 3), 255, np.uint8)
-    for row_index, label in enumerate(sorted(wanted)):
-        for col, row in enumerate(wanted[label]):
-            grid[row_index * size : (row_index + 1) * size, col * size : (col + 1) * size] = pixels[row["key"]]
     return grid.repeat(scale, 0).repeat(scale, 1)
 
 
