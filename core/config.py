@@ -35,6 +35,12 @@ class Paths:
     """Small JSON metrics per stage, tracked by git and DVC (``cache: false``)."""
     plots: str = "plots"
     """Per-stage curves as CSV for ``dvc plots``."""
+    tokenizer: str = "data/tokenizer"
+    """Trained tokenizer (model.safetensors + config.json) written by ``train_tokenizer``."""
+    tokens: str = "data/tokens"
+    """Token cache ({train,val}.parquet) written by ``cache_tokens``."""
+    resume: str = ".arpipe/resume"
+    """Local resume state of training stages (gitignored, never a DVC out; removed on success)."""
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:

@@ -143,7 +143,7 @@ def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflo
     assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["preview.png"]
     assert json.loads((root / "metrics" / "shard.json").read_text())["accepted"] == 1797
 
-    second = pipeline(root=str(root))
+    second = pipeline(until="shard", root=str(root))
     assert [(r["stage"], r["status"]) for r in second] == [("shard", "skipped")]
     assert second[0]["run_id"] == child.info.run_id  # linked to the run that made the outs
     latest = client.search_runs(
@@ -152,5 +152,5 @@ def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflo
     assert latest.data.tags["arpipe.shard.status"] == "skipped"
     assert latest.data.tags["arpipe.shard.run_id"] == child.info.run_id
     assert len(client.search_runs([experiment], "tags.`arpipe.stage` = 'shard'")) == 1
-    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root, capture_output=True, text=True)
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "shard"], cwd=root, capture_output=True, text=True)
     assert "up to date" in status.stdout

@@ -1,0 +1,58 @@
+"""Model directories: ``model.safetensors`` + ``config.json`` with a content fingerprint.
+
+The fingerprint is sha256 over the safetensors bytes and the canonical (sorted, compact) JSON of
+the config without the fingerprint itself, so it changes with any weight or setting and with
+nothing else: no timestamps or run ids go into either file. Downstream stages read the
+architecture from ``config.json`` and refuse artifacts made from another fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def canonical_json(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def fingerprint(weights: bytes, config: dict[str, Any]) -> str:
+    config = {k: v for k, v in config.items() if k != "fingerprint"}
+    return hashlib.sha256(weights + canonical_json(config).encode()).hexdigest()
+
+
+def write_checkpoint(out_dir: str | Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> str:
+    """Write ``out_dir`` atomically (via ``<out_dir>.partial``); return the fingerprint."""
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    weights = save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+    config = {**config, "fingerprint": fingerprint(weights, config)}
+    (partial / WEIGHTS_FILE).write_bytes(weights)
+    (partial / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    partial.rename(out_dir)
+    return config["fingerprint"]
+
+
+def read_checkpoint(model_dir: str | Path, stage: str = "the stage that wrote it") -> tuple[dict, dict[str, Any]]:
+    """(state_dict, config) of a model directory, after checking its fingerprint."""
+    model_dir = Path(model_dir)
+    weights_file, config_file = model_dir / WEIGHTS_FILE, model_dir / CONFIG_FILE
+    if not weights_file.is_file() or not config_file.is_file():
+        raise FileNotFoundError(f"{model_dir}: no {WEIGHTS_FILE} + {CONFIG_FILE}; run {stage} first")
+    weights = weights_file.read_bytes()
+    config = json.loads(config_file.read_text())
+    if config.get("fingerprint") != fingerprint(weights, config):
+        raise ValueError(f"{model_dir}: fingerprint does not match the files (edited by hand?); re-run {stage}")
+    return load_file(weights_file), config

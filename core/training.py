@@ -1,0 +1,157 @@
+"""What every training stage shares: the Accelerator, seeding, resumable state and loss checks.
+
+A stage builds its model and optimizers, then::
+
+    accelerator = build_accelerator(cfg.mixed_precision)
+    resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, [paths.shards]), cfg.save_every)
+    model, opt = accelerator.prepare(model, opt)
+    start, history = resume.restore()    # 0, or the step after the last saved one
+    for step in range(start, steps):
+        ...
+        check_finite({"loss": loss}, step, resume)
+        resume.step_done(step + 1, history)  # saves every ``save_every`` steps
+    resume.finish()                      # the run succeeded: the state is removed
+
+The resume directory is ``<root>/<stage>/<hash of the params section + md5 of the inputs>/``, so
+a changed param or input never continues from a stale state. accelerate's ``save_state`` writes
+the prepared models, optimizers and RNG states (``torch.save`` files, local and self-written, so
+``DESIGN.md`` allows them); ``state.json`` beside them records the step and marks the checkpoint
+complete. This module imports no ``models``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from accelerate import Accelerator
+
+STATE_FILE = "state.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or inf; the message names the step and where the last good state is."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_accelerator(mixed_precision: str = "no") -> Accelerator:
+    """One Accelerator per stage run: CPU when there is no GPU, deterministic kernels on CPU.
+
+    ``mixed_precision`` is "no", "bf16" or "fp16" (from params.yaml, never from the launcher).
+    """
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        torch.use_deterministic_algorithms(True)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+def step_generator(seed: int, step: int, purpose: int = 0) -> torch.Generator:
+    """A generator that depends only on (seed, step, purpose): resumed runs draw the same numbers."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 31 + purpose)
+
+
+def fingerprint_inputs(inputs: Iterable[str | Path]) -> str:
+    """md5 over every file of the input paths (folders walked in sorted order), names included."""
+    digest = hashlib.md5()
+    for root in inputs:
+        root = Path(root)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for file in files:
+            digest.update(str(file.relative_to(root) if root.is_dir() else file.name).encode())
+            with file.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resume_dir(root: str | Path, stage: str, params: Any, inputs: Iterable[str | Path]) -> Path:
+    """``<root>/<stage>/<16 hex digits of sha256(params JSON + md5 of inputs)>``."""
+    if dataclasses.is_dataclass(params):
+        params = dataclasses.asdict(params)
+    key = json.dumps(params, sort_keys=True, default=str) + fingerprint_inputs(inputs)
+    return Path(root) / stage / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class Resume:
+    """Save the accelerator's registered state every ``save_every`` steps; restore the latest."""
+
+    def __init__(self, accelerator: Accelerator, directory: str | Path, save_every: int, keep: int = 2):
+        self.accelerator = accelerator
+        self.directory = Path(directory)
+        self.save_every = save_every
+        self.keep = keep
+        self.last_saved: Path | None = None
+
+    def _checkpoints(self) -> list[Path]:
+        """Complete checkpoints (with state.json), oldest first."""
+        found = [p for p in self.directory.glob("checkpoint_*") if (p / STATE_FILE).is_file()]
+        return sorted(found, key=lambda p: int(p.name.rsplit("_", 1)[1]))
+
+    def restore(self) -> tuple[int, Any]:
+        """Load the latest complete checkpoint: (the step to continue from, the ``extra`` saved with
+        it); (0, []) when there is none."""
+        checkpoints = self._checkpoints()
+        if not checkpoints:
+            return 0, []
+        latest = checkpoints[-1]
+        self.accelerator.load_state(str(latest))
+        self.last_saved = latest
+        state = json.loads((latest / STATE_FILE).read_text())
+        self.accelerator.print(f"resuming from step {state['step']} ({latest})")
+        return int(state["step"]), state["extra"]
+
+    def step_done(self, step: int, extra: Any = None, *, force: bool = False) -> None:
+        """Call after ``step`` optimizer steps have completed; saves on multiples of save_every.
+
+        ``extra`` (JSON: e.g. the logged loss history) is stored with the state and given back by
+        ``restore``, so outs written from it match an uninterrupted run's."""
+        if self.save_every <= 0 or (step % self.save_every and not force):
+            return
+        target = self.directory / f"checkpoint_{step:09d}"
+        self.accelerator.save_state(str(target))
+        if self.accelerator.is_main_process:
+            (target / STATE_FILE).write_text(
+                json.dumps({"step": step, "extra": extra if extra is not None else []}) + "\n"
+            )
+            for old in self._checkpoints()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.last_saved = target
+
+    def finish(self) -> None:
+        """The run succeeded: remove the resume state."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def check_finite(losses: Mapping[str, torch.Tensor | float], step: int, resume: Resume | None = None) -> None:
+    """Raise ``NonFiniteLossError`` naming the step and the loss terms that are NaN or inf.
+
+    Call before the optimizer step, so the last saved state stays the last good one.
+    """
+    values = {name: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for name, v in losses.items()}
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if not bad:
+        return
+    terms = ", ".join(f"{name}={value}" for name, value in bad.items())
+    where = f"; the last good state is kept in {resume.last_saved}" if resume and resume.last_saved else ""
+    raise NonFiniteLossError(
+        f"non-finite loss at step {step} ({terms}){where}. Lower the learning rate or enable "
+        "gradient clipping, then re-run the stage (it resumes from the last good state)."
+    )

@@ -1,0 +1,261 @@
+"""train_tokenizer: shard images -> a trained image tokenizer (``vq`` or ``msvq``).
+
+Reads the train and val splits of ``paths.shards`` into memory (see ``core/shards.py``), trains
+``models.tokenizers.build_tokenizer(kind, model)`` under ``accelerate`` with an L2 (or L1)
+reconstruction loss + the quantizer's codebook/commitment losses, an optional PatchGAN hinge loss
+from ``disc_start``, and dead-code restarts every step through ``update_codebook``. Writes:
+
+- ``paths.tokenizer/model.safetensors`` + ``config.json`` (kind, model config, token layout,
+  codebook size, seq_len, image size, class names, this stage's config, fingerprint)
+- ``paths.plots/train_tokenizer/loss.csv`` and ``metrics/train_tokenizer.json`` (val PSNR/MSE, usage)
+
+Resumes from ``paths.resume`` after a crash. Run by DVC as ``python -m stages.train_tokenizer``
+(one process) or via ``accelerate launch -m stages.train_tokenizer`` (several).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from accelerate import PartialState
+from core.checkpoint import write_checkpoint
+from core.config import Paths, as_flat_dict, load_paths, load_section, read_params
+from core.metrics import flatten_metrics, write_metrics
+from core.shards import class_names, load_split
+from core.tracking import NullTracker, stage_run
+from core.training import Resume, build_accelerator, check_finite, resume_dir, seed_everything, step_generator
+from models.discriminator import DiscriminatorConfig, PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from models.tokenizers import build_tokenizer, tokenizer_config
+
+STAGE = "train_tokenizer"
+DEFAULT_MODEL = {  # for 16x16 digits: 4x4 = 16 tokens, 256 codes, ~0.26M params, ~30 s on 2 CPU cores
+    "base_channels": 16,
+    "channel_multipliers": [1, 2, 2],
+    "attention": False,
+    "z_channels": 32,
+    "codebook_size": 256,
+    "restart_every": 25,
+}
+LOSS_TERMS = ("loss", "recon", "codebook", "commit", "entropy", "g_loss", "d_loss")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    kind: Literal["vq", "msvq"] = "vq"
+    """``vq``: single-scale LlamaGen-style; ``msvq``: multi-scale residual VAR-style."""
+    model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
+    """Keys of the kind's config (models/vq.py VQConfig, models/msvq.py MSVQConfig), checked strictly."""
+    steps: int = 500
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Images per step, over all processes."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate; cosine decay to 10% over ``steps``."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """Max gradient norm (0 = no clipping)."""
+    seed: int = 0
+    recon_loss: Literal["l2", "l1"] = "l2"
+    disc_weight: float = 0.0
+    """Weight of the PatchGAN hinge loss for the tokenizer (0 = no discriminator)."""
+    disc_start: int = 0
+    """Step from which the discriminator trains and its loss counts."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = 10
+    """Steps between logged loss terms (MLflow and loss.csv)."""
+    eval_every: int = 250
+    """Steps between val PSNR/usage evaluations (the last step is always evaluated)."""
+    save_every: int = 100
+    """Steps between resume states (0 = never)."""
+    num_grid: int = 16
+    """Val images in the originals-vs-reconstructions grid."""
+
+    def __post_init__(self):
+        tokenizer_config(self.kind, self.model)  # unknown or mistyped model keys fail here, by name
+        if min(self.steps, self.batch_size, self.log_every, self.eval_every, self.num_grid) < 1:
+            raise ValueError("steps, batch_size, log_every, eval_every and num_grid must be >= 1")
+        if self.lr <= 0 or self.grad_clip < 0 or self.disc_weight < 0 or self.save_every < 0:
+            raise ValueError("lr must be > 0; grad_clip, disc_weight and save_every >= 0")
+
+
+def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
+    """Train and write the outs; ``on_step(step)`` runs after each step (tests use it to crash)."""
+    accelerator = build_accelerator(cfg.mixed_precision)
+    seed_everything(cfg.seed)
+    train, val = load_split(paths.shards, "train"), load_split(paths.shards, "val")
+    raw_model = build_tokenizer(cfg.kind, cfg.model)
+    if train.images_NHWC.shape[1] != raw_model.config.image_size:
+        raise ValueError(
+            f"shards hold {train.images_NHWC.shape[1]}px images but {STAGE}.model.image_size is "
+            f"{raw_model.config.image_size}; make them equal"
+        )
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(raw_model, optimizer)
+    disc = disc_opt = None
+    if cfg.disc_weight > 0:
+        layers = 2 if raw_model.config.image_size >= 16 else 1  # patch logits need >= 2x2 at the end
+        raw_disc = PatchDiscriminator(
+            DiscriminatorConfig(image_channels=raw_model.config.image_channels, layers=layers)
+        )
+        disc_opt = torch.optim.AdamW(raw_disc.parameters(), lr=cfg.lr, betas=cfg.betas)
+        disc, disc_opt = accelerator.prepare(raw_disc, disc_opt)
+
+    resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, [paths.shards]), cfg.save_every)
+    start, history = resume.restore()
+    images_NCHW = torch.from_numpy(train.images_NHWC).permute(0, 3, 1, 2).contiguous()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    bar = tqdm(
+        range(start, cfg.steps),
+        desc=STAGE,
+        unit="step",
+        initial=start,
+        total=cfg.steps,
+        disable=not accelerator.is_main_process,
+    )
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        x_BCHW = batch_at(cfg, images_NCHW, step)[rank::world].to(accelerator.device)
+        adversarial = disc is not None and step >= cfg.disc_start
+        with accelerator.autocast():
+            recon_BCHW, quant = model(x_BCHW)
+            recon = reconstruction_loss(cfg.recon_loss, recon_BCHW.float(), x_BCHW)
+            g_loss = hinge_g_loss(disc(recon_BCHW)) if adversarial else recon.new_zeros(())
+            loss = recon + quant.loss + cfg.disc_weight * g_loss
+        check_finite({"loss": loss}, step, resume)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        d_loss = recon.new_zeros(())
+        if adversarial:
+            with accelerator.autocast():
+                d_loss = hinge_d_loss(disc(x_BCHW), disc(recon_BCHW.detach()))
+            disc_opt.zero_grad(set_to_none=True)
+            accelerator.backward(d_loss)
+            disc_opt.step()
+        # Usage and restarts see every process's codes, so every replica re-seeds identically.
+        counts = accelerator.reduce(quant.counts, "sum") if world > 1 else quant.counts
+        candidates = [accelerator.gather(c) for c in quant.candidates] if world > 1 else quant.candidates
+        raw_model.update_codebook(counts, candidates, step_generator(cfg.seed, step, purpose=1))
+
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            terms = [loss, recon, quant.codebook_loss, quant.commit_loss, quant.entropy_loss, g_loss, d_loss]
+            logged = {name: float(value.detach()) for name, value in zip(LOSS_TERMS, terms, strict=True)}
+            history.append({"step": step + 1, **logged})
+            tracker.log_metrics({f"train/{k}": v for k, v in logged.items()}, step=step + 1)
+            bar.set_postfix(loss=f"{logged['loss']:.4f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            tracker.log_metrics(flatten_metrics(evaluate(raw_model, val.images_NHWC), "val/"), step=step + 1)
+        resume.step_done(step + 1, history)
+        if on_step is not None:
+            on_step(step + 1)
+
+    metrics = {**evaluate(raw_model, val.images_NHWC), "steps": cfg.steps}
+    if accelerator.is_main_process:
+        _write_outputs(cfg, paths, raw_model, class_names(paths.shards), history)
+        tracker.log_metrics(flatten_metrics(metrics))
+        tracker.log_image(recon_grid(raw_model, val.images_NHWC[: cfg.num_grid]), "reconstructions.png")
+        print(f"{STAGE}: val PSNR {metrics['val_psnr']:.2f} dB, usage {metrics['usage']} -> {paths.tokenizer}")
+    resume.finish()
+    return metrics
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """Cosine from ``lr`` to ``lr / 10``; a function of the step alone, so resuming needs no state."""
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+
+
+def batch_at(cfg: Config, images_NCHW: torch.Tensor, step: int) -> torch.Tensor:
+    """The step's images in [-1, 1]: epochs are seeded permutations, each image h-flipped with p = 0.5."""
+    count = len(images_NCHW)
+    per_epoch = max(count // cfg.batch_size, 1)
+    epoch, within = divmod(step, per_epoch)
+    order = torch.randperm(count, generator=step_generator(cfg.seed, epoch, purpose=2))
+    index = order[within * cfg.batch_size : (within + 1) * cfg.batch_size]
+    x_BCHW = images_NCHW[index].float() / 127.5 - 1
+    flip_B = torch.rand(len(index), generator=step_generator(cfg.seed, step, purpose=3)) < 0.5
+    return torch.where(flip_B[:, None, None, None], x_BCHW.flip(-1), x_BCHW)
+
+
+def reconstruction_loss(kind: str, recon_BCHW: torch.Tensor, x_BCHW: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(recon_BCHW, x_BCHW) if kind == "l2" else F.l1_loss(recon_BCHW, x_BCHW)
+
+
+@torch.no_grad()
+def reconstruct(model, images_NHWC: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """decode(encode(images)) as uint8 NHWC, the path the token cache and samplers use."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images_NHWC), batch_size):
+        x = torch.from_numpy(images_NHWC[i : i + batch_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        y = model.decode(model.encode(x.to(device)))
+        out.append(((y + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def evaluate(model, images_NHWC: np.ndarray) -> dict:
+    """Val MSE and PSNR (dB) on images in [0, 1], and codebook usage overall and per scale."""
+    was_training = model.training
+    model.eval()
+    recon = reconstruct(model, images_NHWC)
+    model.train(was_training)
+    mse = float(np.mean((recon.astype(np.float64) / 255 - images_NHWC.astype(np.float64) / 255) ** 2))
+    psnr = 10 * math.log10(1 / max(mse, 1e-12))
+    return {"val_mse": mse, "val_psnr": psnr, "usage": model.codebook_usage()}
+
+
+def recon_grid(model, images_NHWC: np.ndarray) -> np.ndarray:
+    """Originals (top row) above their reconstructions, upscaled to >= 32 px per image."""
+    recon = reconstruct(model, images_NHWC)
+    grid = np.concatenate([np.concatenate(list(images_NHWC), 1), np.concatenate(list(recon), 1)], 0)
+    scale = max(1, 32 // images_NHWC.shape[1])
+    return grid.repeat(scale, 0).repeat(scale, 1)
+
+
+def _write_outputs(cfg: Config, paths: Paths, model, names: list[str], history: list[dict]) -> None:
+    config = {
+        "kind": model.kind,
+        "model": model.config_dict(),
+        "token_layout": model.token_layout,
+        "codebook_size": model.codebook_size,
+        "seq_len": model.seq_len,
+        "image_size": model.config.image_size,
+        "class_names": names,
+        "stage_config": dataclasses.asdict(cfg),
+    }
+    write_checkpoint(paths.tokenizer, model.state_dict(), config)
+    plot = Path(paths.plots) / STAGE / "loss.csv"
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    with plot.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", *LOSS_TERMS], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in history)
+
+
+def main() -> None:
+    params = read_params()
+    cfg = load_section(params, STAGE, Config)
+    paths = load_paths(params)
+    if not PartialState().is_main_process:  # only rank 0 opens an MLflow run and writes metrics
+        run(cfg, paths, NullTracker())
+        return
+    with stage_run(STAGE, {f"{STAGE}.{k}": v for k, v in as_flat_dict(cfg).items()}) as tracker:
+        metrics = run(cfg, paths, tracker)
+    write_metrics(paths, STAGE, metrics)
+
+
+if __name__ == "__main__":
+    main()

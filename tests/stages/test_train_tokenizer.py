@@ -1,0 +1,137 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.checkpoint import read_checkpoint
+from core.config import ConfigError, Paths, from_dict
+from core.shards import load_split
+from core.tracking import NullTracker
+from core.training import NonFiniteLossError
+from models.tokenizers import build_tokenizer
+from stages import train_tokenizer
+from stages.train_tokenizer import Config, run
+
+TINY = {
+    "msvq": {
+        "image_size": 8,
+        "base_channels": 8,
+        "channel_multipliers": [1, 2],
+        "attention": False,
+        "z_channels": 8,
+        "codebook_size": 32,
+        "scales": [1, 2, 4],
+        "candidate_buffer_size": 64,
+        "restart_every": 4,
+    },
+    "vq": {
+        "image_size": 8,
+        "base_channels": 8,
+        "channel_multipliers": [1, 2],
+        "attention": False,
+        "z_channels": 8,
+        "codebook_size": 32,
+        "candidate_buffer_size": 64,
+        "restart_every": 4,
+    },
+}
+
+
+@pytest.fixture
+def shards(shard_run):
+    return shard_run(image_size=8)[1]
+
+
+def tiny(kind="msvq", **overrides):
+    values = dict(
+        kind=kind, model=TINY[kind], steps=6, batch_size=16, log_every=2, eval_every=3, save_every=2, num_grid=4
+    )
+    return Config(**{**values, **overrides})
+
+
+def paths_for(tmp_path, shards, name="run"):
+    out = tmp_path / name
+    return Paths(
+        shards=str(shards),
+        metrics=str(out / "metrics"),
+        plots=str(out / "plots"),
+        tokenizer=str(out / "tokenizer"),
+        resume=str(tmp_path / "resume"),
+    )
+
+
+@pytest.mark.parametrize("kind", ["msvq", "vq"])
+def test_outs_rebuild_the_model_and_reproduce_encode(tmp_path, shards, kind):
+    paths = paths_for(tmp_path, shards)
+    metrics = run(tiny(kind), paths, NullTracker())
+    assert metrics["steps"] == 6 and metrics["val_psnr"] > 0 and 0 < metrics["usage"]["overall"] <= 1
+    state_dict, config = read_checkpoint(paths.tokenizer)
+    assert config["kind"] == kind and config["image_size"] == 8 and len(config["class_names"]) == 10
+    model = build_tokenizer(config["kind"], config["model"]).eval()
+    model.load_state_dict(state_dict)
+    assert config["seq_len"] == model.seq_len and config["token_layout"] == model.token_layout
+    images = torch.from_numpy(load_split(shards, "val").images_NHWC[:5]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    tokens = model.encode(images)
+    assert tokens.shape == (5, model.seq_len) and int(tokens.max()) < config["codebook_size"]
+    assert model.decode(tokens).shape == images.shape and torch.equal(model.encode(images), tokens)
+    lines = (tmp_path / "run" / "plots" / "train_tokenizer" / "loss.csv").read_text().splitlines()
+    assert lines[0].startswith("step,loss,recon") and len(lines) == 1 + 3
+    assert not (tmp_path / "resume" / "train_tokenizer").exists() or not any(
+        (tmp_path / "resume" / "train_tokenizer").iterdir()
+    )
+
+
+def test_same_seed_gives_byte_identical_outs(tmp_path, shards):
+    first, second = paths_for(tmp_path, shards, "a"), paths_for(tmp_path, shards, "b")
+    run(tiny(), first, NullTracker())
+    run(tiny(), second, NullTracker())
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "a" / "tokenizer" / name).read_bytes() == (tmp_path / "b" / "tokenizer" / name).read_bytes()
+    assert (tmp_path / "a" / "plots" / "train_tokenizer" / "loss.csv").read_bytes() == (
+        tmp_path / "b" / "plots" / "train_tokenizer" / "loss.csv"
+    ).read_bytes()
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, shards):
+    cfg = tiny(steps=8, save_every=3, disc_weight=0.1, disc_start=2)
+    straight = paths_for(tmp_path, shards, "straight")
+    run(cfg, straight, NullTracker())
+
+    def crash(step):
+        if step == 4:  # state saved at step 3; step 4 is lost and redone
+            raise KeyboardInterrupt
+
+    resumed = paths_for(tmp_path, shards, "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, resumed, NullTracker(), on_step=crash)
+    assert list((tmp_path / "resume" / "train_tokenizer").glob("*/checkpoint_000000003"))
+    run(cfg, resumed, NullTracker())
+    a = load_file(tmp_path / "straight" / "tokenizer" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "tokenizer" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "straight" / "plots" / "train_tokenizer" / "loss.csv").read_bytes() == (
+        tmp_path / "resumed" / "plots" / "train_tokenizer" / "loss.csv"
+    ).read_bytes()
+    assert not list((tmp_path / "resume" / "train_tokenizer").glob("*/checkpoint_*"))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(tmp_path, shards, monkeypatch):
+    real = train_tokenizer.reconstruction_loss
+    calls = []
+
+    def poisoned(kind, recon, x):
+        calls.append(1)
+        loss = real(kind, recon, x)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(train_tokenizer, "reconstruction_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 4 .*checkpoint_000000004"):
+        run(tiny(save_every=2), paths_for(tmp_path, shards), NullTracker())
+    assert list((tmp_path / "resume" / "train_tokenizer").glob("*/checkpoint_000000004/state.json"))
+
+
+def test_model_keys_are_checked_strictly():
+    with pytest.raises(ConfigError, match="codebook_sise"):
+        from_dict(Config, {"kind": "vq", "model": {"codebook_sise": 3}}, prefix="train_tokenizer")
+    assert json.dumps(Config().model)  # the default is JSON-ready
