@@ -1,0 +1,228 @@
+"""Transformer pieces shared by the AR models (``gpt.py`` now, ``var.py`` later).
+
+Pre-norm Llama-style parts, all bias-free:
+- ``RMSNorm``: root-mean-square norm computed in fp32 (the variance loses precision in bf16).
+- ``SwiGLU``: ``down(silu(gate(x)) * up(x))`` with gate and up fused into one matmul.
+- ``SelfAttention``: fused qkv projection, optional rotary positions, ``F.scaled_dot_product_attention``
+  (flash kernel on CPU and GPU), optional preallocated ``KVCache`` written in place for decoding.
+- ``TransformerBlock``: ``h = x + drop(attn(norm(x)))``, ``out = h + drop(ffn(norm(h)))``.
+- 2D rotary tables (``grid_rotation``) and ``apply_rotary``.
+
+Rotations are unit complex numbers ``exp(i·angle)`` of shape (L, head_dim/2): dims (2j, 2j+1) of
+each head form one complex number that is multiplied by entry j. A zero angle is the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def swiglu_hidden_width(width: int, mlp_ratio: float, multiple_of: int) -> int:
+    """Hidden width of a SwiGLU FFN: 2/3 of ``mlp_ratio·width`` (so it costs what a plain MLP with
+    ratio ``mlp_ratio`` costs), rounded up to a multiple of ``multiple_of`` for matmul-friendly sizes."""
+    hidden = int(2 * mlp_ratio * width / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMS norm with a hand-written backward: 3 passes over the activations forward and 7 backward,
+    against ~4 and ~11 for autograd through ``F.rms_norm``'s composite (the norm runs 2·depth + 1
+    times per step, and on CPU these passes are a visible share of the step)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        # 1/rms from one fused reduction: ||x||² / C is the mean square
+        mean_square = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.shape[-1])
+        inv_rms = mean_square.add_(eps).rsqrt_()
+        normed = x32 * inv_rms
+        ctx.save_for_backward(normed, inv_rms, weight)
+        ctx.input_dtype = x.dtype
+        return (normed * weight.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        normed, inv_rms, weight = ctx.saved_tensors
+        grad_out = grad_out.float()
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_out * normed).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_normed = grad_out * weight.float()
+        # d normed / d x = (I - normed normedᵀ / C) / rms
+        mean_dot = (grad_normed * normed).sum(dim=-1, keepdim=True).div_(normed.shape[-1])
+        grad_x = torch.addcmul(grad_normed, normed, mean_dot, value=-1.0).mul_(inv_rms)
+        return grad_x.to(ctx.input_dtype), grad_weight, None
+
+
+class RMSNorm(nn.Module):
+    """RMS norm with a learnable gain, computed in fp32 and cast back to the input dtype."""
+
+    def __init__(self, width: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        # gate and up are one Linear so the FFN's first matmul is a single, wider one
+        self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary positions
+
+
+def rotary_frequencies(num_pairs: int, base: float) -> torch.Tensor:
+    """Angular frequencies ``base^(-j/num_pairs)``, j < num_pairs, in radians per position (fp32)."""
+    return base ** (-torch.arange(num_pairs, dtype=torch.float32) / num_pairs)
+
+
+def grid_rotation(
+    grid: tuple[int, int], head_dim: int, base: float, prefix: int = 1, device: torch.device | None = None
+) -> torch.Tensor:
+    """2D rotary table for ``prefix`` non-grid positions followed by an h×w grid in raster order.
+
+    Returns complex64 of shape (prefix + h·w, head_dim/2). The first half of each head's pairs
+    rotates with the row index, the second half with the column index, each half with frequencies
+    ``base^(-2j/(head_dim/2))``. Prefix positions (e.g. a class token) get the identity rotation.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D rotary positions need head_dim divisible by 4, got {head_dim}")
+    height, width = grid
+    freqs = rotary_frequencies(head_dim // 4, base).to(device)
+    rows = torch.arange(height, device=device, dtype=torch.float32).repeat_interleave(width)
+    cols = torch.arange(width, device=device, dtype=torch.float32).repeat(height)
+    angles = torch.cat([torch.outer(rows, freqs), torch.outer(cols, freqs)], dim=1)
+    angles = torch.cat([angles.new_zeros(prefix, angles.shape[1]), angles], dim=0)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of the last dim of ``x`` by ``rotation`` (complex, broadcastable to x's shape
+    with the last dim halved). Real fp32/fp64 inputs are rotated in place of a copy-free complex
+    view; lower precisions are rotated in fp32 and cast back. Returns a new contiguous tensor."""
+    compute = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    pairs = torch.view_as_complex(compute.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+
+class KVCache:
+    """Keys and values of one attention layer for decoding, preallocated for ``max_len`` positions.
+
+    ``append`` copies the new positions into the buffers in place and returns views over every
+    position filled so far, so a decoding step costs O(new positions) in copies, not O(cache).
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
+    ):
+        self.keys_BHSD = torch.empty(batch, heads, max_len, head_dim, dtype=dtype, device=device)
+        self.values_BHSD = torch.empty_like(self.keys_BHSD)
+        self.length = 0  # positions filled
+
+    def append(self, keys_BHTD: torch.Tensor, values_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + keys_BHTD.shape[2]
+        if end > self.keys_BHSD.shape[2]:
+            raise ValueError(f"KV cache holds {self.keys_BHSD.shape[2]} positions, asked for {end}")
+        self.keys_BHSD[:, :, self.length : end] = keys_BHTD
+        self.values_BHSD[:, :, self.length : end] = values_BHTD
+        self.length = end
+        return self.keys_BHSD[:, :, :end], self.values_BHSD[:, :, :end]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width, bias=False)
+
+    def forward(
+        self,
+        x_BLC: torch.Tensor,
+        rotation: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """``rotation`` (L, head_dim/2) complex rotates queries and keys (None: no rotary positions).
+
+        With a ``cache`` the L new positions are appended and attend to every cached position plus
+        themselves; ``attn_mask`` (broadcastable to (B, heads, L, cached + L), True = attend) then
+        restricts that, and without one every new position sees all of them (one-token decoding,
+        or VAR's whole-scale steps).
+        """
+        B, L, C = x_BLC.shape
+        # one unbind (its backward is a single stack) rather than slices, whose backward
+        # zero-fills and copies a full qkv-sized gradient per slice
+        q_BLHD, k_BLHD, v_BLHD = self.qkv(x_BLC).view(B, L, 3, self.heads, C // self.heads).unbind(2)
+        if rotation is not None:
+            rotation_L1D = rotation[:, None]
+            q_BLHD, k_BLHD = apply_rotary(q_BLHD, rotation_L1D), apply_rotary(k_BLHD, rotation_L1D)
+        # (B, heads, L, head_dim) views: SDPA reads strided inputs without a copy
+        q, k, v = (t.transpose(1, 2) for t in (q_BLHD, k_BLHD, v_BLHD))
+        if cache is not None:
+            k, v = cache.append(k, v)
+        out_BHLD = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj(out_BHLD.transpose(1, 2).reshape(B, L, C))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``h = x + drop(attn(norm(x)))``, ``out = h + drop(ffn(norm(h)))``."""
+
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        ffn_hidden: int,
+        *,
+        resid_dropout: float = 0.0,
+        ffn_dropout: float = 0.0,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.attn_norm = RMSNorm(width, norm_eps)
+        self.attn = SelfAttention(width, heads)
+        self.attn_dropout = nn.Dropout(resid_dropout)
+        self.ffn_norm = RMSNorm(width, norm_eps)
+        self.ffn = SwiGLU(width, ffn_hidden)
+        self.ffn_dropout = nn.Dropout(ffn_dropout)
+
+    def forward(
+        self,
+        x_BLC: torch.Tensor,
+        rotation: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        attended = self.attn(self.attn_norm(x_BLC), rotation, cache=cache, attn_mask=attn_mask, is_causal=is_causal)
+        h_BLC = x_BLC + self.attn_dropout(attended)
+        return h_BLC + self.ffn_dropout(self.ffn(self.ffn_norm(h_BLC)))
