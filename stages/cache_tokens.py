@@ -20,11 +20,11 @@ import torch
 from tqdm import tqdm
 
 from core.checkpoint import read_checkpoint
-from core.config import Paths, as_flat_dict, load_paths, load_section, read_params
-from core.metrics import flatten_metrics, write_metrics
+from core.config import Paths
+from core.metrics import flatten_metrics
 from core.shards import load_split
+from core.stage import stage_main
 from core.token_store import write_tokens
-from core.tracking import stage_run
 from models.tokenizers import build_tokenizer
 
 STAGE = "cache_tokens"
@@ -109,12 +109,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
 
 
 def main() -> None:
-    params = read_params()
-    cfg = load_section(params, STAGE, Config)
-    paths = load_paths(params)
-    with stage_run(STAGE, {f"{STAGE}.{k}": v for k, v in as_flat_dict(cfg).items()}) as tracker:
-        metrics = run(cfg, paths, tracker)
-    write_metrics(paths, STAGE, metrics)
+    stage_main(STAGE, Config, run)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from core.config import Paths, as_flat_dict, load_paths, load_section, read_params
+from core.config import Paths
 from core.images import Item, Prepared, Rejected, decode_png, prepare_image
-from core.metrics import flatten_metrics, write_metrics
+from core.metrics import flatten_metrics
 from core.sources import open_source
-from core.tracking import stage_run
+from core.stage import stage_main
 
 STAGE = "shard"
 KEY_HEX_DIGITS = 20
@@ -255,12 +255,7 @@ def preview_grid(preview: dict[int, list[bytes]]) -> np.ndarray:
 
 
 def main() -> None:
-    params = read_params()
-    cfg = load_section(params, STAGE, Config)
-    paths = load_paths(params)
-    with stage_run(STAGE, {f"{STAGE}.{k}": v for k, v in as_flat_dict(cfg).items()}) as tracker:
-        metrics = run(cfg, paths, tracker)
-    write_metrics(paths, STAGE, metrics)
+    stage_main(STAGE, Config, run)
 
 
 if __name__ == "__main__":

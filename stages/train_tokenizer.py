@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from accelerate import PartialState
 from core.checkpoint import write_checkpoint
-from core.config import Paths, as_flat_dict, load_paths, load_section, read_params
-from core.metrics import flatten_metrics, write_metrics
+from core.config import Paths
+from core.metrics import flatten_metrics
 from core.shards import class_names, load_split
-from core.tracking import NullTracker, stage_run
+from core.stage import stage_main
 from core.training import Resume, build_accelerator, check_finite, resume_dir, seed_everything, step_generator
 from models.discriminator import DiscriminatorConfig, PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from models.tokenizers import build_tokenizer, tokenizer_config
@@ -246,15 +246,7 @@ def _write_outputs(cfg: Config, paths: Paths, model, names: list[str], history: 
 
 
 def main() -> None:
-    params = read_params()
-    cfg = load_section(params, STAGE, Config)
-    paths = load_paths(params)
-    if not PartialState().is_main_process:  # only rank 0 opens an MLflow run and writes metrics
-        run(cfg, paths, NullTracker())
-        return
-    with stage_run(STAGE, {f"{STAGE}.{k}": v for k, v in as_flat_dict(cfg).items()}) as tracker:
-        metrics = run(cfg, paths, tracker)
-    write_metrics(paths, STAGE, metrics)
+    stage_main(STAGE, Config, run, is_main_process=PartialState().is_main_process)
 
 
 if __name__ == "__main__":
