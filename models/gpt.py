@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.sampling import GuidanceSchedule, classifier_free_guidance, guidance_schedule, sample_tokens
-from models.transformer_blocks import KVCache, RMSNorm, TransformerBlock, grid_rotation, swiglu_hidden_width
+from models.transformer_blocks import (
+    Dropout,
+    KVCache,
+    RMSNorm,
+    TransformerBlock,
+    grid_rotation,
+    swiglu_hidden_width,
+)
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,7 @@ class GPT(nn.Module):
         # 1. inputs: class prefix (num_classes + 1 rows, the last one is the null class) and tokens
         self.class_embedding = nn.Embedding(config.num_classes + 1, width)
         self.token_embedding = nn.Embedding(config.vocab_size, width)
-        self.token_dropout = nn.Dropout(config.token_dropout)
+        self.token_dropout = Dropout(config.token_dropout)
         # 2. blocks
         self.blocks = nn.ModuleList(
             TransformerBlock(
@@ -189,7 +196,7 @@ class GPT(nn.Module):
         probability ``class_dropout``, drawn from ``generator`` (torch's global RNG when None).
         ``tokens_BL`` may be a prefix of the full sequence (L ≤ seq_len).
         """
-        B, L = tokens_BL.shape
+        L = tokens_BL.shape[1]
         if L > self.config.seq_len:
             raise ValueError(f"got {L} tokens, the model holds {self.config.seq_len}")
         if label_dropout and self.training and self.config.class_dropout > 0:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from models.gpt import GPT, GPTConfig
 from models.sampling import classifier_free_guidance
-from models.transformer_blocks import apply_rotary, grid_rotation
+from models.transformer_blocks import Dropout, KVCache, RMSNorm, TransformerBlock, apply_rotary, grid_rotation
 
 VOCAB, CLASSES, GRID = 16, 3, (2, 3)
 
@@ -294,3 +294,52 @@ def test_rotary_scores_depend_only_on_relative_grid_offsets():
 
     torch.testing.assert_close(score((0, 0), (1, 2)), score((2, 1), (3, 3)))
     assert not torch.allclose(score((0, 0), (1, 2)), score((0, 0), (2, 1)))
+
+
+# -- shared blocks -----------------------------------------------------------------------------
+
+
+def test_rms_norm_matches_reference_values_and_gradients():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    norm = RMSNorm(16).double()
+    with torch.no_grad():
+        norm.weight.normal_(generator=gen)
+    grad_out = torch.randn(3, 5, 16, dtype=torch.float64, generator=gen)
+    ours = norm(x)
+    expected = F.rms_norm(x, (16,), norm.weight, norm.eps)
+    torch.testing.assert_close(ours, expected)
+    ours_grads = torch.autograd.grad(ours, (x, norm.weight), grad_out)
+    expected_grads = torch.autograd.grad(expected, (x, norm.weight), grad_out)
+    for got, want in zip(ours_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_cached_one_token_steps_match_the_causal_forward():
+    torch.manual_seed(0)
+    block = TransformerBlock(32, 2, 64).eval()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(std=0.3)
+    x = torch.randn(3, 7, 32)
+    rotation = grid_rotation((2, 3), 16, base=100.0, prefix=1)
+    full = block(x, rotation, is_causal=True)
+    cache = KVCache(3, 2, 7, 16, dtype=torch.float32)
+    stepped = torch.cat([block(x[:, i : i + 1], rotation[i : i + 1], cache=cache) for i in range(7)], dim=1)
+    torch.testing.assert_close(stepped, full)
+    with pytest.raises(ValueError, match="holds 7 positions"):
+        block(x[:, :1], rotation[:1], cache=cache)
+
+
+def test_dropout_keeps_the_expected_share_scaled_up_and_is_off_in_eval():
+    dropout = Dropout(0.25)
+    x = torch.ones(200, 200, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    assert torch.allclose(y[kept], torch.tensor(1 / 0.75))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # gradient flows through kept entries only, same scale
+    dropout.eval()
+    assert dropout(x) is x
