@@ -16,16 +16,14 @@ from models.discriminator import (
 @pytest.mark.parametrize(("layers", "side"), [(1, 6), (2, 2)])
 @pytest.mark.parametrize("norm", ["group", "none"])
 def test_patch_logits_shape(layers, side, norm):
-    discriminator = PatchDiscriminator(DiscriminatorConfig(layers=layers, norm=norm,
-                                                           base_channels=8, norm_groups=4))
+    discriminator = PatchDiscriminator(DiscriminatorConfig(layers=layers, norm=norm, base_channels=8, norm_groups=4))
     assert discriminator(torch.zeros(2, 3, 16, 16)).shape == (2, 1, side, side)
 
 
 def test_conv_weights_start_as_n_0_002():
     torch.manual_seed(0)
     discriminator = PatchDiscriminator(DiscriminatorConfig())
-    weights = torch.cat([m.weight.flatten() for m in discriminator.modules()
-                         if isinstance(m, torch.nn.Conv2d)])
+    weights = torch.cat([m.weight.flatten() for m in discriminator.modules() if isinstance(m, torch.nn.Conv2d)])
     assert abs(weights.mean().item()) < 2e-3
     assert weights.std().item() == pytest.approx(0.02, rel=0.05)
 

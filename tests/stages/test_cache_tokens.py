@@ -2,23 +2,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import TINY_MSVQ
 
 from core.shards import load_split
 from core.token_store import load_tokens
 from core.tracking import NullTracker
 from stages import cache_tokens, train_tokenizer
 
-MODEL = {
-    "image_size": 8,
-    "base_channels": 8,
-    "channel_multipliers": [1, 2],
-    "attention": False,
-    "z_channels": 8,
-    "codebook_size": 32,
-    "scales": [1, 2, 4],
-    "candidate_buffer_size": 64,
-    "restart_every": 4,
-}
+MODEL = TINY_MSVQ
 
 
 @pytest.fixture

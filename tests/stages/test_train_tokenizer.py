@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from helpers import TINY_TOKENIZERS
 from safetensors.torch import load_file
 
 from core.checkpoint import read_checkpoint
@@ -13,29 +14,7 @@ from models.tokenizers import build_tokenizer
 from stages import train_tokenizer
 from stages.train_tokenizer import Config, run
 
-TINY = {
-    "msvq": {
-        "image_size": 8,
-        "base_channels": 8,
-        "channel_multipliers": [1, 2],
-        "attention": False,
-        "z_channels": 8,
-        "codebook_size": 32,
-        "scales": [1, 2, 4],
-        "candidate_buffer_size": 64,
-        "restart_every": 4,
-    },
-    "vq": {
-        "image_size": 8,
-        "base_channels": 8,
-        "channel_multipliers": [1, 2],
-        "attention": False,
-        "z_channels": 8,
-        "codebook_size": 32,
-        "candidate_buffer_size": 64,
-        "restart_every": 4,
-    },
-}
+TINY = TINY_TOKENIZERS
 
 
 @pytest.fixture
