@@ -29,6 +29,7 @@ from torch import nn
 
 from models.sampling import GuidanceSchedule, classifier_free_guidance, guidance_schedule, sample_tokens
 from models.transformer_blocks import (
+    DepthScaled,
     Dropout,
     KVCache,
     RMSNorm,
@@ -39,7 +40,7 @@ from models.transformer_blocks import (
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(DepthScaled):
     """Architecture of a ``GPT``; ``GPT(GPTConfig(**model.config_dict()))`` rebuilds a model."""
 
     vocab_size: int
@@ -96,18 +97,6 @@ class GPTConfig:
         for name in ("class_dropout", "token_dropout", "resid_dropout", "ffn_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-
-    @property
-    def model_width(self) -> int:
-        return self.width if self.width is not None else 64 * self.depth
-
-    @property
-    def num_heads(self) -> int:
-        return self.heads if self.heads is not None else self.depth
-
-    @property
-    def head_dim(self) -> int:
-        return self.model_width // self.num_heads
 
     @property
     def ffn_hidden(self) -> int:

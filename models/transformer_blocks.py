@@ -1,4 +1,4 @@
-"""Transformer pieces shared by the AR models (``gpt.py`` now, ``var.py`` later).
+"""Transformer pieces shared by the AR models (``gpt.py``, ``var.py``).
 
 Pre-norm Llama-style parts, all bias-free:
 - ``RMSNorm``: root-mean-square norm in (at least) fp32 with a hand-written backward.
@@ -7,13 +7,20 @@ Pre-norm Llama-style parts, all bias-free:
 - ``SelfAttention``: fused qkv projection, optional rotary positions, ``F.scaled_dot_product_attention``
   (flash kernel on CPU and GPU), optional preallocated ``KVCache`` written in place for decoding.
 - ``TransformerBlock``: ``h = x + drop(attn(norm(x)))``, ``out = h + drop(ffn(norm(h)))``.
-- 2D rotary tables (``grid_rotation``) and ``apply_rotary``.
+- 2D rotary tables (``grid_rotation``) and ``apply_rotary``. Rotations are unit complex numbers
+  ``exp(i·angle)`` of shape (L, head_dim/2): dims (2j, 2j+1) of each head form one complex number
+  that is multiplied by entry j. A zero angle is the identity.
 
-Rotations are unit complex numbers ``exp(i·angle)`` of shape (L, head_dim/2): dims (2j, 2j+1) of
-each head form one complex number that is multiplied by entry j. A zero angle is the identity.
+Next-scale (VAR) pieces, LayerNorm without affine and biased Linears as in VAR:
+- ``scale_levels`` / ``block_causal_mask``: full attention within a scale, causal across scales.
+- ``ScaleAttention``: query/value biases, optional cosine attention with a per-head temperature.
+- ``AdaLNBlock`` / ``AdaLNBeforeHead``: norms modulated per sample by the class condition.
+- ``GeluMLP``, ``DropPath``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +32,27 @@ def swiglu_hidden_width(width: int, mlp_ratio: float, multiple_of: int) -> int:
     ratio ``mlp_ratio`` costs), rounded up to a multiple of ``multiple_of`` for matmul-friendly sizes."""
     hidden = int(2 * mlp_ratio * width / 3)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class DepthScaled:
+    """Mixin for model configs with ``depth``, ``width`` and ``heads`` fields: the one ``depth`` knob
+    sets width 64·depth and depth heads (head_dim 64), unless width / heads are given."""
+
+    depth: int
+    width: int | None
+    heads: int | None
+
+    @property
+    def model_width(self) -> int:
+        return self.width if self.width is not None else 64 * self.depth
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads if self.heads is not None else self.depth
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_width // self.num_heads
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -248,3 +276,157 @@ class TransformerBlock(nn.Module):
         attended = self.attn(self.attn_norm(x_BLC), rotation, cache=cache, attn_mask=attn_mask, is_causal=is_causal)
         h_BLC = x_BLC + self.attn_dropout(attended)
         return h_BLC + self.ffn_dropout(self.ffn(self.ffn_norm(h_BLC)))
+
+
+# ---------------------------------------------------------------------------------------------
+# next-scale (VAR) pieces: block-causal mask, AdaLN-conditioned blocks
+
+
+def scale_levels(sides: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+    """Scale index of every position of a coarse-to-fine token sequence, (Σ s_k²,) int64."""
+    # built from a Python list: no data-dependent op, so it also works under a meta device
+    return torch.tensor([level for level, side in enumerate(sides) for _ in range(side * side)], device=device)
+
+
+def block_causal_mask(sides: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+    """(L, L) bool, True = attend: position i sees j iff level(j) ≤ level(i), i.e. full attention
+    within a scale and causal across scales (VAR's ``attn_bias_for_masking``)."""
+    levels_L = scale_levels(sides, device)
+    return levels_L[None, :] <= levels_L[:, None]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a residual branch for a whole sample with probability ``p`` (training
+    only), scaling kept samples by 1/(1 − p)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) >= self.p
+        return x * keep.to(x.dtype).div_(1.0 - self.p)
+
+
+class GeluMLP(nn.Module):
+    """VAR's FFN: ``fc2(gelu_tanh(fc1(x)))`` with biases."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class ScaleAttention(nn.Module):
+    """VAR's self-attention: fused bias-free qkv plus learnable query and value biases (the key bias
+    is zero: a key bias shifts every score of a query equally, so softmax ignores it), output
+    projection with bias.
+
+    ``l2_norm=False``: softmax scale 0.25/√head_dim (VAR's, 4× below the usual). ``l2_norm=True``:
+    cosine attention, queries and keys L2-normalised per head and queries multiplied by a learnable
+    per-head temperature exp(min(log_temperature, log 100)), initialised to 4; softmax scale 1.
+    """
+
+    def __init__(self, width: int, heads: int, *, l2_norm: bool = False):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads, self.l2_norm = heads, l2_norm
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.query_bias = nn.Parameter(torch.zeros(width))
+        self.value_bias = nn.Parameter(torch.zeros(width))
+        if l2_norm:
+            self.log_temperature = nn.Parameter(torch.full((heads,), 4.0).log())
+        self.proj = nn.Linear(width, width)
+
+    def forward(
+        self, x_BLC: torch.Tensor, *, cache: KVCache | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """With a ``cache`` the L new positions are appended and attend to every cached position
+        plus themselves (one whole scale per decoding step); ``attn_mask`` (L, cached + L) bool,
+        True = attend, restricts that (the block-causal mask in training)."""
+        B, L, C = x_BLC.shape
+        bias = torch.cat([self.query_bias, torch.zeros_like(self.query_bias), self.value_bias])
+        qkv_BL3HD = F.linear(x_BLC, self.qkv.weight, bias).view(B, L, 3, self.heads, C // self.heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv_BL3HD.unbind(2))  # (B, heads, L, head_dim) views
+        if self.l2_norm:
+            temperature_H11 = self.log_temperature.clamp(max=math.log(100.0)).exp()[:, None, None]
+            q, k = F.normalize(q, dim=-1) * temperature_H11, F.normalize(k, dim=-1)
+            scale = 1.0
+        else:
+            scale = 0.25 / math.sqrt(C // self.heads)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        out_BHLD = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        return self.proj(out_BHLD.transpose(1, 2).reshape(B, L, C))
+
+
+class AdaLNBlock(nn.Module):
+    """VAR's ``AdaLNSelfAttn``: a pre-norm block whose LayerNorms (no affine) are modulated per
+    sample by the condition. ``SiLU → Linear(cond_width → 6·width)`` gives γ1, γ2, s1, s2, b1, b2:
+
+        x = x + drop_path(drop(attn(LN(x)·(1 + s1) + b1)) · γ1)
+        x = x + drop_path(drop(ffn(LN(x)·(1 + s2) + b2)) · γ2)
+
+    The modulation rows are ordered γ1, γ2 (first 2·width), then s1, s2, b1, b2, as in VAR, so the
+    γ part can be initialised near zero (adaLN-Zero-like residual branches).
+    """
+
+    def __init__(
+        self,
+        width: int,
+        cond_width: int,
+        heads: int,
+        ffn_hidden: int,
+        *,
+        drop_path: float = 0.0,
+        resid_dropout: float = 0.0,
+        ffn_dropout: float = 0.0,
+        attn_l2_norm: bool = False,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.width = width
+        self.norm = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
+        self.attn = ScaleAttention(width, heads, l2_norm=attn_l2_norm)
+        self.attn_dropout = Dropout(resid_dropout)
+        self.ffn = GeluMLP(width, ffn_hidden)
+        self.ffn_dropout = Dropout(ffn_dropout)
+        self.drop_path = DropPath(drop_path)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_width, 6 * width))
+
+    def forward(
+        self,
+        x_BLC: torch.Tensor,
+        cond_BC: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        modulation = self.modulation(cond_BC).view(-1, 1, 6, self.width).unbind(2)
+        gamma1_B1C, gamma2_B1C, scale1_B1C, scale2_B1C, shift1_B1C, shift2_B1C = modulation
+        h_BLC = self.norm(x_BLC) * (1 + scale1_B1C) + shift1_B1C
+        attended = self.attn_dropout(self.attn(h_BLC, cache=cache, attn_mask=attn_mask))
+        x_BLC = x_BLC + self.drop_path(attended * gamma1_B1C)
+        h_BLC = self.norm(x_BLC) * (1 + scale2_B1C) + shift2_B1C
+        return x_BLC + self.drop_path(self.ffn_dropout(self.ffn(h_BLC)) * gamma2_B1C)
+
+
+class AdaLNBeforeHead(nn.Module):
+    """VAR's final norm: ``LN(x)·(1 + scale) + shift`` with (scale, shift) from ``SiLU → Linear``
+    of the condition."""
+
+    def __init__(self, width: int, cond_width: int, norm_eps: float = 1e-6):
+        super().__init__()
+        self.width = width
+        self.norm = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_width, 2 * width))
+
+    def forward(self, x_BLC: torch.Tensor, cond_BC: torch.Tensor) -> torch.Tensor:
+        scale_B1C, shift_B1C = self.modulation(cond_BC).view(-1, 1, 2, self.width).unbind(2)
+        return self.norm(x_BLC) * (1 + scale_B1C) + shift_B1C
