@@ -6,8 +6,15 @@ and calls the quantizer's ``update_codebook``; this module never talks to other 
 
 A code is *used* at a scale when its EMA hits reach ``dead_code_threshold`` times that scale's
 uniform share (EMA vectors per update / codebook size); VAR's monitor uses the same rule with
-0.08. A code is *dead* when it is used at no scale: the multi-scale codebook is shared, so a code
-idle at 1x1 but busy at 4x4 must be kept.
+0.08. Two restart rules:
+
+- *dead* (single-scale vq, and msvq with ``per_scale=False``): only codes used at no scale are
+  re-seeded, dealt round-robin to the scales' candidate buffers. In a shared multi-scale codebook
+  the fine scales keep almost every code alive, so the coarse scales stay collapsed.
+- *per scale*: a code unused at scale k is re-seeded from scale k's buffer when its total usage,
+  summed over scales in uniform shares, is below ``max_total_share`` (1.0: it does less work in
+  the whole codebook than one code's fair share at one scale). Codes busy elsewhere are not
+  stolen; codes dead everywhere (total 0) are always taken, coarse scales first.
 """
 
 from __future__ import annotations
@@ -54,9 +61,22 @@ class CodebookUsage(nn.Module):
     The buffers are persistent so a resumed run restarts the same codes as an uninterrupted one.
     """
 
-    def __init__(self, *, num_scales: int, codebook_size: int, dim: int, momentum: float,
-                 dead_code_threshold: float, restart_every: int, candidate_buffer_size: int):
+    def __init__(
+        self,
+        *,
+        num_scales: int,
+        codebook_size: int,
+        dim: int,
+        momentum: float,
+        dead_code_threshold: float,
+        restart_every: int,
+        candidate_buffer_size: int,
+        per_scale: bool = False,
+        max_total_share: float = 1.0,
+    ):
         super().__init__()
+        self.per_scale = per_scale
+        self.max_total_share = max_total_share
         self.momentum = momentum
         self.dead_code_threshold = dead_code_threshold
         self.restart_every = restart_every
@@ -75,11 +95,9 @@ class CodebookUsage(nn.Module):
     def observe(self, counts_KV: torch.Tensor, candidates: list[torch.Tensor]) -> None:
         """Fold one update's (all-reduced) hit counts into the EMA and remember candidates."""
         if counts_KV.shape != self.hits_ema_KV.shape:
-            raise ValueError(f"counts must have shape {tuple(self.hits_ema_KV.shape)}, "
-                             f"got {tuple(counts_KV.shape)}")
+            raise ValueError(f"counts must have shape {tuple(self.hits_ema_KV.shape)}, got {tuple(counts_KV.shape)}")
         if len(candidates) != self.num_scales:
-            raise ValueError(f"need one candidate tensor per scale ({self.num_scales}), "
-                             f"got {len(candidates)}")
+            raise ValueError(f"need one candidate tensor per scale ({self.num_scales}), got {len(candidates)}")
         # Until 1 / (1 - momentum) updates have been seen the EMA is the plain running mean,
         # so early usage is not biased toward zero.
         step = int(self.updates.item())
@@ -92,15 +110,19 @@ class CodebookUsage(nn.Module):
     def _remember(self, k: int, vectors_ND: torch.Tensor) -> None:
         capacity = self.candidates_KND.shape[1]
         vectors_ND = vectors_ND[-capacity:]
-        rows = (self.write_at_K[k] + torch.arange(len(vectors_ND), device=vectors_ND.device))
+        rows = self.write_at_K[k] + torch.arange(len(vectors_ND), device=vectors_ND.device)
         self.candidates_KND[k, rows % capacity] = vectors_ND
         self.write_at_K[k] = (self.write_at_K[k] + len(vectors_ND)) % capacity
         self.filled_K[k] = torch.clamp(self.filled_K[k] + len(vectors_ND), max=capacity)
 
+    def shares_KV(self) -> torch.Tensor:
+        """(K, V): each code's EMA hits at each scale in units of that scale's uniform share."""
+        uniform_K1 = self.hits_ema_KV.sum(dim=1, keepdim=True) / self.hits_ema_KV.shape[1]
+        return self.hits_ema_KV / uniform_K1.clamp_min(torch.finfo(uniform_K1.dtype).tiny)
+
     def used_KV(self) -> torch.Tensor:
         """bool (K, V): code v reaches the usage threshold at scale k."""
-        uniform_K1 = self.hits_ema_KV.sum(dim=1, keepdim=True) / self.hits_ema_KV.shape[1]
-        return (self.hits_ema_KV > 0) & (self.hits_ema_KV >= self.dead_code_threshold * uniform_K1)
+        return (self.hits_ema_KV > 0) & (self.shares_KV() >= self.dead_code_threshold)
 
     def usage(self) -> tuple[float, list[float]]:
         """(fraction of codes used at any scale, fraction used at each scale)."""
@@ -114,30 +136,47 @@ class CodebookUsage(nn.Module):
 
     @torch.no_grad()
     def restart(self, codebook_VD: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Re-seed dead codes of ``codebook_VD`` in place from remembered candidates.
-
-        Dead codes, in index order, are dealt round-robin to the scales that have candidates, so
-        each scale (coarse ones included) gets fresh codes drawn from its own recent vectors.
-        Their EMA is zeroed: they must earn hits before the next restart to count as used.
+        """Re-seed codes of ``codebook_VD`` in place from remembered candidates (see the module
+        docstring for which codes). Each scale's codes are drawn from that scale's own recent
+        vectors, so coarse scales get codes that lie where their vectors are. Re-seeded codes'
+        EMA is zeroed: they must earn hits before the next restart to count as used.
         Returns the re-seeded code indices (int64, ascending).
         """
-        dead_V = ~self.used_KV().any(dim=0)
-        scales = [k for k in range(self.num_scales) if self.filled_K[k] > 0]
-        if not scales or not dead_V.any():
-            return torch.zeros(0, dtype=torch.int64, device=codebook_VD.device)
-        dead = dead_V.nonzero().squeeze(1)
-        for slot, k in enumerate(scales):
-            codes = dead[slot::len(scales)]
-            if len(codes) == 0:
-                continue
+        codes_per_scale = self._per_scale_codes() if self.per_scale else self._dead_codes_dealt()
+        for k, codes in codes_per_scale.items():
             filled = int(self.filled_K[k])
             if filled >= len(codes):  # distinct candidates, so re-seeded codes differ
                 rows = torch.randperm(filled, generator=generator, device=generator.device)
                 rows = rows[: len(codes)]
             else:
-                rows = torch.randint(filled, (len(codes),), generator=generator,
-                                     device=generator.device)
+                rows = torch.randint(filled, (len(codes),), generator=generator, device=generator.device)
             picked_ND = self.candidates_KND[k, rows.to(self.candidates_KND.device)]
             codebook_VD[codes.to(codebook_VD.device)] = picked_ND.to(codebook_VD)
-        self.hits_ema_KV[:, dead] = 0.0
-        return dead.to(codebook_VD.device)
+        if not codes_per_scale:
+            return torch.zeros(0, dtype=torch.int64, device=codebook_VD.device)
+        restarted = torch.cat(list(codes_per_scale.values())).sort().values
+        self.hits_ema_KV[:, restarted] = 0.0
+        return restarted.to(codebook_VD.device)
+
+    def _dead_codes_dealt(self) -> dict[int, torch.Tensor]:
+        """Codes used at no scale, in index order, dealt round-robin to scales with candidates."""
+        dead = (~self.used_KV().any(dim=0)).nonzero().squeeze(1)
+        scales = [k for k in range(self.num_scales) if self.filled_K[k] > 0]
+        dealt = {k: dead[slot :: len(scales)] for slot, k in enumerate(scales)}
+        return {k: codes for k, codes in dealt.items() if len(codes) > 0}
+
+    def _per_scale_codes(self) -> dict[int, torch.Tensor]:
+        """For each scale, coarse to fine: codes unused there whose total share is below
+        ``max_total_share`` and not yet taken by a coarser scale in this restart."""
+        used_KV = self.used_KV()
+        cheap_V = self.shares_KV().sum(dim=0) < self.max_total_share
+        taken_V = torch.zeros_like(cheap_V)
+        chosen = {}
+        for k in range(self.num_scales):
+            if self.filled_K[k] == 0:
+                continue
+            codes = (~used_KV[k] & cheap_V & ~taken_V).nonzero().squeeze(1)
+            if len(codes) > 0:
+                chosen[k] = codes
+                taken_V[codes] = True
+        return chosen

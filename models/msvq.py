@@ -36,32 +36,61 @@ class MSVQConfig(ConvBackboneConfig):
     """r in φ(h) = (1 − r)·h + r·conv3x3(h); 0 makes φ the identity."""
     share_quant_resi: int = 4
     """Number of φ convs spread over the scales (VAR's default); 0 = one per scale."""
+    scale_normalization: bool = True
+    """Quantise each scale's residual centred and scaled to unit RMS by running per-scale
+    statistics (μ_k, σ_k); a code c then contributes σ_k·c + μ_k. Coarse area means and fine
+    residuals differ in norm and offset, so in one raw Euclidean codebook codes specialise per
+    scale and the coarse scales share a handful; normalised, every scale's vectors overlap
+    (on the digits: 1x1 usage 16% -> 54% on its own, and +0.1 dB val PSNR)."""
+    normalization_momentum: float = 0.99
+    """EMA momentum of the per-scale statistics (a running mean over the first updates)."""
     usage_momentum: float = 0.99
     """EMA momentum of per-update code hit counts (per scale)."""
     dead_code_threshold: float = 0.1
-    """A code is dead below this fraction of each scale's uniform share of EMA hits."""
+    """A code is unused at a scale below this fraction of that scale's uniform share of EMA
+    hits (VAR's monitor uses 0.08)."""
     restart_every: int = 100
-    """Re-seed dead codes every this many ``update_codebook`` calls (0 = never)."""
+    """Re-seed unused codes every this many ``update_codebook`` calls (0 = never)."""
+    restart_per_scale: bool = True
+    """Re-seed a code unused at scale k from scale k's candidates (coarse scales first), so a
+    collapsed coarse scale is revived even while the fine scales keep every code alive; False
+    re-seeds only codes unused at every scale (models/codebook.py)."""
+    restart_max_total_share: float = 1.0
+    """Per-scale restarts take only codes whose usage summed over all scales, in uniform shares,
+    is below this: codes that do less than one fair share of work anywhere. Larger steals busier
+    codes from other scales (2.0 on the digits at 500 steps: 1x1 usage +2 points, 4x4 +6,
+    val PSNR −0.35 dB; at 1000 steps no PSNR cost)."""
     candidate_buffer_size: int = 1024
-    """Recent residual vectors kept per scale to re-seed codes from (coarse scales see B
-    vectors per batch, so they need a memory longer than one batch)."""
+    """Recent (normalised) residual vectors kept per scale to re-seed codes from (coarse scales
+    see B vectors per batch, so they need a memory longer than one batch)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.codebook_size > 1, "codebook_size", "must be at least 2")
-        require(len(self.scales) > 0 and all(s > 0 for s in self.scales), "scales",
-                "must be a non-empty list of positive sides")
-        require(all(a < b for a, b in zip(self.scales, self.scales[1:], strict=False)), "scales",
-                "must be strictly increasing")
-        require(self.scales[-1] == self.latent_side, "scales",
-                f"must end at the latent side {self.latent_side} "
-                f"(image_size {self.image_size} / downsample factor {self.downsample_factor})")
+        require(
+            len(self.scales) > 0 and all(s > 0 for s in self.scales),
+            "scales",
+            "must be a non-empty list of positive sides",
+        )
+        require(
+            all(a < b for a, b in zip(self.scales, self.scales[1:], strict=False)),
+            "scales",
+            "must be strictly increasing",
+        )
+        require(
+            self.scales[-1] == self.latent_side,
+            "scales",
+            f"must end at the latent side {self.latent_side} "
+            f"(image_size {self.image_size} / downsample factor {self.downsample_factor})",
+        )
         require(self.commitment_weight >= 0, "commitment_weight", "must be >= 0")
         require(0 <= self.quant_resi <= 1, "quant_resi", "must be in [0, 1]")
         require(self.share_quant_resi >= 0, "share_quant_resi", "must be >= 0")
         require(0 <= self.usage_momentum < 1, "usage_momentum", "must be in [0, 1)")
         require(self.dead_code_threshold >= 0, "dead_code_threshold", "must be >= 0")
         require(self.restart_every >= 0, "restart_every", "must be >= 0")
+        require(0 <= self.normalization_momentum < 1, "normalization_momentum", "must be in [0, 1)")
+        require(self.restart_max_total_share > 0, "restart_max_total_share", "must be > 0")
         require(self.candidate_buffer_size > 0, "candidate_buffer_size", "must be positive")
 
 
@@ -76,11 +105,21 @@ class MSVQTokenizer(nn.Module):
         self.encoder = Encoder(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 3, padding=1)
         self.quantizer = MultiScaleResidualQuantizer(
-            codebook_size=config.codebook_size, dim=config.z_channels, scales=config.scales,
-            commitment_weight=config.commitment_weight, quant_resi=config.quant_resi,
-            share_quant_resi=config.share_quant_resi, usage_momentum=config.usage_momentum,
-            dead_code_threshold=config.dead_code_threshold, restart_every=config.restart_every,
-            candidate_buffer_size=config.candidate_buffer_size)
+            codebook_size=config.codebook_size,
+            dim=config.z_channels,
+            scales=config.scales,
+            commitment_weight=config.commitment_weight,
+            quant_resi=config.quant_resi,
+            share_quant_resi=config.share_quant_resi,
+            usage_momentum=config.usage_momentum,
+            dead_code_threshold=config.dead_code_threshold,
+            restart_every=config.restart_every,
+            candidate_buffer_size=config.candidate_buffer_size,
+            scale_normalization=config.scale_normalization,
+            normalization_momentum=config.normalization_momentum,
+            restart_per_scale=config.restart_per_scale,
+            restart_max_total_share=config.restart_max_total_share,
+        )
         self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 3, padding=1)
         self.decoder = Decoder(config)
 
@@ -120,8 +159,9 @@ class MSVQTokenizer(nn.Module):
     def teacher_forcing_input(self, tokens_BL: torch.Tensor) -> torch.Tensor:
         return self.quantizer.teacher_forcing_input(tokens_BL)
 
-    def next_scale_input(self, f_hat_BChw: torch.Tensor, scale_index: int,
-                         tokens_B_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def next_scale_input(
+        self, f_hat_BChw: torch.Tensor, scale_index: int, tokens_B_l: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.quantizer.next_scale_input(f_hat_BChw, scale_index, tokens_B_l)
 
     # -- training -------------------------------------------------------------------------
@@ -130,14 +170,14 @@ class MSVQTokenizer(nn.Module):
         f_hat_BChw, out = self.quantizer(self.encode_latent(images_BCHW))
         return self.decode_latent(f_hat_BChw), out
 
-    def update_codebook(self, counts_KV: torch.Tensor, candidates: list[torch.Tensor],
-                        generator: torch.Generator) -> torch.Tensor:
+    def update_codebook(
+        self, counts_KV: torch.Tensor, candidates: list[torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
         return self.quantizer.update_codebook(counts_KV, candidates, generator)
 
     def codebook_usage(self) -> dict[str, float]:
         """Fraction of codes used at any scale ("overall") and at each scale ("4x4", ...)."""
         overall, per_scale = self.quantizer.usage.usage()
         usage = {"overall": overall}
-        usage.update({f"{side}x{side}": u for side, u in zip(self.config.scales, per_scale,
-                                                              strict=True)})
+        usage.update({f"{side}x{side}": u for side, u in zip(self.config.scales, per_scale, strict=True)})
         return usage

@@ -6,6 +6,12 @@ codes, bicubic-upsamples their embeddings back to h×w, refines them with φ_k, 
 f_hat and subtracts it from f_rest. Tokens are the scales' indices concatenated coarse -> fine,
 each row-major: L = Σ s_k².
 
+With ``scale_normalization`` each scale quantises its residual centred and scaled to unit RMS by
+running per-scale statistics (μ_k, σ_k), and a code c contributes σ_k·c + μ_k: one shared codebook
+then serves coarse area means and small fine residuals alike instead of splitting into
+per-scale groups of codes. The statistics are EMAs updated in ``update_codebook`` (never in
+``forward``), so every replica updates them identically and evaluation does not move them.
+
 The next-scale transformer sees, at scale k+1, the reconstruction accumulated over scales 0..k
 area-downsampled to s_{k+1} (``teacher_forcing_input`` for training, ``next_scale_input`` for
 sampling); that is what VAR feeds it, not the previous tokens.
@@ -49,13 +55,29 @@ def phi_for_scales(num_scales: int, num_phis: int) -> tuple[int, ...]:
 class MultiScaleResidualQuantizer(nn.Module):
     """f_BChw <-> multi-scale tokens; owns the codebook, the φ convs and usage statistics."""
 
-    def __init__(self, *, codebook_size: int, dim: int, scales: tuple[int, ...],
-                 commitment_weight: float, quant_resi: float, share_quant_resi: int,
-                 usage_momentum: float, dead_code_threshold: float, restart_every: int,
-                 candidate_buffer_size: int):
+    def __init__(
+        self,
+        *,
+        codebook_size: int,
+        dim: int,
+        scales: tuple[int, ...],
+        commitment_weight: float,
+        quant_resi: float,
+        share_quant_resi: int,
+        usage_momentum: float,
+        dead_code_threshold: float,
+        restart_every: int,
+        candidate_buffer_size: int,
+        scale_normalization: bool,
+        normalization_momentum: float,
+        restart_per_scale: bool,
+        restart_max_total_share: float,
+    ):
         super().__init__()
         self.scales = tuple(scales)
         self.commitment_weight = commitment_weight
+        self.scale_normalization = scale_normalization
+        self.normalization_momentum = normalization_momentum
         # 1. shared Euclidean codebook; small init so early residuals are not swamped
         self.codebook = nn.Embedding(codebook_size, dim)
         nn.init.uniform_(self.codebook.weight, -1 / codebook_size, 1 / codebook_size)
@@ -65,9 +87,21 @@ class MultiScaleResidualQuantizer(nn.Module):
         self.phi_of_scale = phi_for_scales(len(self.scales), num_phis)
         # 3. usage EMA per scale and restart candidates
         self.usage = CodebookUsage(
-            num_scales=len(self.scales), codebook_size=codebook_size, dim=dim,
-            momentum=usage_momentum, dead_code_threshold=dead_code_threshold,
-            restart_every=restart_every, candidate_buffer_size=candidate_buffer_size)
+            num_scales=len(self.scales),
+            codebook_size=codebook_size,
+            dim=dim,
+            momentum=usage_momentum,
+            dead_code_threshold=dead_code_threshold,
+            restart_every=restart_every,
+            candidate_buffer_size=candidate_buffer_size,
+            per_scale=restart_per_scale,
+            max_total_share=restart_max_total_share,
+        )
+        # 4. per-scale residual statistics: quantised vector = (residual − μ_k) / σ_k; identity
+        #    until the first update (and for good without scale_normalization)
+        self.register_buffer("center_KC", torch.zeros(len(self.scales), dim))
+        self.register_buffer("spread_K", torch.ones(len(self.scales)))
+        self.register_buffer("normalization_updates", torch.zeros((), dtype=torch.int64))
 
     # -- layout ---------------------------------------------------------------------------
     @property
@@ -100,33 +134,37 @@ class MultiScaleResidualQuantizer(nn.Module):
     def nearest_codes(self, vectors_NC: torch.Tensor) -> torch.Tensor:
         """Index of the Euclidean-nearest code for each row."""
         codebook_VC = self.codebook.weight.detach().float()
-        distance_NV = (vectors_NC.pow(2).sum(1, keepdim=True) + codebook_VC.pow(2).sum(1)
-                       - 2 * vectors_NC @ codebook_VC.T)
+        distance_NV = (
+            vectors_NC.pow(2).sum(1, keepdim=True) + codebook_VC.pow(2).sum(1) - 2 * vectors_NC @ codebook_VC.T
+        )
         return distance_NV.argmin(dim=1)
 
+    def normalize(self, rest_NC: torch.Tensor, scale_index: int) -> torch.Tensor:
+        """Scale k's residual vectors -> the space the codebook lives in."""
+        return (rest_NC - self.center_KC[scale_index]) / self.spread_K[scale_index]
+
     def scale_contribution(self, tokens_B_l: torch.Tensor, scale_index: int) -> torch.Tensor:
-        """Scale k's tokens -> φ_k(bicubic_up(codes)) at latent size, the term added to f_hat."""
+        """Scale k's tokens -> φ_k(bicubic_up(σ_k·codes + μ_k)) at latent size, the term added
+        to f_hat."""
         side = self.scales[scale_index]
-        codes_BChw = rearrange(self.codebook(tokens_B_l.reshape(len(tokens_B_l), -1)).float(),
-                               "b (h w) c -> b c h w", h=side, w=side)
+        codes_BLC = self.codebook(tokens_B_l.reshape(len(tokens_B_l), -1)).float()
+        codes_BLC = codes_BLC * self.spread_K[scale_index] + self.center_KC[scale_index]
+        codes_BChw = rearrange(codes_BLC, "b (h w) c -> b c h w", h=side, w=side)
         if scale_index != len(self.scales) - 1:
-            codes_BChw = F.interpolate(codes_BChw, size=(self.latent_side, self.latent_side),
-                                       mode="bicubic")
+            codes_BChw = F.interpolate(codes_BChw, size=(self.latent_side, self.latent_side), mode="bicubic")
         return self.phis[self.phi_of_scale[scale_index]](codes_BChw)
 
     def empty_f_hat(self, batch_size: int) -> torch.Tensor:
         """The accumulated reconstruction before any scale: zeros (B, C, h, w), fp32."""
         weight = self.codebook.weight
-        return weight.new_zeros(batch_size, self.embed_dim, self.latent_side, self.latent_side,
-                                dtype=torch.float32)
+        return weight.new_zeros(batch_size, self.embed_dim, self.latent_side, self.latent_side, dtype=torch.float32)
 
     # -- training (tokenizer) -------------------------------------------------------------
     def forward(self, f_BChw: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
         """f -> (f_hat with VAR's straight-through gradient, losses and statistics)."""
         batch, _, height, width = f_BChw.shape
         if (height, width) != (self.latent_side, self.latent_side):
-            raise ValueError(f"latent must be {self.latent_side}x{self.latent_side}, "
-                             f"got {height}x{width}")
+            raise ValueError(f"latent must be {self.latent_side}x{self.latent_side}, got {height}x{width}")
         last = len(self.scales) - 1
         with full_precision(f_BChw.device):
             f = f_BChw.float()
@@ -134,9 +172,8 @@ class MultiScaleResidualQuantizer(nn.Module):
             f_hat = torch.zeros_like(f_rest)
             tokens, counts, candidates, codebook_terms, commit_terms = [], [], [], [], []
             for k, side in enumerate(self.scales):
-                rest_BChw = f_rest if k == last else F.interpolate(f_rest, size=(side, side),
-                                                                   mode="area")
-                rest_NC = rearrange(rest_BChw, "b c h w -> (b h w) c")
+                rest_BChw = f_rest if k == last else F.interpolate(f_rest, size=(side, side), mode="area")
+                rest_NC = self.normalize(rearrange(rest_BChw, "b c h w -> (b h w) c"), k)
                 tokens_N = self.nearest_codes(rest_NC)
                 h_BChw = self.scale_contribution(tokens_N.view(batch, side * side), k)
                 f_hat = f_hat + h_BChw
@@ -146,29 +183,54 @@ class MultiScaleResidualQuantizer(nn.Module):
                 commit_terms.append(F.mse_loss(f_hat.detach(), f))
                 tokens.append(tokens_N.view(batch, side * side))
                 counts.append(torch.bincount(tokens_N, minlength=self.codebook_size).float())
-                candidates.append(rest_NC)
+                candidates.append(rest_NC)  # normalised, like the codes they may replace
             codebook_K = torch.stack(codebook_terms)
             commit_K = self.commitment_weight * torch.stack(commit_terms)
             if f.requires_grad:  # decoder gradients reach the encoder through f unchanged
                 f_hat = f_hat.detach() - f.detach() + f
         out = QuantizerOutput(
-            codebook_loss=codebook_K.mean(), commit_loss=commit_K.mean(),
-            entropy_loss=f.new_zeros(()), scale_losses_K=(codebook_K + commit_K).detach(),
-            tokens_BL=torch.cat(tokens, dim=1), counts=torch.stack(counts),
-            candidates=candidates)
+            codebook_loss=codebook_K.mean(),
+            commit_loss=commit_K.mean(),
+            entropy_loss=f.new_zeros(()),
+            scale_losses_K=(codebook_K + commit_K).detach(),
+            tokens_BL=torch.cat(tokens, dim=1),
+            counts=torch.stack(counts),
+            candidates=candidates,
+        )
         return f_hat.to(f_BChw.dtype), out
 
-    def update_codebook(self, counts_KV: torch.Tensor, candidates: list[torch.Tensor],
-                        generator: torch.Generator) -> torch.Tensor:
-        """Fold in all-reduced per-scale hit counts; on restart updates re-seed dead codes.
+    def update_codebook(
+        self, counts_KV: torch.Tensor, candidates: list[torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
+        """Fold in all-reduced per-scale hit counts and residual statistics; on restart
+        updates re-seed dead codes.
 
         Pass the same (gathered) candidates and generator state on every process so every
-        replica re-seeds identically. Returns the re-seeded code indices.
+        replica updates identically. Returns the re-seeded code indices.
         """
         self.usage.observe(counts_KV, candidates)
+        if self.scale_normalization:
+            self._update_statistics(candidates)
         if not self.usage.restart_due():
             return torch.zeros(0, dtype=torch.int64, device=counts_KV.device)
         return self.usage.restart(self.codebook.weight.data, generator)
+
+    @torch.no_grad()
+    def _update_statistics(self, candidates: list[torch.Tensor]) -> None:
+        """EMA of each scale's residual mean μ_k (C,) and RMS spread σ_k about it (a scalar, so
+        channels keep their relative weight in the nearest-code distance)."""
+        step = int(self.normalization_updates.item())
+        momentum = min(self.normalization_momentum, step / (step + 1))  # running mean at first
+        for k, normalized_NC in enumerate(candidates):
+            if len(normalized_NC) == 0:
+                continue
+            # Candidates were normalised with the current statistics; undo that exactly.
+            rest_NC = normalized_NC.float() * self.spread_K[k] + self.center_KC[k]
+            center_C = rest_NC.mean(dim=0)
+            spread = (rest_NC - center_C).pow(2).mean().sqrt().clamp_min(1e-6)
+            self.center_KC[k].mul_(momentum).add_(center_C, alpha=1 - momentum)
+            self.spread_K[k].mul_(momentum).add_(spread, alpha=1 - momentum)
+        self.normalization_updates.add_(1)
 
     # -- decoding and the next-scale model's input ----------------------------------------
     def tokens_to_f_hat(self, tokens_BL: torch.Tensor) -> torch.Tensor:
@@ -191,17 +253,18 @@ class MultiScaleResidualQuantizer(nn.Module):
             return self.empty_f_hat(len(tokens_BL)).new_zeros(len(tokens_BL), 0, self.embed_dim)
         with full_precision(tokens_BL.device):
             contributions_KBChw = torch.stack(
-                [self.scale_contribution(tokens_B_l, k) for k, tokens_B_l in enumerate(per_scale)])
+                [self.scale_contribution(tokens_B_l, k) for k, tokens_B_l in enumerate(per_scale)]
+            )
             prefixes_KBChw = contributions_KBChw.cumsum(dim=0)
             inputs = [
-                rearrange(F.interpolate(f_hat_BChw, size=(side, side), mode="area"),
-                          "b c h w -> b (h w) c")
+                rearrange(F.interpolate(f_hat_BChw, size=(side, side), mode="area"), "b c h w -> b (h w) c")
                 for f_hat_BChw, side in zip(prefixes_KBChw, self.scales[1:], strict=True)
             ]
         return torch.cat(inputs, dim=1)
 
-    def next_scale_input(self, f_hat_BChw: torch.Tensor, scale_index: int,
-                         tokens_B_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def next_scale_input(
+        self, f_hat_BChw: torch.Tensor, scale_index: int, tokens_B_l: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One sampling step: add scale k's tokens to f_hat and build scale k+1's input.
 
         Start from ``empty_f_hat(B)``. Returns (new f_hat, x_B_l_C for scale k+1) or

@@ -108,20 +108,25 @@ def test_restarts_bring_vq_usage_to_all_codes_on_a_toy_problem():
     assert len(quantizer(data)[1].tokens_BL.unique()) == 16
 
 
-def msvq_quantizer(restart_every=1, codebook_size=12, collapsed=False):
+def msvq_quantizer(restart_every=1, codebook_size=12, collapsed=False, per_scale=False, **overrides):
     torch.manual_seed(0)
-    quantizer = MultiScaleResidualQuantizer(
-        codebook_size=codebook_size,
-        dim=2,
-        scales=(1, 2, 4),
-        commitment_weight=0.25,
-        quant_resi=0.5,
-        share_quant_resi=0,
-        usage_momentum=0.99,
-        dead_code_threshold=0.1,
-        restart_every=restart_every,
-        candidate_buffer_size=32,
-    )
+    settings = {
+        "codebook_size": codebook_size,
+        "dim": 2,
+        "scales": (1, 2, 4),
+        "commitment_weight": 0.25,
+        "quant_resi": 0.5,
+        "share_quant_resi": 0,
+        "usage_momentum": 0.99,
+        "dead_code_threshold": 0.1,
+        "restart_every": restart_every,
+        "candidate_buffer_size": 32,
+        "scale_normalization": False,
+        "normalization_momentum": 0.99,
+        "restart_per_scale": per_scale,
+        "restart_max_total_share": 1.0,
+    }
+    quantizer = MultiScaleResidualQuantizer(**{**settings, **overrides})
     if collapsed:  # code 0 at the origin, the others far from any residual: only 0 is ever hit
         with torch.no_grad():
             weight = quantizer.codebook.weight
@@ -177,3 +182,57 @@ def test_msvq_restarts_bring_overall_usage_to_all_codes_on_a_toy_problem():
     assert first_usage[0] == 1 / 16
     assert overall == 1.0
     assert per_scale[0] > first_usage[1][0]  # the 1x1 scale uses more than its collapsed code
+
+
+def test_per_scale_restart_takes_codes_unused_at_a_scale_but_not_busy_ones():
+    quantizer = msvq_quantizer(codebook_size=8, per_scale=True)
+    before = quantizer.codebook.weight.detach().clone()
+    counts_KV = torch.zeros(3, 8)
+    counts_KV[0, 0] = 2.0  # 1x1 collapsed onto code 0 (uniform share 0.25 hits)
+    counts_KV[2] = torch.tensor([10.0, 10, 10, 10, 10, 1, 1, 1])  # 4x4 keeps codes 0..7 alive
+    counts_KV[1, 1] = 8.0  # 2x2 collapsed onto code 1 (uniform share 1 hit)
+    candidates = [torch.full((n, 2), 100.0 * (k + 1)) for k, n in enumerate((2, 8, 32))]
+    # The dead-everywhere rule finds nothing: every code is used at 4x4.
+    dead_rule = msvq_quantizer(codebook_size=8)
+    assert dead_rule.update_codebook(counts_KV, candidates, torch.Generator().manual_seed(0)).numel() == 0
+    restarted = quantizer.update_codebook(counts_KV, candidates, torch.Generator().manual_seed(0))
+    # 4x4's uniform share is 53 / 8 hits: codes 5..7 (0.15 shares) do under one share in all;
+    # codes 2..4 (1.5 shares each) are busy at 4x4 and kept. Coarse scales pick first, so 1x1
+    # takes all three.
+    assert restarted.tolist() == [5, 6, 7]
+    after = quantizer.codebook.weight.detach()
+    assert torch.equal(after[:5], before[:5])
+    assert after[5:, 0].tolist() == [100.0] * 3
+    assert torch.all(quantizer.usage.hits_ema_KV[:, restarted] == 0)
+
+
+def collapsed_coarse_scale(per_scale: bool) -> tuple[MultiScaleResidualQuantizer, torch.Tensor]:
+    """1x1 vectors sit near (6, 0), far from every code but code 0; the finer residuals
+    spread over all 16 codes, so every code is alive at 4x4 and none is dead everywhere."""
+    quantizer = msvq_quantizer(restart_every=5, codebook_size=16, per_scale=per_scale, quant_resi=0.0)
+    generator = torch.Generator().manual_seed(3)
+    f = torch.randn(16, 2, 4, 4, generator=generator)
+    f = f + torch.tensor([6.0, 0.0]).view(1, 2, 1, 1) + 0.5 * torch.randn(16, 2, 1, 1, generator=generator)
+    with torch.no_grad():
+        weight = quantizer.codebook.weight
+        weight.copy_(torch.randn(16, 2, generator=generator))
+        weight[0] = torch.tensor([6.0, 0.0])
+    return quantizer, f
+
+
+def test_per_scale_restart_revives_a_collapsed_coarse_scale():
+    results = {}
+    for per_scale in (False, True):
+        quantizer, f = collapsed_coarse_scale(per_scale)
+        assert quantizer(f)[1].tokens_BL[:, 0].unique().tolist() == [0]
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(60):
+            _, out = quantizer(f)
+            quantizer.update_codebook(out.counts, out.candidates, generator)
+        _, out = quantizer(f)
+        results[per_scale] = (quantizer.usage.usage(), len(out.tokens_BL[:, 0].unique()))
+    (overall, per_scale_usage), coarse_codes = results[False]
+    assert coarse_codes == 1 and per_scale_usage[0] == 1 / 16  # the old rule leaves 1x1 collapsed
+    (overall, per_scale_usage), coarse_codes = results[True]
+    assert coarse_codes >= 4 and per_scale_usage[0] >= 4 / 16
+    assert overall == 1.0 and per_scale_usage[2] >= 0.75  # not bought by emptying the 4x4 scale

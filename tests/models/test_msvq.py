@@ -26,6 +26,10 @@ def make_quantizer(scales=SCALES, dim=4, codebook_size=16, share_quant_resi=0, s
         "dead_code_threshold": 0.1,
         "restart_every": 0,
         "candidate_buffer_size": 64,
+        "scale_normalization": False,
+        "normalization_momentum": 0.99,
+        "restart_per_scale": True,
+        "restart_max_total_share": 1.0,
     }
     quantizer = MultiScaleResidualQuantizer(**{**settings, **overrides})
     with torch.no_grad():  # codes on the data's scale, so every scale picks varied codes
@@ -144,3 +148,30 @@ def test_config_requires_the_last_scale_to_be_the_latent_side():
 def test_split_scales_rejects_wrong_length():
     with pytest.raises(ValueError, match="30 tokens"):
         make_quantizer().split_scales(torch.zeros(1, 29, dtype=torch.int64))
+
+
+def test_scale_normalization_tracks_each_scale_and_decodes_consistently():
+    quantizer = make_quantizer(scale_normalization=True)
+    f = 3.0 + 5.0 * torch.randn(64, 4, 4, 4, generator=torch.Generator().manual_seed(4))
+    _, out = quantizer(f)
+    assert torch.equal(quantizer.center_KC, torch.zeros(4, 4))  # forward never moves statistics
+    quantizer.update_codebook(out.counts, out.candidates, torch.Generator().manual_seed(0))
+    # The first update is a plain mean: the 1x1 statistics are those of the area means.
+    means_NC = f.mean(dim=(2, 3))
+    assert torch.allclose(quantizer.center_KC[0], means_NC.mean(0), atol=1e-5)
+    assert torch.allclose(quantizer.spread_K[0], (means_NC - means_NC.mean(0)).pow(2).mean().sqrt(), atol=1e-5)
+    assert 4.0 < quantizer.spread_K[-1] < 6.0  # the finest residual keeps most of the noise
+    # The 1x1 vectors quantised next are normalised (finer residuals depend on the codes picked
+    # before them, so their statistics catch up over later updates).
+    _, out = quantizer(f)
+    assert torch.allclose(out.candidates[0].mean(0), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(out.candidates[0].pow(2).mean().sqrt(), torch.tensor(1.0), atol=1e-5)
+    f_hat_out, out = quantizer(f)
+    assert torch.allclose(f_hat_out, quantizer.tokens_to_f_hat(out.tokens_BL), atol=1e-4)
+    x_BLC = quantizer.teacher_forcing_input(out.tokens_BL)
+    f_hat = quantizer.empty_f_hat(64)
+    pieces = []
+    for k, tokens_B_l in enumerate(quantizer.split_scales(out.tokens_BL)):
+        f_hat, next_input = quantizer.next_scale_input(f_hat, k, tokens_B_l)
+        pieces.extend([] if next_input is None else [next_input])
+    assert torch.allclose(x_BLC, torch.cat(pieces, dim=1), atol=1e-5)
