@@ -118,9 +118,83 @@ def ui(port: int, host: str) -> None:
     raise SystemExit(subprocess.call(cmd))
 
 
+def _class_ids(spec: str, class_names: list[str]) -> list[int]:
+    """'3,7' -> [3, 7]: each item is a class name from the checkpoint, or else a class index."""
+    ids = []
+    for item in (part.strip() for part in spec.split(",")):
+        if item in class_names:
+            ids.append(class_names.index(item))
+        elif item.isdigit() and int(item) < len(class_names):
+            ids.append(int(item))
+        else:
+            raise click.BadParameter(
+                f"unknown class {item!r}; the checkpoint has {len(class_names)} classes: {', '.join(class_names)}",
+                param_hint="--classes",
+            )
+    return ids
+
+
+@cli.command()
+@click.option(
+    "--checkpoint",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=Path("data/models/base"),
+    show_default=True,
+    help="AR model folder (model.safetensors + config.json) written by pretrain or a later stage.",
+)
+@click.option(
+    "--tokenizer",
+    "tokenizer_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Tokenizer folder the model was trained on (default: params.yaml paths.tokenizer).",
+)
+@click.option("--classes", default=None, help="Comma-separated class names or indices (default: every class).")
+@click.option("--n", "per_class", default=8, show_default=True, help="Samples per class (one grid row per class).")
+@click.option("--cfg", default=1.0, show_default=True, help="Guidance scale: logits = u + cfg*(c - u); 1 = none.")
+@click.option("--temperature", default=1.0, show_default=True, help="Softmax temperature (0 = greedy).")
+@click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0 = off).")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus mass to keep (1.0 = off).")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed; the same seed gives the same images.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True,
+              help="PNG file to write.")  # fmt: skip
+def sample(checkpoint, tokenizer_dir, classes, per_class, cfg, temperature, top_k, top_p, seed, out) -> None:
+    """Sample a grid of images from a trained AR model: one row per class, offline, on CPU or GPU."""
+    import torch
+
+    from core.checkpoint import read_checkpoint
+    from core.images import image_grid, save_png
+    from models.ar import ar_from_state, sample_images, tokenizer_from_state
+
+    if tokenizer_dir is None:
+        from core.config import load_paths, read_params
+
+        tokenizer_dir = Path(load_paths(read_params(_root() / "params.yaml")).tokenizer)
+    try:
+        state, config = read_checkpoint(checkpoint)
+        tok_state, tok_config = read_checkpoint(tokenizer_dir, stage="train_tokenizer")
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if config.get("tokenizer_fingerprint") != tok_config["fingerprint"]:
+        raise click.ClickException(
+            f"{checkpoint} was trained on tokenizer {str(config.get('tokenizer_fingerprint'))[:12]}, but "
+            f"{tokenizer_dir} holds {tok_config['fingerprint'][:12]}: pass the matching --tokenizer"
+        )
+    ids = _class_ids(classes, config["class_names"]) if classes else list(range(len(config["class_names"])))
+    tokenizer = tokenizer_from_state(tok_state, tok_config)
+    model = ar_from_state(state, config, tokenizer)
+    if torch.cuda.is_available():
+        model, tokenizer = model.cuda(), tokenizer.cuda()
+    labels = torch.tensor(ids).repeat_interleave(per_class)
+    images = sample_images(model, tokenizer, labels, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed).numpy()  # fmt: skip
+    save_png(image_grid(images, per_class), out)
+    names = ", ".join(config["class_names"][i] for i in ids)
+    click.echo(f"wrote {out}: {len(images)} samples ({per_class} per class: {names}), cfg {cfg}")
+
+
 @cli.group()
 def data() -> None:
-    """Inspect the sharded dataset."""
+    """Inspect the sharded dataset and the token cache."""
 
 
 @data.command()
@@ -141,6 +215,29 @@ def stats(shards_dir: Path | None) -> None:
     try:
         click.echo(format_stats(data_stats(shards_dir)))
     except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@data.command()
+@click.option(
+    "--tokens",
+    "tokens_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Token cache folder with train.parquet and val.parquet (default: params.yaml paths.tokens).",
+)
+@click.option("--show-unused", default=32, show_default=True, help="Unused code ids to list.")
+def tokens(tokens_dir: Path | None, show_unused: int) -> None:
+    """Rows per split x view x class, the code histogram (distinct codes, counts, entropy,
+    perplexity) and the codebook entries never used (DuckDB over the token cache)."""
+    from core.token_stats import format_token_stats, token_stats
+
+    if tokens_dir is None:
+        from core.config import load_paths, read_params
+
+        tokens_dir = Path(load_paths(read_params(_root() / "params.yaml")).tokens)
+    try:
+        click.echo(format_token_stats(token_stats(tokens_dir), show_unused=show_unused))
+    except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

@@ -39,6 +39,8 @@ class Paths:
     """Trained tokenizer (model.safetensors + config.json) written by ``train_tokenizer``."""
     tokens: str = "data/tokens"
     """Token cache ({train,val}.parquet) written by ``cache_tokens``."""
+    models: str = "data/models"
+    """AR checkpoints, one folder per stage of the chain: ``base`` (pretrain), later ``sar``, ``cca``..."""
     resume: str = ".arpipe/resume"
     """Local resume state of training stages (gitignored, never a DVC out; removed on success)."""
 

@@ -124,3 +124,25 @@ def decode_png(data: bytes) -> np.ndarray:
     """PNG bytes -> uint8 HWC RGB array."""
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def image_grid(images_NHWC: np.ndarray, columns: int, *, pad: int = 1, min_cell: int = 32) -> np.ndarray:
+    """Tile uint8 images row-major into a grid with ``columns`` per row and ``pad`` white pixels
+    between cells; tiny images are upscaled (nearest) so a cell is at least ``min_cell`` px."""
+    count, height, width, channels = images_NHWC.shape
+    scale = max(1, -(-min_cell // height))
+    images_NHWC = images_NHWC.repeat(scale, 1).repeat(scale, 2)
+    height, width = height * scale, width * scale
+    rows = -(-count // columns)
+    grid = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad, channels), 255, np.uint8)
+    for i, image in enumerate(images_NHWC):
+        r, c = divmod(i, columns)
+        top, left = pad + r * (height + pad), pad + c * (width + pad)
+        grid[top : top + height, left : left + width] = image
+    return grid
+
+
+def save_png(image_HWC: np.ndarray, path: str | Path) -> None:
+    """Write a uint8 image as PNG (deterministic bytes for the same pixels)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image_HWC).save(path, format="PNG")

@@ -33,8 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
 STATE_FILE = "state.json"
 
@@ -49,12 +48,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def use_cpu() -> bool:
+    """CPU when there is no GPU or ``ACCELERATE_USE_CPU`` is set (accelerate's multi-process
+    launcher does not pass ``use_cpu`` on to the ranks, so every stage decides here)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
+def process_state() -> PartialState:
+    """accelerate's process state (rank, world size), gloo on CPU (see ``use_cpu``).
+
+    A bare ``PartialState()`` ignores ``ACCELERATE_USE_CPU``: on a CPU-only machine every rank of a
+    launch would then believe it is the only process and write the outs itself.
+    """
+    return PartialState(cpu=use_cpu())
+
+
 def build_accelerator(mixed_precision: str = "no") -> Accelerator:
     """One Accelerator per stage run: CPU when there is no GPU, deterministic kernels on CPU.
 
     ``mixed_precision`` is "no", "bf16" or "fp16" (from params.yaml, never from the launcher).
     """
-    cpu = not torch.cuda.is_available()
+    cpu = use_cpu()
     if cpu:
         torch.use_deterministic_algorithms(True)
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
@@ -155,3 +171,91 @@ def check_finite(losses: Mapping[str, torch.Tensor | float], step: int, resume: 
         f"non-finite loss at step {step} ({terms}){where}. Lower the learning rate or enable "
         "gradient clipping, then re-run the stage (it resumes from the last good state)."
     )
+
+
+def warmup_decay_lr(step: int, *, steps: int, lr: float, warmup_steps: int, min_lr_ratio: float, decay: str) -> float:
+    """Learning rate at ``step`` (0-based): linear warmup from lr/warmup to lr over ``warmup_steps``,
+    then ``decay`` ("cosine", "linear" or "constant") down to ``min_lr_ratio·lr`` at the last step.
+    A function of the step alone, so a resumed run needs no scheduler state."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if decay == "constant":
+        return lr
+    progress = (step - warmup_steps) / max(steps - warmup_steps - 1, 1)
+    progress = min(max(progress, 0.0), 1.0)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * shape)
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters, kept in fp32.
+
+    ``update(model)`` after each optimizer step; ``copy_to(model)`` writes the averages into a model
+    of the same architecture. Has ``state_dict``/``load_state_dict``, so
+    ``accelerator.register_for_checkpointing(ema)`` makes it part of the resume state.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {
+            name: p.detach().float().clone() for name, p in model.named_parameters() if p.dtype.is_floating_point
+        }
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, p in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for name, p in model.named_parameters():
+            if name in self.shadow:
+                p.copy_(self.shadow[name].to(p.dtype))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay = float(state["decay"])
+        self.shadow = {name: t.float().clone() for name, t in state["shadow"].items()}
+
+
+def matmul_peak_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5
+) -> float:
+    """Measured dense-matmul throughput (FLOP/s) of ``device`` at ``dtype``: the denominator of MFU.
+
+    Square ``size`` matmuls for about ``seconds`` after a warm-up; the best of three timings, so a
+    busy moment does not understate the peak. Measured per run instead of hard-coded, since the
+    same code runs on 2 CPU cores and on GPUs.
+    """
+    import time
+
+    # A private generator: measuring must not advance the global RNG a resumed run restores.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):
+        a @ b
+    sync()
+    start = time.perf_counter()
+    a @ b
+    sync()
+    one = max(time.perf_counter() - start, 1e-6)
+    repeats = max(1, int(seconds / 3 / one))
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        sync()
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return 2 * size**3 / best

@@ -19,9 +19,7 @@ def require(condition: bool, key: str, message: str) -> None:
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """Dataclass -> dict of JSON types (tuples become lists)."""
-    return {
-        field.name: _to_json(getattr(config, field.name)) for field in dataclasses.fields(config)
-    }
+    return {field.name: _to_json(getattr(config, field.name)) for field in dataclasses.fields(config)}
 
 
 def _to_json(value: Any) -> Any:
@@ -39,8 +37,9 @@ def config_from_dict(config_class: type, values: dict[str, Any], what: str) -> A
     names = [field.name for field in dataclasses.fields(config_class) if field.init]
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ValueError(f"unknown key(s) in {what}: {', '.join(repr(k) for k in unknown)}; "
-                         f"valid keys: {', '.join(names)}")
+        raise ValueError(
+            f"unknown key(s) in {what}: {', '.join(repr(k) for k in unknown)}; valid keys: {', '.join(names)}"
+        )
     coerced = {key: _coerce(value, hints[key], key, what) for key, value in values.items()}
     return config_class(**coerced)
 

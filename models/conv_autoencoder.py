@@ -43,15 +43,20 @@ class ConvBackboneConfig:
         require(self.image_size > 0, "image_size", "must be positive")
         require(self.image_channels > 0, "image_channels", "must be positive")
         require(len(self.channel_multipliers) > 0, "channel_multipliers", "must not be empty")
-        require(all(m > 0 for m in self.channel_multipliers), "channel_multipliers",
-                 "must be positive")
+        require(all(m > 0 for m in self.channel_multipliers), "channel_multipliers", "must be positive")
         require(self.res_blocks > 0, "res_blocks", "must be positive")
         require(self.norm_groups > 0, "norm_groups", "must be positive")
         for width in self.level_channels:
-            require(width % self.norm_groups == 0, "norm_groups",
-                     f"must divide every level width, {width} is not a multiple")
-        require(self.image_size % self.downsample_factor == 0, "image_size",
-                 f"must be a multiple of the downsample factor {self.downsample_factor}")
+            require(
+                width % self.norm_groups == 0,
+                "norm_groups",
+                f"must divide every level width, {width} is not a multiple",
+            )
+        require(
+            self.image_size % self.downsample_factor == 0,
+            "image_size",
+            f"must be a multiple of the downsample factor {self.downsample_factor}",
+        )
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -69,8 +74,7 @@ class ConvBackboneConfig:
 def check_images(images_BCHW: torch.Tensor, config: ConvBackboneConfig) -> None:
     expected = (config.image_channels, config.image_size, config.image_size)
     if images_BCHW.dim() != 4 or tuple(images_BCHW.shape[1:]) != expected:
-        raise ValueError(f"images must be (B, {', '.join(map(str, expected))}), "
-                         f"got {tuple(images_BCHW.shape)}")
+        raise ValueError(f"images must be (B, {', '.join(map(str, expected))}), got {tuple(images_BCHW.shape)}")
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -84,8 +88,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.shortcut = (nn.Conv2d(in_channels, out_channels, 1)
-                         if in_channels != out_channels else nn.Identity())
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -131,12 +134,12 @@ class Upsample(nn.Module):
 
 
 def _mid_block(channels: int, groups: int) -> nn.Sequential:
-    return nn.Sequential(ResBlock(channels, channels, groups), AttentionBlock(channels, groups),
-                         ResBlock(channels, channels, groups))
+    return nn.Sequential(
+        ResBlock(channels, channels, groups), AttentionBlock(channels, groups), ResBlock(channels, channels, groups)
+    )
 
 
-def _level(in_channels: int, out_channels: int, blocks: int, groups: int,
-           attention: bool) -> nn.Sequential:
+def _level(in_channels: int, out_channels: int, blocks: int, groups: int, attention: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(blocks):
         layers.append(ResBlock(in_channels if i == 0 else out_channels, out_channels, groups))
@@ -156,8 +159,7 @@ class Encoder(nn.Module):
         blocks: list[nn.Module] = []
         in_width = widths[0]
         for i, width in enumerate(widths):
-            blocks.append(_level(in_width, width, config.res_blocks, groups,
-                                 config.attention and i == last))
+            blocks.append(_level(in_width, width, config.res_blocks, groups, config.attention and i == last))
             if i != last:
                 blocks.append(Downsample(width))
             in_width = width
@@ -183,8 +185,7 @@ class Decoder(nn.Module):
         blocks: list[nn.Module] = []
         in_width = widths[-1]
         for i in reversed(range(len(widths))):  # lowest resolution first
-            blocks.append(_level(in_width, widths[i], config.res_blocks + 1, groups,
-                                 config.attention and i == last))
+            blocks.append(_level(in_width, widths[i], config.res_blocks + 1, groups, config.attention and i == last))
             if i != 0:
                 blocks.append(Upsample(widths[i]))
             in_width = widths[i]

@@ -38,8 +38,7 @@ class DiscriminatorConfig:
         require(self.layers > 0, "layers", "must be positive")
         require(self.norm in ("group", "none"), "norm", "must be 'group' or 'none'")
         if self.norm == "group":
-            require(self.base_channels % self.norm_groups == 0, "norm_groups",
-                    "must divide base_channels")
+            require(self.base_channels % self.norm_groups == 0, "norm_groups", "must divide base_channels")
 
 
 class PatchDiscriminator(nn.Module):
@@ -49,13 +48,15 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         self.config = config
         width = config.base_channels
-        layers: list[nn.Module] = [nn.Conv2d(config.image_channels, width, 4, 2, 1),
-                                   nn.LeakyReLU(0.2)]
+        layers: list[nn.Module] = [nn.Conv2d(config.image_channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
         for i in range(1, config.layers + 1):
             in_width, width = width, config.base_channels * min(2**i, 8)
             stride = 2 if i < config.layers else 1  # the last one keeps resolution, as taming
-            layers += [nn.Conv2d(in_width, width, 4, stride, 1, bias=config.norm == "none"),
-                       self._norm(width), nn.LeakyReLU(0.2)]
+            layers += [
+                nn.Conv2d(in_width, width, 4, stride, 1, bias=config.norm == "none"),
+                self._norm(width),
+                nn.LeakyReLU(0.2),
+            ]
         layers.append(nn.Conv2d(width, 1, 4, 1, 1))
         self.layers = nn.Sequential(*layers)
         self.apply(_init_weights)

@@ -32,8 +32,9 @@ class Tokenizer(Protocol):
 
     def forward(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]: ...
 
-    def update_codebook(self, counts: torch.Tensor, candidates: list[torch.Tensor],
-                        generator: torch.Generator) -> torch.Tensor: ...
+    def update_codebook(
+        self, counts: torch.Tensor, candidates: list[torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor: ...
 
     def codebook_usage(self) -> dict[str, float]: ...
 
@@ -43,8 +44,9 @@ class Tokenizer(Protocol):
 def tokenizer_config(kind: str, config: dict[str, Any]) -> VQConfig | MSVQConfig:
     """Strictly parse a config dict for ``kind``: unknown kinds, keys and types fail by name."""
     if kind not in TOKENIZER_KINDS:
-        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of "
-                         f"{', '.join(repr(k) for k in sorted(TOKENIZER_KINDS))}")
+        raise ValueError(
+            f"unknown tokenizer kind {kind!r}; expected one of {', '.join(repr(k) for k in sorted(TOKENIZER_KINDS))}"
+        )
     config_class, _ = TOKENIZER_KINDS[kind]
     return config_from_dict(config_class, config, f"{kind} tokenizer config")
 

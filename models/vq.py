@@ -81,10 +81,14 @@ class CosineVectorQuantizer(nn.Module):
         with torch.no_grad():
             self.codebook.weight.copy_(F.normalize(self.codebook.weight, dim=-1))
         self.usage = CodebookUsage(
-            num_scales=1, codebook_size=config.codebook_size, dim=config.codebook_dim,
-            momentum=config.usage_momentum, dead_code_threshold=config.dead_code_threshold,
+            num_scales=1,
+            codebook_size=config.codebook_size,
+            dim=config.codebook_dim,
+            momentum=config.usage_momentum,
+            dead_code_threshold=config.dead_code_threshold,
             restart_every=config.restart_every,
-            candidate_buffer_size=config.candidate_buffer_size)
+            candidate_buffer_size=config.candidate_buffer_size,
+        )
 
     @property
     def codebook_size(self) -> int:
@@ -114,23 +118,26 @@ class CosineVectorQuantizer(nn.Module):
             if self.entropy_weight > 0:
                 # -squared distance = 2·cosine - 2; the constant does not change the softmax.
                 affinity_NV = 2 * z_ND @ codebook_VD.T
-                entropy_loss = self.entropy_weight * entropy_penalty(affinity_NV,
-                                                                     self.entropy_temperature)
+                entropy_loss = self.entropy_weight * entropy_penalty(affinity_NV, self.entropy_temperature)
             else:
                 entropy_loss = z_ND.new_zeros(())
             if z_ND.requires_grad:  # straight-through: forward uses the codes, backward skips them
                 codes_ND = z_ND + (codes_ND - z_ND).detach()
         quantized_BDhw = rearrange(codes_ND, "(b h w) d -> b d h w", b=batch, h=height, w=width)
         out = QuantizerOutput(
-            codebook_loss=codebook_loss, commit_loss=commit_loss, entropy_loss=entropy_loss,
+            codebook_loss=codebook_loss,
+            commit_loss=commit_loss,
+            entropy_loss=entropy_loss,
             scale_losses_K=(codebook_loss + commit_loss).detach().reshape(1),
             tokens_BL=tokens_N.view(batch, height * width),
             counts=torch.bincount(tokens_N, minlength=self.codebook_size).float(),
-            candidates=[z_ND.detach()])
+            candidates=[z_ND.detach()],
+        )
         return quantized_BDhw.to(z_BDhw.dtype), out
 
-    def update_codebook(self, counts_V: torch.Tensor, candidates: list[torch.Tensor],
-                        generator: torch.Generator) -> torch.Tensor:
+    def update_codebook(
+        self, counts_V: torch.Tensor, candidates: list[torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
         """Fold in all-reduced hit counts; on restart updates re-seed dead codes.
 
         Pass the same (gathered) candidates and generator state on every process so every
@@ -196,11 +203,11 @@ class VQTokenizer(nn.Module):
         quantized_BDhw, out = self.quantizer(self.encode_latent(images_BCHW))
         return self.decode_latent(quantized_BDhw), out
 
-    def update_codebook(self, counts_V: torch.Tensor, candidates: list[torch.Tensor],
-                        generator: torch.Generator) -> torch.Tensor:
+    def update_codebook(
+        self, counts_V: torch.Tensor, candidates: list[torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
         return self.quantizer.update_codebook(counts_V, candidates, generator)
 
     def codebook_usage(self) -> dict[str, float]:
         """{"overall": fraction of codes whose EMA hits reach the usage threshold}."""
         return {"overall": self.quantizer.usage.usage()[0]}
-

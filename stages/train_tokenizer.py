@@ -3,7 +3,9 @@
 Reads the train and val splits of ``paths.shards`` into memory (see ``core/shards.py``), trains
 ``models.tokenizers.build_tokenizer(kind, model)`` under ``accelerate`` with an L2 (or L1)
 reconstruction loss + the quantizer's codebook/commitment losses, an optional PatchGAN hinge loss
-from ``disc_start``, and dead-code restarts every step through ``update_codebook``. Writes:
+from ``disc_start``, an optional LPIPS-style perceptual loss on a frozen VGG16 whose weights come
+from a local file (``perceptual_weights``; nothing is downloaded), and dead-code restarts every
+step through ``update_codebook``. Writes:
 
 - ``paths.tokenizer/model.safetensors`` + ``config.json`` (kind, model config, token layout,
   codebook size, seq_len, image size, class names, this stage's config, fingerprint)
@@ -25,16 +27,25 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from accelerate import PartialState
 from core.checkpoint import write_checkpoint
 from core.config import Paths
 from core.metrics import flatten_metrics
 from core.shards import class_names, load_split
 from core.stage import stage_main
-from core.training import Resume, build_accelerator, check_finite, resume_dir, seed_everything, step_generator
+from core.training import (
+    Resume,
+    build_accelerator,
+    check_finite,
+    process_state,
+    resume_dir,
+    seed_everything,
+    step_generator,
+)
 from models.discriminator import DiscriminatorConfig, PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from models.perceptual import PerceptualLoss
 from models.tokenizers import build_tokenizer, tokenizer_config
 
 STAGE = "train_tokenizer"
@@ -71,6 +82,12 @@ class Config:
     """Weight of the PatchGAN hinge loss for the tokenizer (0 = no discriminator)."""
     disc_start: int = 0
     """Step from which the discriminator trains and its loss counts."""
+    perceptual_weights: str = ""
+    """Local VGG16 weights for an LPIPS-style perceptual loss: a torchvision-format state_dict
+    (``features.N.weight``/``.bias``) in a .pth or .safetensors file. "" = no perceptual loss.
+    Nothing is downloaded."""
+    perceptual_weight: float = 1.0
+    """Weight of the perceptual loss (used only with ``perceptual_weights``)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every: int = 10
     """Steps between logged loss terms (MLflow and loss.csv)."""
@@ -87,11 +104,18 @@ class Config:
             raise ValueError("steps, batch_size, log_every, eval_every and num_grid must be >= 1")
         if self.lr <= 0 or self.grad_clip < 0 or self.disc_weight < 0 or self.save_every < 0:
             raise ValueError("lr must be > 0; grad_clip, disc_weight and save_every >= 0")
+        if self.perceptual_weight < 0:
+            raise ValueError("perceptual_weight must be >= 0")
 
 
 def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     """Train and write the outs; ``on_step(step)`` runs after each step (tests use it to crash)."""
     accelerator = build_accelerator(cfg.mixed_precision)
+    # Before seeding (its construction draws from the global RNG) and before any work; frozen,
+    # never prepared, optimised or saved.
+    perceptual = load_perceptual(cfg.perceptual_weights)
+    if perceptual is not None:
+        perceptual.to(accelerator.device)
     seed_everything(cfg.seed)
     train, val = load_split(paths.shards, "train"), load_split(paths.shards, "val")
     raw_model = build_tokenizer(cfg.kind, cfg.model)
@@ -111,7 +135,8 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         disc_opt = torch.optim.AdamW(raw_disc.parameters(), lr=cfg.lr, betas=cfg.betas)
         disc, disc_opt = accelerator.prepare(raw_disc, disc_opt)
 
-    resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, [paths.shards]), cfg.save_every)
+    inputs = [paths.shards, *([cfg.perceptual_weights] if perceptual is not None else [])]
+    resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, inputs), cfg.save_every)
     start, history = resume.restore()
     images_NCHW = torch.from_numpy(train.images_NHWC).permute(0, 3, 1, 2).contiguous()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -133,6 +158,9 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
             recon = reconstruction_loss(cfg.recon_loss, recon_BCHW.float(), x_BCHW)
             g_loss = hinge_g_loss(disc(recon_BCHW)) if adversarial else recon.new_zeros(())
             loss = recon + quant.loss + cfg.disc_weight * g_loss
+            if perceptual is not None:
+                p_loss = perceptual(recon_BCHW.float(), x_BCHW)
+                loss = loss + cfg.perceptual_weight * p_loss
         check_finite({"loss": loss}, step, resume)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
@@ -154,6 +182,8 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             terms = [loss, recon, quant.codebook_loss, quant.commit_loss, quant.entropy_loss, g_loss, d_loss]
             logged = {name: float(value.detach()) for name, value in zip(LOSS_TERMS, terms, strict=True)}
+            if perceptual is not None:
+                logged["perceptual"] = float(p_loss.detach())
             history.append({"step": step + 1, **logged})
             tracker.log_metrics({f"train/{k}": v for k, v in logged.items()}, step=step + 1)
             bar.set_postfix(loss=f"{logged['loss']:.4f}")
@@ -171,6 +201,29 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         print(f"{STAGE}: val PSNR {metrics['val_psnr']:.2f} dB, usage {metrics['usage']} -> {paths.tokenizer}")
     resume.finish()
     return metrics
+
+
+def load_perceptual(path: str) -> PerceptualLoss | None:
+    """The frozen VGG16 perceptual loss from a local state_dict file; None when ``path`` is ""."""
+    if not path:
+        return None
+    file = Path(path)
+    advice = (
+        "give a local torchvision VGG16 state_dict (.pth or .safetensors, keys features.N.weight/bias; "
+        'nothing is downloaded), or "" to train without the perceptual loss'
+    )
+    if not file.is_file():
+        raise FileNotFoundError(f"{STAGE}.perceptual_weights: no file at {path!r}: {advice}")
+    if file.suffix not in {".pth", ".pt", ".safetensors"}:
+        raise ValueError(f"{STAGE}.perceptual_weights: {path!r} is not a .pth or .safetensors file: {advice}")
+    if file.suffix == ".safetensors":
+        state_dict = load_file(file)
+    else:
+        state_dict = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        return PerceptualLoss.from_torchvision_state_dict(state_dict)
+    except (KeyError, RuntimeError) as exc:
+        raise ValueError(f"{STAGE}.perceptual_weights: {path!r} is not a VGG16 state_dict: {exc}") from exc
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -240,13 +293,14 @@ def _write_outputs(cfg: Config, paths: Paths, model, names: list[str], history: 
     plot = Path(paths.plots) / STAGE / "loss.csv"
     plot.parent.mkdir(parents=True, exist_ok=True)
     with plot.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", *LOSS_TERMS], lineterminator="\n")
+        extra = ["perceptual"] if cfg.perceptual_weights else []  # the column exists only with the loss
+        writer = csv.DictWriter(f, fieldnames=["step", *LOSS_TERMS, *extra], lineterminator="\n")
         writer.writeheader()
         writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in history)
 
 
 def main() -> None:
-    stage_main(STAGE, Config, run, is_main_process=PartialState().is_main_process)
+    stage_main(STAGE, Config, run, is_main_process=process_state().is_main_process)
 
 
 if __name__ == "__main__":

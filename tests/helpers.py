@@ -33,3 +33,19 @@ TINY_MSVQ = {
 }
 TINY_VQ = {k: v for k, v in TINY_MSVQ.items() if k != "scales"}
 TINY_TOKENIZERS = {"msvq": TINY_MSVQ, "vq": TINY_VQ}
+
+
+# A hand-made token cache (vocabulary 8, 3 tokens per row) with known counts, for `data tokens`.
+TOKEN_META = {"token_layout": {"kind": "vq", "grid": [1, 3]}, "seq_len": 3, "vocab_size": 8, "fingerprint": "f" * 64}
+
+
+def write_token_cache(root: Path, meta: dict = TOKEN_META) -> Path:
+    """train: codes 0 x5, 1 x4, 2 x2, 5 x1 over 4 rows (2 images x 2 views); val: 2 x1, 6 x2 (1 row)."""
+    from core.token_store import write_tokens
+
+    root.mkdir(parents=True, exist_ok=True)
+    train = np.array([[0, 0, 1], [0, 2, 2], [1, 1, 1], [0, 0, 5]])
+    rows = {"key": list("aabb"), "label": [0, 0, 1, 1], "view": [0, 1, 0, 1]}
+    write_tokens(root / "train.parquet", rows, train, meta)
+    write_tokens(root / "val.parquet", {"key": ["c"], "label": [1], "view": [0]}, np.array([[2, 6, 6]]), meta)
+    return root

@@ -2,7 +2,7 @@
 
 import pytest
 from click.testing import CliRunner
-from helpers import REPO
+from helpers import REPO, write_token_cache
 
 from arpipe.cli import cli
 
@@ -54,3 +54,21 @@ def test_commands_outside_a_project_say_where_to_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(cli, ["run"])
     assert result.exit_code == 1 and "no dvc.yaml" in result.output
+
+
+def test_data_tokens_prints_rows_histogram_and_unused_codes(tmp_path):
+    root = write_token_cache(tmp_path / "tokens")
+    result = CliRunner().invoke(cli, ["data", "tokens", "--tokens", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "class  train v0  train v1  val v0  total" in result.output
+    assert "never used: 3 of 8 codes: 3, 4, 7" in result.output
+    assert any(line.split()[:3] == ["distinct", "codes", "4"] for line in result.output.splitlines())
+
+
+def test_data_tokens_default_path_and_missing_cache(tmp_path, monkeypatch):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("paths:\n  tokens: cache/tok\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["data", "tokens"])
+    assert result.exit_code == 1
+    assert "cache/tok/train.parquet not found" in result.output and "dvc repro cache_tokens" in result.output

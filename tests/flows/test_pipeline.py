@@ -154,3 +154,45 @@ def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflo
     assert len(client.search_runs([experiment], "tags.`arpipe.stage` = 'shard'")) == 1
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "shard"], cwd=root, capture_output=True, text=True)
     assert "up to date" in status.stdout
+
+
+@pytest.mark.slow
+def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_store, prefect_harness, monkeypatch):
+    """shard -> train_tokenizer (msvq) -> cache_tokens -> pretrain (var), each a DVC stage run by the
+    flow, each an MLflow child run; a second run skips everything."""
+    from helpers import TINY_MSVQ
+
+    from flows.pipeline import pipeline
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["shard"]["image_size"] = 8
+    params["train_tokenizer"].update(kind="msvq", model=TINY_MSVQ, steps=4, batch_size=16, num_grid=2)
+    params["pretrain"].update(
+        arch="var",
+        model={"depth": 2, "width": 32, "heads": 2},
+        steps=6,
+        batch_size=16,
+        warmup_steps=2,
+        log_every=2,
+        eval_every=3,
+        samples_per_class=1,
+    )
+    root = make_project(tmp_path / "project", params=params)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    results = pipeline(root=str(root))
+    assert [(r["stage"], r["status"]) for r in results] == [
+        ("shard", "ran"),
+        ("train_tokenizer", "ran"),
+        ("cache_tokens", "ran"),
+        ("pretrain", "ran"),
+    ]
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(results[-1]["run_id"])
+    assert run.data.tags["arpipe.stage"] == "pretrain" and "mlflow.parentRunId" in run.data.tags
+    assert {"val_loss", "val_token_acc", "val_scale_loss/1x1", "speed/mfu"} <= set(run.data.metrics)
+    assert "samples.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    config = json.loads((root / "data" / "models" / "base" / "config.json").read_text())
+    assert config["arch"] == "var" and config["model"]["scales"] == TINY_MSVQ["scales"]
+    again = pipeline(root=str(root))
+    assert {r["status"] for r in again} == {"skipped"}

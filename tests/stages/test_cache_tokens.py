@@ -1,9 +1,18 @@
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import TINY_MSVQ
+import yaml
+from helpers import REPO, TINY_MSVQ
 
+from core.config import Paths
 from core.shards import load_split
 from core.token_store import load_tokens
 from core.tracking import NullTracker
@@ -12,19 +21,21 @@ from stages import cache_tokens, train_tokenizer
 MODEL = TINY_MSVQ
 
 
-@pytest.fixture
-def cached(tmp_path, shard_run):
-    metrics, shards = shard_run(image_size=8)
-    from core.config import Paths
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """Shards, a tokenizer and its one-process token cache, built once for the module (read-only)."""
+    from stages import shard
 
+    tmp_path = tmp_path_factory.mktemp("cached")
     paths = Paths(
-        shards=str(shards),
+        shards=str(tmp_path / "shards"),
         metrics=str(tmp_path / "m"),
         plots=str(tmp_path / "p"),
         tokenizer=str(tmp_path / "tokenizer"),
         tokens=str(tmp_path / "tokens"),
         resume=str(tmp_path / "r"),
     )
+    metrics = shard.run(shard.Config(image_size=8, num_workers=0), paths, NullTracker())
     cfg = train_tokenizer.Config(kind="msvq", model=MODEL, steps=3, batch_size=16, save_every=0, num_grid=2)
     train_tokenizer.run(cfg, paths, NullTracker())
     out = cache_tokens.run(cache_tokens.Config(batch_size=50), paths, NullTracker())
@@ -62,6 +73,51 @@ def test_fingerprint_mismatch_names_the_stage(cached):
 
 def test_outs_are_byte_identical_across_runs(cached, tmp_path):
     _, paths, _ = cached
-    before = {p.name: p.read_bytes() for p in sorted((tmp_path / "tokens").iterdir())}
-    cache_tokens.run(cache_tokens.Config(batch_size=7), paths, NullTracker())
-    assert before == {p.name: p.read_bytes() for p in sorted((tmp_path / "tokens").iterdir())}
+    again = dataclasses.replace(paths, tokens=str(tmp_path / "again"))
+    cache_tokens.run(cache_tokens.Config(batch_size=7), again, NullTracker())
+    files = sorted(p.name for p in Path(paths.tokens).iterdir())
+    assert files == ["train.parquet", "val.parquet"]
+    assert all((Path(paths.tokens) / f).read_bytes() == (tmp_path / "again" / f).read_bytes() for f in files)
+
+
+LAUNCHES = {
+    # The issue's spelling: --cpu --num_processes 2 would start only one process.
+    "flags": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"],
+    "config_file": ["--config_file", str(REPO / "accelerate" / "cpu-2proc.yaml")],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_two_processes_write_the_same_files_as_one(cached, tmp_path, launch):
+    """Two gloo ranks each encode half of every split; rank 0 writes what one process writes."""
+    _, paths, one_metrics = cached
+    project = tmp_path / "project"
+    project.mkdir()
+    params = {
+        "paths": {
+            "shards": paths.shards,
+            "tokenizer": paths.tokenizer,
+            "tokens": str(tmp_path / "tokens-2proc"),
+            "metrics": str(tmp_path / "metrics-2proc"),
+        },
+        "cache_tokens": {"batch_size": 64},
+    }
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",  # CPU ranks even where a GPU is visible
+        "ARPIPE_TRACKING": "off",
+        "OMP_NUM_THREADS": "1",  # two ranks on a shared CPU: no oversubscription
+        "PYTHONPATH": str(REPO),  # the code under test, whatever the venv's editable install points to
+    }
+    accelerate = Path(sys.executable).with_name("accelerate")
+    # --main_process_port 0: any free port (29500 may be taken by a concurrent run).
+    command = [str(accelerate), "launch", *LAUNCHES[launch], "--main_process_port", "0", "-m", "stages.cache_tokens"]
+    done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "on 2 process(es)" in done.stdout
+    for split in ("train", "val"):
+        one = (Path(paths.tokens) / f"{split}.parquet").read_bytes()
+        assert (tmp_path / "tokens-2proc" / f"{split}.parquet").read_bytes() == one, split
+    assert json.loads((tmp_path / "metrics-2proc" / "cache_tokens.json").read_text()) == one_metrics

@@ -114,3 +114,42 @@ def test_model_keys_are_checked_strictly():
     with pytest.raises(ConfigError, match="codebook_sise"):
         from_dict(Config, {"kind": "vq", "model": {"codebook_sise": 3}}, prefix="train_tokenizer")
     assert json.dumps(Config().model)  # the default is JSON-ready
+
+
+def vgg_file(tmp_path, suffix: str):
+    """A randomly initialised narrow VGG16 saved as a torchvision-format state_dict (no real weights here)."""
+    from safetensors.torch import save_file
+
+    from models.perceptual import vgg16_features
+
+    torch.manual_seed(0)
+    state_dict = {f"features.{k}": v for k, v in vgg16_features((4, 8, 8, 16, 16)).state_dict().items()}
+    path = tmp_path / f"vgg16{suffix}"
+    save_file(state_dict, path) if suffix == ".safetensors" else torch.save(state_dict, path)
+    return path
+
+
+def test_perceptual_loss_from_a_local_file_trains(tmp_path, shards):
+    cfg = tiny("vq", steps=2, log_every=1, save_every=0, perceptual_weights=str(vgg_file(tmp_path, ".safetensors")))
+    metrics = run(cfg, paths_for(tmp_path, shards), NullTracker())
+    assert metrics["steps"] == 2
+    lines = (tmp_path / "run" / "plots" / "train_tokenizer" / "loss.csv").read_text().splitlines()
+    assert lines[0].endswith(",perceptual") and len(lines) == 3
+    assert all(float(line.rsplit(",", 1)[1]) > 0 for line in lines[1:])
+    state_dict, config = read_checkpoint(tmp_path / "run" / "tokenizer")
+    assert not any("features" in key for key in state_dict)  # the VGG is never saved with the tokenizer
+    assert config["stage_config"]["perceptual_weights"] == cfg.perceptual_weights
+
+
+def test_pth_and_safetensors_weights_load_the_same_network(tmp_path):
+    a = train_tokenizer.load_perceptual(str(vgg_file(tmp_path, ".pth")))
+    b = train_tokenizer.load_perceptual(str(vgg_file(tmp_path, ".safetensors")))
+    x, y = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
+    assert torch.equal(a(x, y), b(x, y)) and train_tokenizer.load_perceptual("") is None
+
+
+def test_missing_perceptual_weights_fail_by_name_before_any_work(tmp_path):
+    missing = tmp_path / "nowhere" / "vgg16.pth"
+    with pytest.raises(FileNotFoundError, match=rf"train_tokenizer\.perceptual_weights: no file at '{missing}'"):
+        run(tiny(perceptual_weights=str(missing)), paths_for(tmp_path, tmp_path / "no-shards"), NullTracker())
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,248 @@
+"""Tokenizer encode speed and token-cache read speed: images/s, GB/s and sequences/s.
+
+Three measurements, all on CPU unless a GPU is visible, tracking off, no network:
+
+- **encode**: ``stages.cache_tokens.encode_images`` (the stage's own path: uint8 NHWC -> [-1, 1]
+  -> ``tokenizer.encode``) over ``--images`` random images of the tokenizer's size, at batch sizes
+  64 and 256, best of ``--repeats`` after an untimed warm-up pass. The tokenizer is the trained one
+  in ``data/tokenizer`` when it exists, else a freshly initialised default one (``train_tokenizer``'s
+  defaults); the output says which. Encoding cost does not depend on the pixels, so random images
+  measure the same work as real ones.
+- **read**: a synthetic cache of ``--rows`` rows x ``--seq-len`` tokens (uint16, random codes of a
+  4,096-code vocabulary, 8-hex-digit keys) written once with ``core.token_store.write_tokens`` to a
+  temporary directory (not timed), then read back: ``load_tokens`` as consumers call it (tokens,
+  labels, views and keys) and the tokens column alone as a zero-copy numpy view. GB/s = token bytes
+  in the numpy array / seconds, best of ``--repeats``; the file is in the OS page cache (warm).
+  For comparison, the same tokens stored as one fixed_size_binary Parquet column (not the cache's
+  format) show what a layout without Parquet list decoding reads at.
+- **gather**: random rows of the loaded cache gathered into an int64 torch batch (what a training
+  step does), batch 64 and 256: sequences/s.
+
+Prints whether the goal (``load_tokens`` >= 1 GB/s of tokens) is met. Run from the repository root::
+
+    .venv/bin/python benchmarks/tokens.py
+    .venv/bin/python benchmarks/tokens.py --rows 500000 --seq-len 30 --images 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SCRIPT_START = time.perf_counter()
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `python benchmarks/tokens.py` puts benchmarks/ first, not the root
+    sys.path.insert(0, str(REPO_ROOT))
+
+GOAL_GB_PER_S = 1.0
+ENCODE_BATCHES = (64, 256)
+GATHER_BATCHES = (64, 256)
+VOCAB_SIZE = 4096
+SEED = 1234
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Time tokenizer encoding (images/s) and token-cache reads (GB/s, sequences/s).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--tokenizer", default="data/tokenizer", help="trained tokenizer folder, if present")
+    parser.add_argument("--images", type=int, default=2048, help="random images encoded per batch size")
+    parser.add_argument("--rows", type=int, default=2_000_000, help="rows in the synthetic token cache")
+    parser.add_argument("--seq-len", type=int, default=16, help="tokens per row (vq 4x4: 16, msvq 1,2,3,4: 30)")
+    parser.add_argument("--gather-steps", type=int, default=2000, help="batches gathered per batch size")
+    parser.add_argument("--repeats", type=int, default=3, help="timed reads per case; the best is reported")
+    args = parser.parse_args(argv)
+    if min(args.images, args.rows, args.seq_len, args.gather_steps, args.repeats) < 1:
+        parser.error("--images, --rows, --seq-len, --gather-steps and --repeats must be >= 1")
+    return args
+
+
+def load_or_build_tokenizer(model_dir: Path):
+    """(model in eval mode, a description): the trained tokenizer, else train_tokenizer's default."""
+    from stages.cache_tokens import load_tokenizer
+
+    if (model_dir / "model.safetensors").is_file():
+        model, config = load_tokenizer(model_dir)
+        return model, f"trained {config['kind']} tokenizer in {model_dir} ({config['fingerprint'][:12]})"
+    from models.tokenizers import build_tokenizer
+    from stages.train_tokenizer import Config
+
+    default = Config()
+    model = build_tokenizer(default.kind, default.model).eval()
+    return model, f"freshly initialised default {default.kind} tokenizer (no {model_dir}; train_tokenizer defaults)"
+
+
+def bench_encode(model, images: int, repeats: int) -> list[tuple[int, float]]:
+    """(batch size, images/s, best of ``repeats``) of the stage's encode path, after a warm-up pass
+    (the first pass pays one-off kernel and allocator set-up several times over)."""
+    import numpy as np
+    import torch
+
+    from stages.cache_tokens import encode_images
+
+    if torch.cuda.is_available():
+        model = model.cuda()
+    side = model.config.image_size
+    pixels = np.random.default_rng(SEED).integers(0, 256, (images, side, side, 3), dtype=np.uint8)
+
+    def encode(batch: int) -> None:
+        encode_images(model, pixels, False, batch, "encode", progress=False)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    results = []
+    for batch in ENCODE_BATCHES:
+        encode(batch)  # warm-up
+        results.append((batch, images / best_seconds(lambda b=batch: encode(b), repeats)))
+    return results
+
+
+def write_cache(path: Path, rows: int, seq_len: int):
+    import numpy as np
+
+    from core.token_store import write_tokens
+
+    rng = np.random.default_rng(SEED)
+    tokens_NL = rng.integers(0, VOCAB_SIZE, (rows, seq_len), dtype=np.uint16)
+    columns = {
+        "key": [f"{i:08x}" for i in range(rows)],
+        "label": rng.integers(0, 1000, rows, dtype=np.int32),
+        "view": np.zeros(rows, dtype=np.uint8),
+    }
+    meta = {"token_layout": {"kind": "synthetic"}, "seq_len": seq_len, "vocab_size": VOCAB_SIZE, "fingerprint": "0"}
+    write_tokens(path, columns, tokens_NL, meta)
+    return tokens_NL
+
+
+def write_fixed_binary(path: Path, tokens_NL) -> None:
+    """The same tokens as one fixed_size_binary(seq_len * 2) column, uncompressed (comparison only)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, seq_len = tokens_NL.shape
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * seq_len), rows, [None, pa.py_buffer(tokens_NL)])
+    pq.write_table(pa.table({"tokens": column}), path, row_group_size=rows, use_dictionary=False, compression="none")
+
+
+def best_seconds(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_read(tmp: Path, rows: int, seq_len: int, repeats: int):
+    """(case, seconds, GB/s of tokens) per read path, the loaded split, and the cache's file size."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from core.token_store import load_tokens
+
+    cache, binary = tmp / "train.parquet", tmp / "binary.parquet"
+    tokens_NL = write_cache(cache, rows, seq_len)
+    write_fixed_binary(binary, tokens_NL)
+    nbytes = tokens_NL.nbytes
+    del tokens_NL
+
+    def tokens_only():
+        column = pq.read_table(cache, columns=["tokens"], memory_map=True).column("tokens").chunk(0)
+        return column.values.to_numpy(zero_copy_only=True).reshape(-1, seq_len)
+
+    def fixed_binary():
+        column = pq.read_table(binary, memory_map=True).column("tokens").chunk(0)
+        return np.frombuffer(column.buffers()[1], dtype=np.uint16).reshape(-1, seq_len)
+
+    split = load_tokens(cache)
+    assert not split.tokens_NL.flags.owndata and np.array_equal(tokens_only(), fixed_binary())
+    cases = [
+        ("load_tokens: tokens + labels + views + keys", lambda: load_tokens(cache)),
+        ("tokens column only, zero-copy numpy view", tokens_only),
+        ("for comparison: fixed_size_binary column", fixed_binary),
+    ]
+    results = []
+    for name, fn in cases:
+        seconds = best_seconds(fn, repeats)
+        results.append((name, seconds, nbytes / seconds / 1e9))
+    return results, split, nbytes, cache.stat().st_size
+
+
+def bench_gather(tokens_NL, steps: int) -> list[tuple[int, float]]:
+    """(batch size, sequences/s): random rows -> int64 torch tensor, as a training step takes them."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(SEED)
+    results = []
+    for batch in GATHER_BATCHES:
+        index = rng.integers(0, len(tokens_NL), (steps, batch))
+        start = time.perf_counter()
+        for row in index:
+            tokens_BL = torch.from_numpy(tokens_NL[row].astype(np.int64))
+        results.append((batch, steps * batch / (time.perf_counter() - start)))
+        assert tokens_BL.dtype == torch.int64 and tokens_BL.shape == (batch, tokens_NL.shape[1])
+    return results
+
+
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+    def line(cells) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} torch threads"
+    print(f"{os.cpu_count()} CPU(s), {device}, Python {sys.version.split()[0]}, torch {torch.__version__}")
+
+    model, described = load_or_build_tokenizer(Path(args.tokenizer))
+    side = model.config.image_size
+    print(f"\nencode: {described}; {args.images:,} random {side}x{side} images, {model.seq_len} tokens each")
+    encoded = bench_encode(model, args.images, args.repeats)
+    print(table(("batch", "images/s"), [(str(b), f"{rate:,.0f}") for b, rate in encoded]))
+
+    tmp = Path(tempfile.mkdtemp(prefix="arpipe-bench-tokens-"))
+    try:
+        print(f"\nwriting a {args.rows:,} x {args.seq_len} token cache to {tmp} (not timed) ...", flush=True)
+        with contextlib.redirect_stderr(io.StringIO()):
+            reads, split, nbytes, file_size = bench_read(tmp, args.rows, args.seq_len, args.repeats)
+        print(
+            f"read: {nbytes / 1e6:,.1f} MB of uint16 tokens in a {file_size / 1e6:,.1f} MB Parquet file; "
+            f"warm page cache, best of {args.repeats}"
+        )
+        print(table(("path", "seconds", "GB/s"), [(n, f"{s:.3f}", f"{g:.2f}") for n, s, g in reads]))
+
+        gathered = bench_gather(split.tokens_NL, args.gather_steps)
+        print(f"\ngather: random rows -> int64 torch tensor, {args.gather_steps:,} batches each")
+        print(table(("batch", "sequences/s"), [(str(b), f"{rate:,.0f}") for b, rate in gathered]))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    load_rate, column_rate = reads[0][2], reads[1][2]
+    verdict = "MET" if load_rate >= GOAL_GB_PER_S else "NOT MET"
+    print(
+        f"\ngoal >= {GOAL_GB_PER_S:.0f} GB/s zero-copy read: {verdict} (load_tokens {load_rate:.2f} GB/s, "
+        f"tokens column alone {column_rate:.2f} GB/s)"
+    )
+    print(f"whole benchmark (cache writing, imports and clean-up included): {time.perf_counter() - SCRIPT_START:.1f} s")
+    return 0  # a benchmark, not a test: a missed goal is reported, not an error
+
+
+if __name__ == "__main__":
+    sys.exit(main())
