@@ -40,6 +40,8 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/shard.py
+	$(BIN)/python benchmarks/tokens.py
+	$(BIN)/python benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) .arpipe

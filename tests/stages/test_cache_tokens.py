@@ -50,7 +50,8 @@ def test_rows_views_and_metadata(cached):
     assert len(train.tokens_NL) == 2 * shard_metrics["train"]["count"] == metrics["train"]["rows"]
     assert len(val.tokens_NL) == shard_metrics["val"]["count"] and set(val.views_N) == {0}
     assert train.tokens_NL.dtype == np.uint16 and train.tokens_NL.shape[1] == model.seq_len == 21
-    assert not train.tokens_NL.flags.owndata  # a view of the Arrow buffer
+    assert not train.tokens_NL.flags.owndata  # a view of the mapped Arrow IPC file
+    assert train.source == Path(paths.tokens) / "train.arrow"
     assert train.token_layout == {"kind": "msvq", "scales": [1, 2, 4]} and train.vocab_size == 32
     assert list(train.views_N[:4]) == [0, 1, 0, 1] and train.keys[0] == train.keys[1]
     schema = pq.read_schema(f"{paths.tokens}/train.parquet")
@@ -76,7 +77,7 @@ def test_outs_are_byte_identical_across_runs(cached, tmp_path):
     again = dataclasses.replace(paths, tokens=str(tmp_path / "again"))
     cache_tokens.run(cache_tokens.Config(batch_size=7), again, NullTracker())
     files = sorted(p.name for p in Path(paths.tokens).iterdir())
-    assert files == ["train.parquet", "val.parquet"]
+    assert files == ["train.arrow", "train.parquet", "val.arrow", "val.parquet"]
     assert all((Path(paths.tokens) / f).read_bytes() == (tmp_path / "again" / f).read_bytes() for f in files)
 
 
@@ -117,7 +118,7 @@ def test_two_processes_write_the_same_files_as_one(cached, tmp_path, launch):
     done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "on 2 process(es)" in done.stdout
-    for split in ("train", "val"):
-        one = (Path(paths.tokens) / f"{split}.parquet").read_bytes()
-        assert (tmp_path / "tokens-2proc" / f"{split}.parquet").read_bytes() == one, split
+    for name in ("train.parquet", "train.arrow", "val.parquet", "val.arrow"):
+        one = (Path(paths.tokens) / name).read_bytes()
+        assert (tmp_path / "tokens-2proc" / name).read_bytes() == one, name
     assert json.loads((tmp_path / "metrics-2proc" / "cache_tokens.json").read_text()) == one_metrics
