@@ -2,10 +2,10 @@
 
 Encodes every accepted image once with the tokenizer in ``paths.tokenizer``: train images twice
 (view 0 = as stored, view 1 = horizontally flipped), val images once (view 0). Writes
-``paths.tokens/{train,val}.parquet`` + a memory-mappable ``{train,val}.arrow`` twin (key, label, view, tokens as a fixed-length uint16 list, or
-int32 above 65,536 codes) with the token layout, seq_len, vocabulary size and tokenizer
-fingerprint in the schema metadata (read them with ``core.token_store.load_tokens``), and
-``metrics/cache_tokens.json``. Batched and deterministic; run by DVC as
+``paths.tokens/{train,val}.parquet`` and a memory-mappable ``{train,val}.arrow`` twin (key, label,
+view, tokens as a fixed-length uint16 list, or int32 above 65,536 codes) with the token layout,
+seq_len, vocabulary size and tokenizer fingerprint in the schema metadata (read them with
+``core.token_store.load_tokens``), and ``metrics/cache_tokens.json``. Batched and deterministic; run by DVC as
 ``python -m stages.cache_tokens``.
 
 Launched on several processes (``accelerate launch --config_file accelerate/<profile>.yaml -m
