@@ -143,6 +143,13 @@ def _class_ids(spec: str, class_names: list[str]) -> list[int]:
     help="AR model folder (model.safetensors + config.json) written by pretrain or a later stage.",
 )
 @click.option(
+    "--model",
+    "registered",
+    metavar="ALIAS|URI",
+    help="Sample from the MLflow registry instead: an alias of an arpipe-<arch> model (champion, "
+    "candidate) or a models:/ URI. Loads the registered pyfunc, offline.",
+)
+@click.option(
     "--tokenizer",
     "tokenizer_dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -155,11 +162,22 @@ def _class_ids(spec: str, class_names: list[str]) -> list[int]:
 @click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0 = off).")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus mass to keep (1.0 = off).")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed; the same seed gives the same images.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True,
-              help="PNG file to write.")  # fmt: skip
-def sample(checkpoint, tokenizer_dir, classes, per_class, cfg, temperature, top_k, top_p, seed, out) -> None:
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("samples.png"),
+    show_default=True,
+    help="PNG file to write.",
+)
+def sample(
+    checkpoint, registered, tokenizer_dir, classes, per_class, cfg, temperature, top_k, top_p, seed, out
+) -> None:
     """Sample a grid of images from a trained AR model: one row per class, offline, on CPU or GPU."""
     import torch
+
+    if registered:
+        _sample_registered(registered, classes, per_class, cfg, seed, out)
+        return
 
     from core.checkpoint import read_checkpoint
     from core.images import image_grid, save_png
@@ -185,11 +203,51 @@ def sample(checkpoint, tokenizer_dir, classes, per_class, cfg, temperature, top_
     if torch.cuda.is_available():
         model, tokenizer = model.cuda(), tokenizer.cuda()
     labels = torch.tensor(ids).repeat_interleave(per_class)
-    images = sample_images(model, tokenizer, labels, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed).numpy()  # fmt: skip
+    images = sample_images(
+        model, tokenizer, labels, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+    ).numpy()
     save_png(image_grid(images, per_class), out)
     names = ", ".join(config["class_names"][i] for i in ids)
     click.echo(f"wrote {out}: {len(images)} samples ({per_class} per class: {names}), cfg {cfg}")
+
+
+def _registered_uri(alias_or_uri: str) -> str:
+    """'champion' -> models:/arpipe-<arch>@champion (exactly one arpipe model must carry the alias)."""
+    if alias_or_uri.startswith("models:/"):
+        return alias_or_uri
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    names = [m.name for m in client.search_registered_models("name LIKE 'arpipe-%'") if alias_or_uri in m.aliases]
+    if len(names) != 1:
+        found = ", ".join(names) or "none"
+        raise click.ClickException(
+            f"alias {alias_or_uri!r} is on {found} of the arpipe models: pass models:/<name>@{alias_or_uri}"
+            if names
+            else f"no arpipe-* registered model has alias {alias_or_uri!r}: run the evaluate stage first"
+        )
+    return f"models:/{names[0]}@{alias_or_uri}"
+
+
+def _sample_registered(alias_or_uri: str, classes, per_class: int, cfg: float, seed: int, out: Path) -> None:
+    import mlflow
+    import pandas as pd
+
+    from core.images import image_grid, save_png
+
+    _setup_env(_root())
+    uri = _registered_uri(alias_or_uri)
+    model = mlflow.pyfunc.load_model(uri)
+    names = classes.split(",") if classes else None
+    if names is None:
+        names = list(range(len(model.unwrap_python_model().class_names)))
+    labels = [name for name in names for _ in range(per_class)]
+    try:
+        images = model.predict(pd.DataFrame({"label": labels, "cfg": cfg, "seed": seed}))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--classes") from exc
+    save_png(image_grid(images, per_class), out)
+    click.echo(f"wrote {out}: {len(images)} samples from {uri}, cfg {cfg}")
 
 
 @cli.group()

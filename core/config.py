@@ -41,6 +41,11 @@ class Paths:
     """Token cache ({train,val}.parquet) written by ``cache_tokens``."""
     models: str = "data/models"
     """AR checkpoints, one folder per stage of the chain: ``base`` (pretrain), later ``sar``, ``cca``..."""
+    evalnet: str = "data/evalnet"
+    """Evaluation classifier (model.safetensors + config.json) written by ``train_evalnet``: its
+    features and logits are the FID/IS/precision/recall space when no Inception weights are given."""
+    eval: str = "data/eval"
+    """Evaluation report (report.md) and sample grid (grid.png) written by ``evaluate``."""
     resume: str = ".arpipe/resume"
     """Local resume state of training stages (gitignored, never a DVC out; removed on success)."""
 

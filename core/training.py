@@ -42,6 +42,15 @@ class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or inf; the message names the step and where the last good state is."""
 
 
+def step_bar(stage: str, start: int, steps: int, accelerator: Accelerator):
+    """The training loop's iterator: steps ``start .. steps-1`` with a progress bar on the main
+    process only (a resumed run starts the bar at ``start``)."""
+    from tqdm import tqdm
+
+    return tqdm(range(start, steps), desc=stage, unit="step", initial=start, total=steps,
+                disable=not accelerator.is_main_process)  # fmt: skip
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -31,7 +31,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from core.checkpoint import read_checkpoint, write_checkpoint
 from core.config import Paths
@@ -48,6 +47,7 @@ from core.training import (
     process_state,
     resume_dir,
     seed_everything,
+    step_bar,
     step_generator,
     warmup_decay_lr,
 )
@@ -270,8 +270,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     )
     tracker.log_params({"pretrain.params": params, "pretrain.processes": world})
 
-    bar = tqdm(range(start, cfg.steps), desc=STAGE, unit="step", initial=start, total=cfg.steps,
-               disable=not accelerator.is_main_process)  # fmt: skip
+    bar = step_bar(STAGE, start, cfg.steps, accelerator)
     window_start, timed_steps = time.perf_counter(), 0
     for step in bar:
         lr = warmup_decay_lr(step, steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,

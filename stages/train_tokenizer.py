@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from core.checkpoint import write_checkpoint
 from core.config import Paths
@@ -42,6 +41,7 @@ from core.training import (
     process_state,
     resume_dir,
     seed_everything,
+    step_bar,
     step_generator,
 )
 from models.discriminator import DiscriminatorConfig, PatchDiscriminator, hinge_d_loss, hinge_g_loss
@@ -140,14 +140,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     start, history = resume.restore()
     images_NCHW = torch.from_numpy(train.images_NHWC).permute(0, 3, 1, 2).contiguous()
     rank, world = accelerator.process_index, accelerator.num_processes
-    bar = tqdm(
-        range(start, cfg.steps),
-        desc=STAGE,
-        unit="step",
-        initial=start,
-        total=cfg.steps,
-        disable=not accelerator.is_main_process,
-    )
+    bar = step_bar(STAGE, start, cfg.steps, accelerator)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)

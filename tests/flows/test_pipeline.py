@@ -24,6 +24,7 @@ PROJECT_FILES = [
     "core",
     "stages",
     "models",
+    "arpipe",
 ]
 
 
@@ -158,8 +159,9 @@ def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflo
 
 @pytest.mark.slow
 def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_store, prefect_harness, monkeypatch):
-    """shard -> train_tokenizer (msvq) -> cache_tokens -> pretrain (var), each a DVC stage run by the
-    flow, each an MLflow child run; a second run skips everything."""
+    """shard -> train_tokenizer (msvq) -> cache_tokens -> pretrain (var) -> train_evalnet -> evaluate,
+    each a DVC stage run by the flow, each an MLflow child run; the champion is registered; a second
+    run skips everything."""
     from helpers import TINY_MSVQ
 
     from flows.pipeline import pipeline
@@ -177,6 +179,8 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
         eval_every=3,
         samples_per_class=1,
     )
+    params["train_evalnet"].update(steps=8, batch_size=16, model={"channels": [8, 16], "feature_dim": 16})
+    params["evaluate"].update(samples_per_class=4, cfg_scales=[1.0, 2.0], grid_per_class=1)
     root = make_project(tmp_path / "project", params=params)
     monkeypatch.setenv("TQDM_DISABLE", "1")
     monkeypatch.delenv("DVC_ROOT", raising=False)
@@ -186,13 +190,19 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
         ("train_tokenizer", "ran"),
         ("cache_tokens", "ran"),
         ("pretrain", "ran"),
+        ("train_evalnet", "ran"),
+        ("evaluate", "ran"),
     ]
     client = MlflowClient(mlflow_store)
-    run = client.get_run(results[-1]["run_id"])
+    run = client.get_run(results[3]["run_id"])
     assert run.data.tags["arpipe.stage"] == "pretrain" and "mlflow.parentRunId" in run.data.tags
     assert {"val_loss", "val_token_acc", "val_scale_loss/1x1", "speed/mfu"} <= set(run.data.metrics)
     assert "samples.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
     config = json.loads((root / "data" / "models" / "base" / "config.json").read_text())
     assert config["arch"] == "var" and config["model"]["scales"] == TINY_MSVQ["scales"]
+    evaluation = client.get_run(results[-1]["run_id"])
+    assert evaluation.data.tags["arpipe.registry.model"] == "arpipe-var"
+    assert client.get_model_version_by_alias("arpipe-var", "champion").tags["arpipe.checkpoint"] == "base"
+    assert "base/cfg1/fid" in evaluation.data.metrics and (root / "data" / "eval" / "report.md").is_file()
     again = pipeline(root=str(root))
     assert {r["status"] for r in again} == {"skipped"}

@@ -1,0 +1,107 @@
+"""The MLflow model registry: log a checkpoint as a pyfunc, alias it ``candidate``, gate ``champion``.
+
+A registered model is an MLflow pyfunc "model from code" (``arpipe/pyfunc_model.py``): the code
+is stored as source, the weights as safetensors artifacts (no pickles). Every evaluation aliases
+its best checkpoint ``candidate``; ``champion`` moves to it only when it beats the current
+champion on the selection metric, and the decision with both numbers is returned for logging.
+This module talks to MLflow only through a client (no fluent active run), so it can be called
+from inside a stage's run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+METRIC_TAG = "arpipe.selection_metric"
+VALUE_TAG = "arpipe.selection_value"
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reason: str
+    candidate_value: float
+    champion_value: float | None
+    champion_version: str | None
+
+
+def champion_decision(candidate: float, champion: float | None, higher_is_better: bool) -> tuple[bool, str]:
+    """Should ``candidate`` replace the champion? (decision, reason). Ties keep the champion."""
+    if champion is None:
+        return True, "no champion yet"
+    better = candidate > champion if higher_is_better else candidate < champion
+    word = "higher" if higher_is_better else "lower"
+    if better:
+        return True, f"candidate {candidate:.6g} beats champion {champion:.6g} ({word} is better)"
+    return False, f"candidate {candidate:.6g} does not beat champion {champion:.6g} ({word} is better)"
+
+
+def log_pyfunc(
+    client,
+    run_id: str,
+    python_model: str | Path,
+    artifacts: dict[str, str],
+    code_paths: list[str],
+    pip_requirements: list[str],
+) -> str:
+    """Save a models-from-code pyfunc and log it under the run's ``model/`` artifacts; return its URI."""
+    import mlflow.pyfunc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            path=str(target),
+            python_model=str(python_model),
+            artifacts=artifacts,
+            code_paths=code_paths,
+            pip_requirements=pip_requirements,
+        )
+        client.log_artifacts(run_id, str(target), "model")
+        shutil.rmtree(target, ignore_errors=True)
+    return f"runs:/{run_id}/model"
+
+
+def register_and_gate(
+    client,
+    *,
+    name: str,
+    source: str,
+    run_id: str,
+    metric: str,
+    value: float,
+    higher_is_better: bool,
+    tags: dict[str, Any] | None = None,
+) -> tuple[str, GateDecision]:
+    """Register ``source`` as a new version of ``name``, alias it ``candidate``, and move
+    ``champion`` to it if it beats the current champion's ``metric`` (stored on each version)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="arpipe AR image generator: class labels in, images out")
+    version = client.create_model_version(
+        name,
+        source,
+        run_id=run_id,
+        tags={METRIC_TAG: metric, VALUE_TAG: repr(float(value)), **{k: str(v) for k, v in (tags or {}).items()}},
+    ).version
+    client.set_registered_model_alias(name, "candidate", version)
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champion = None
+    champion_value = None
+    if champion is not None and champion.tags.get(METRIC_TAG) == metric:
+        champion_value = float(champion.tags[VALUE_TAG])
+    elif champion is not None:  # selected by another metric: not comparable, the new one wins
+        champion_value = None
+    promote, reason = champion_decision(float(value), champion_value, higher_is_better)
+    if promote:
+        client.set_registered_model_alias(name, "champion", version)
+    decision = GateDecision(promote, reason, float(value), champion_value, str(champion.version) if champion else None)
+    return str(version), decision

@@ -1,0 +1,152 @@
+"""The evaluate stage and the registry: side-by-side metrics, bounds, the champion gate, the pyfunc."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import TINY_TOKENIZERS
+
+from core.config import Paths
+from core.registry import champion_decision, register_and_gate
+from core.tracking import NullTracker
+from stages import evaluate
+from stages.evaluate import Config, run
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """shard (8 px) -> tiny vq tokenizer -> token cache -> tiny GPT -> evalnet, built once (read-only)."""
+    from stages import cache_tokens, pretrain, shard, train_evalnet, train_tokenizer
+
+    root = tmp_path_factory.mktemp("eval-chain")
+    paths = Paths(
+        shards=str(root / "shards"),
+        metrics=str(root / "metrics"),
+        plots=str(root / "plots"),
+        tokenizer=str(root / "tokenizer"),
+        tokens=str(root / "tokens"),
+        models=str(root / "models"),
+        evalnet=str(root / "evalnet"),
+        eval=str(root / "eval"),
+        resume=str(root / "resume"),
+    )
+    shard.run(shard.Config(image_size=8, num_workers=0), paths, NullTracker())
+    tok = train_tokenizer.Config(
+        kind="vq", model=TINY_TOKENIZERS["vq"], steps=4, batch_size=16, save_every=0, num_grid=2
+    )
+    train_tokenizer.run(tok, paths, NullTracker())
+    cache_tokens.run(cache_tokens.Config(), paths, NullTracker())
+    model = {"depth": 2, "width": 32, "heads": 2}
+    pre = pretrain.Config(
+        model=model, steps=30, batch_size=32, lr=3e-3, warmup_steps=3, save_every=0, samples_per_class=1
+    )
+    pretrain.run(pre, paths, NullTracker())
+    train_evalnet.run(train_evalnet.Config(steps=60, save_every=0), paths, NullTracker())
+    return paths
+
+
+def tiny(**overrides) -> Config:
+    return Config(
+        **{"samples_per_class": 6, "cfg_scales": [1.0, 2.0], "batch_size": 32, "grid_per_class": 1, **overrides}
+    )
+
+
+def test_scores_every_checkpoint_and_the_bounds_side_by_side(chain, tmp_path):
+    paths = dataclasses.replace(chain, eval=str(tmp_path / "eval"), metrics=str(tmp_path / "metrics"))
+    metrics = run(tiny(register=False), paths, NullTracker())
+    assert set(metrics) == {"reconstruction", "train", "base", "best_value"}
+    assert set(metrics["base"]) == {"cfg1", "cfg2"}
+    for block in (metrics["base"]["cfg1"], metrics["base"]["cfg2"], metrics["train"]["real"]):
+        assert set(block) == set(evaluate.METRICS)
+        assert block["fid"] >= 0 and 0 <= block["precision"] <= 1 and 0 <= block["recall"] <= 1
+        assert 1 <= block["is"] <= 10 + 1e-6 and 0 <= block["class_acc"] <= 1
+    # real train images are closer to val than a 30-step model's samples: the floor frames the numbers
+    assert metrics["train"]["real"]["fid"] < metrics["base"]["cfg1"]["fid"]
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| **base** | cfg1 |" in report and "through the tokenizer (ceiling)" in report
+    assert "proxy space" in report
+    speed = json.loads((tmp_path / "metrics" / "evaluate_speed.json").read_text())
+    assert speed["base"]["steps_per_image"] == 16 and speed["base"]["cfg1_images_per_s"] > 0
+    assert (tmp_path / "eval" / "grid.png").is_file()
+    # deterministic: the same report and metrics again
+    again = dataclasses.replace(paths, eval=str(tmp_path / "again"))
+    assert run(tiny(register=False), again, NullTracker()) == metrics
+    assert (tmp_path / "again" / "report.md").read_text() == report
+
+
+def test_select_guidance_must_be_evaluated():
+    with pytest.raises(ValueError, match="select_guidance 4.0 is not among cfg_scales"):
+        Config(cfg_scales=[1.0, 2.0], select_guidance=4.0)
+
+
+@pytest.mark.parametrize(
+    "candidate, champion, higher, promote",
+    [
+        (5.0, None, False, True),
+        (4.0, 5.0, False, True),
+        (6.0, 5.0, False, False),
+        (5.0, 5.0, False, False),
+        (0.9, 0.8, True, True),
+        (0.7, 0.8, True, False),
+    ],
+)
+def test_champion_gate_decision(candidate, champion, higher, promote):
+    assert champion_decision(candidate, champion, higher)[0] is promote
+
+
+def test_registry_sets_candidate_always_and_moves_champion_only_when_better(mlflow_store):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_store)
+    experiment = client.create_experiment("reg")
+    versions = {}
+    for value in (10.0, 12.0, 8.0):
+        run_id = client.create_run(experiment).info.run_id
+        client.log_text(run_id, "x", "model/MLmodel")
+        versions[value], decision = register_and_gate(
+            client,
+            name="arpipe-test",
+            source=f"runs:/{run_id}/model",
+            run_id=run_id,
+            metric="fid@cfg1",
+            value=value,
+            higher_is_better=False,
+        )
+        champion = str(client.get_model_version_by_alias("arpipe-test", "champion").version)
+        candidate = str(client.get_model_version_by_alias("arpipe-test", "candidate").version)
+        assert candidate == versions[value]
+        if value == 10.0:
+            assert decision.promote and decision.reason == "no champion yet" and champion == versions[10.0]
+        if value == 12.0:
+            assert not decision.promote and decision.champion_value == 10.0 and champion == versions[10.0]
+        if value == 8.0:
+            assert decision.promote and decision.champion_value == 10.0 and champion == versions[8.0]
+
+
+@pytest.mark.slow
+def test_registered_champion_loads_as_pyfunc_and_samples_offline(chain, tmp_path, mlflow_store, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from core.tracking import stage_run
+
+    paths = dataclasses.replace(chain, eval=str(tmp_path / "eval"), metrics=str(tmp_path / "metrics"))
+    with stage_run("evaluate") as tracker:
+        run(tiny(), paths, tracker)
+    client = MlflowClient(mlflow_store)
+    version = client.get_model_version_by_alias("arpipe-gpt", "champion")
+    assert version.tags["arpipe.checkpoint"] == "base"
+    tags = client.get_run(tracker.run_id).data.tags
+    assert tags["arpipe.registry.champion_moved"] == "True" and tags["arpipe.registry.decision"] == "no champion yet"
+    mlflow.set_tracking_uri(mlflow_store)
+    model = mlflow.pyfunc.load_model("models:/arpipe-gpt@champion")
+    images = model.predict(pd.DataFrame({"label": [0, "1", 2], "cfg": [1.0, 2.0, 2.0], "seed": [0, 0, 1]}))
+    assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
+    again = model.predict(pd.DataFrame({"label": [0], "cfg": [1.0], "seed": [0]}))
+    np.testing.assert_array_equal(again[0], images[0])  # same seed, same image
+    with pytest.raises(ValueError, match="unknown class 'zebra'"):
+        model.predict(pd.DataFrame({"label": ["zebra"]}))
+    assert Path(paths.eval, "report.md").is_file()
