@@ -150,3 +150,21 @@ def test_registered_champion_loads_as_pyfunc_and_samples_offline(chain, tmp_path
     with pytest.raises(ValueError, match="unknown class 'zebra'"):
         model.predict(pd.DataFrame({"label": ["zebra"]}))
     assert Path(paths.eval, "report.md").is_file()
+
+
+def test_arpipe_sample_writes_one_row_per_class_and_refuses_unknown_classes(chain, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from arpipe.cli import cli
+
+    out = tmp_path / "grid.png"
+    base = str(Path(chain.models) / "base")
+    args = ["sample", "--checkpoint", base, "--tokenizer", chain.tokenizer, "--classes", "3,7", "--n", "4"]
+    result = CliRunner().invoke(cli, [*args, "--cfg", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "8 samples (4 per class: 3, 7)" in result.output
+    width, height = Image.open(out).size
+    assert width > height > 0  # 2 rows of 4 cells
+    bad = CliRunner().invoke(cli, [*args[:-4], "--classes", "3,zebra", "--out", str(out)])
+    assert bad.exit_code != 0 and "unknown class 'zebra'" in bad.output
