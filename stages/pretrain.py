@@ -120,6 +120,13 @@ class Config:
         for key in DERIVED_KEYS[self.arch]:
             if key in self.model:
                 raise ValueError(f"model.{key} is set from the token cache; remove it from params.yaml")
+        known = arch_config_fields(self.arch) - set(DERIVED_KEYS[self.arch])
+        unknown = sorted(set(self.model) - known)
+        if unknown:
+            raise ValueError(
+                f"model.{unknown[0]} is not a key of the {self.arch} architecture; "
+                f"valid keys: {', '.join(sorted(known))}"
+            )
         positive = ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "samples_per_class")
         for name in positive:
             if getattr(self, name) < 1:
@@ -132,6 +139,14 @@ class Config:
             raise ValueError(f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}")
         if not self.sample_cfg:
             raise ValueError("sample_cfg needs at least one guidance scale (1.0 = guidance-free)")
+
+
+def arch_config_fields(arch: str) -> set[str]:
+    """Field names of the architecture config of ``arch`` (GPTConfig or VARConfig)."""
+    from models.gpt import GPTConfig
+    from models.var import VARConfig
+
+    return {f.name for f in dataclasses.fields(GPTConfig if arch == "gpt" else VARConfig)}
 
 
 # -- inputs ------------------------------------------------------------------------------------

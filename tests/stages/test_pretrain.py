@@ -183,6 +183,8 @@ def test_arch_must_match_the_tokenizer_kind(caches, tmp_path):
 def test_data_fixed_model_keys_are_refused_by_name():
     with pytest.raises(ValueError, match="model.vocab_size is set from the token cache"):
         Config(model={"depth": 2, "vocab_size": 99})
+    with pytest.raises(ValueError, match="model.token_dropout is not a key of the var architecture"):
+        Config(arch="var", model={"depth": 2, "token_dropout": 0.1})
     with pytest.raises(ValueError, match="batch_size"):
         run(Config(batch_size=10, grad_accum=3), Paths(), NullTracker())
 
