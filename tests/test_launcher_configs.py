@@ -67,6 +67,10 @@ def test_fsdp_config_builds_the_plugin(monkeypatch):
             monkeypatch.setenv(key, value)
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
-    assert plugin.transformer_cls_names_to_wrap == ["TransformerBlock"]
+    # the block classes of both families exist under these names, so the auto-wrap finds them
+    from models import transformer_blocks
+
+    assert plugin.transformer_cls_names_to_wrap == ["TransformerBlock", "AdaLNBlock"]
+    assert all(hasattr(transformer_blocks, name) for name in plugin.transformer_cls_names_to_wrap)
     assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
     assert plugin.state_dict_type.name == "FULL_STATE_DICT"
