@@ -56,14 +56,17 @@ def cli() -> None:
     show_default=True,
     help="Seconds before a stage's whole process group is killed.",
 )
-def run(until: str | None, stage_timeout: float) -> None:
+@click.option("--wait", is_flag=True, help="If another arpipe run is running in this checkout, queue behind it.")
+def run(until: str | None, stage_timeout: float, wait: bool) -> None:
     """Run the pipeline: every dvc.yaml stage in order, skipping those DVC finds up to date.
 
     Starts Prefect's temporary local server unless PREFECT_API_URL points to a running one.
-    Each stage's MLflow run nests under one pipeline run (see `arpipe ui`).
+    Each stage's MLflow run nests under one pipeline run (see `arpipe ui`). One run per checkout:
+    a second one fails at once naming the running one (or waits, with --wait).
     """
     root = _root()
     _setup_env(root)
+    from core.runlock import PipelineBusy, pipeline_lock
     from flows.pipeline import StageFailed, pipeline, select_stages, stage_names
 
     try:
@@ -71,7 +74,10 @@ def run(until: str | None, stage_timeout: float) -> None:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--until") from exc
     try:
-        results = pipeline(until=until, root=str(root), stage_timeout_s=stage_timeout)
+        with pipeline_lock(root, wait=wait):
+            results = pipeline(until=until, root=str(root), stage_timeout_s=stage_timeout)
+    except PipelineBusy as exc:
+        raise click.ClickException(str(exc)) from exc
     except StageFailed as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo("")

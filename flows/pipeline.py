@@ -29,6 +29,7 @@ from prefect.exceptions import MissingContextError
 
 from core.config import load_paths, read_params
 from core.lineage import PipelineRun
+from core.runlock import annotate
 
 DEFAULT_STAGE_TIMEOUT_S = 6 * 3600
 TRANSIENT_MARKERS = ("is busy, it is being blocked by", "Unable to acquire lock")
@@ -159,6 +160,7 @@ def pipeline(until: str | None = None, root: str = ".", stage_timeout_s: float =
     stages = select_stages(stage_names(root_path), until)
     metrics_dir = load_paths(read_params(root_path / "params.yaml")).metrics
     parent = PipelineRun(root_path, flow_run.get_id(), tags={"arpipe.until": until or "all"})
+    annotate(root_path, flow_run_name=str(flow_run.get_name() or ""), flow_run_id=str(flow_run.get_id() or ""))
     env = {
         **parent.env(),
         "ARPIPE_FLOW_RUN_ID": str(flow_run.get_id() or ""),
