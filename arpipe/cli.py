@@ -256,6 +256,24 @@ def _sample_registered(alias_or_uri: str, classes, per_class: int, cfg: float, s
     click.echo(f"wrote {out}: {len(images)} samples from {uri}, cfg {cfg}")
 
 
+@cli.command()
+@click.option("--last", default=5, show_default=True, help="Compare the newest N pipeline runs.")
+@click.option("--format", "fmt", type=click.Choice(["md", "csv"]), default="md", show_default=True)
+def compare(last: int, fmt: str) -> None:
+    """Pipeline runs side by side: params that differ, key metrics per checkpoint, the champion."""
+    root = _root()
+    _setup_env(root)
+    from core.compare import compare_pipeline_runs, format_comparison
+    from core.tracking import client_for, experiment_id
+
+    client = client_for(root)
+    try:
+        comparison = compare_pipeline_runs(experiment_id(client, root), last=last, client=client)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(format_comparison(comparison, fmt), nl=False)
+
+
 @cli.group()
 def data() -> None:
     """Inspect the sharded dataset and the token cache."""
