@@ -209,3 +209,18 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
     assert (root / "data" / "eval" / "report.md").is_file()
     again = pipeline(root=str(root))
     assert {r["status"] for r in again} == {"skipped"}
+
+    # remote artifacts: push to a local-directory DVC remote; a fresh clone pulls and has nothing to do
+    def dvc(cwd, *args):
+        return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=True, capture_output=True, text=True)
+
+    dvc(root, "remote", "add", "-d", "store", str(tmp_path / "remote"))
+    git(root, "add", "-A")
+    git(root, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "pipeline outs")
+    dvc(root, "push")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
+    dvc(clone, "pull")
+    assert "Data and pipelines are up to date" in dvc(clone, "status").stdout
+    assert (clone / "data" / "models" / "base" / "model.safetensors").is_file()
+    assert {r["status"] for r in pipeline(root=str(clone))} == {"skipped"}
