@@ -275,6 +275,27 @@ def compare(last: int, fmt: str) -> None:
 
 
 @cli.group()
+def tracking() -> None:
+    """The MLflow tracking store: runs spooled while the server was unreachable."""
+
+
+@tracking.command()
+def sync() -> None:
+    """Upload the runs spooled in .arpipe/spool/ while the tracking server was unreachable."""
+    root = _root()
+    _setup_env(root)
+    from core.tracking import spool_dir, sync_spool, tracking_reachable, tracking_uri
+
+    uri = tracking_uri(root)
+    if not tracking_reachable(uri):
+        raise click.ClickException(f"tracking server {uri} is still unreachable; nothing uploaded")
+    uploaded = sync_spool(root)
+    for name, run_id in uploaded:
+        click.echo(f"  {name} -> run {run_id}")
+    click.echo(f"uploaded {len(uploaded)} spooled run(s) from {spool_dir(root)} to {uri}")
+
+
+@cli.group()
 def data() -> None:
     """Inspect the sharded dataset and the token cache."""
 

@@ -104,3 +104,33 @@ class PipelineRun:
 
     def finish(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+class OfflinePipelineRun:
+    """Stands in for ``PipelineRun`` when tracking is off or the server is unreachable: stages run
+    unparented (and spool their runs when the server is unreachable); nothing is recorded here."""
+
+    run_id = ""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def env(self) -> dict[str, str]:
+        from core.tracking import tracking_uri
+
+        return {"MLFLOW_TRACKING_URI": tracking_uri(self.root), "ARPIPE_PARENT_RUN_ID": ""}
+
+    def record_stage(self, stage: str, status: str, metrics: dict[str, Any] | None) -> str | None:
+        return None
+
+    def finish(self, status: str) -> None:
+        pass
+
+
+def open_pipeline_run(root: Path, flow_run_id: str | None, tags: dict[str, str] | None = None):
+    """The pipeline's parent run, or an offline stand-in when tracking is off or unreachable."""
+    from core.tracking import tracking_enabled, tracking_reachable, tracking_uri
+
+    if not tracking_enabled() or not tracking_reachable(tracking_uri(root)):
+        return OfflinePipelineRun(root)
+    return PipelineRun(root, flow_run_id, tags)

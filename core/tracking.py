@@ -8,6 +8,10 @@ Environment (set by ``arpipe run`` / the Prefect flow; never semantic, so DVC's 
 - ``ARPIPE_FLOW_RUN_ID``   the Prefect flow-run id, recorded as a tag
 - ``ARPIPE_TRACKING=off``  use the null tracker (no MLflow at all)
 
+When the tracking server cannot be reached, a stage still runs: its run is spooled to
+``.arpipe/spool/<stage>-<time>-<id>/`` (params, metrics, tags, status, images, artifacts) and
+``arpipe tracking sync`` uploads it later (``sync_spool``).
+
 A stage opens a *new* child run (tag ``mlflow.parentRunId``); it never resumes the parent's id,
 which would mark the pipeline run finished. Step metrics are buffered and written with
 ``log_batch`` (one call per metric is ~100x slower on sqlite). This module imports no torch, so
@@ -143,6 +147,105 @@ def experiment_id(client, root: Path | None = None) -> str:
         return experiment.experiment_id
 
 
+def tracking_reachable(uri: str, timeout_s: float = 3.0) -> bool:
+    """Whether an http(s) tracking server answers its /health endpoint (local stores always do).
+    Checked once per stage, so an unreachable server costs seconds, not MLflow's retry minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def spool_dir(root: Path | None = None) -> Path:
+    return (root or repo_root()) / ".arpipe" / "spool"
+
+
+class SpoolTracker(NullTracker):
+    """Records a run on disk for ``sync_spool``: run.json (params, metrics, tags, status) and files."""
+
+    def __init__(self, directory: Path, stage: str, tags: Mapping[str, Any]):
+        self.directory = directory
+        (directory / "artifacts").mkdir(parents=True)
+        self.record: dict[str, Any] = {"stage": stage, "tags": dict(tags), "params": {}, "metrics": []}
+        self.record["start_time"] = int(time.time() * 1000)
+        self.flush()
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.record["params"].update({k: _param_value(v) for k, v in params.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        self.record["metrics"] += [[_metric_key(k), float(v), now, step or 0] for k, v in metrics.items()]
+
+    def log_image(self, image_HWC: np.ndarray, name: str) -> None:
+        from PIL import Image
+
+        target = self.directory / "artifacts" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(image_HWC)).save(target)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        import shutil
+
+        target = self.directory / "artifacts" / (folder or "")
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / Path(path).name)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.record["tags"].update({k: str(v) for k, v in tags.items()})
+
+    def flush(self) -> None:
+        import json
+
+        (self.directory / "run.json").write_text(json.dumps(self.record) + "\n")
+
+
+def sync_spool(root: Path | None = None) -> list[tuple[str, str]]:
+    """Upload every spooled run to the tracking store, then delete it; [(spool name, run id)].
+
+    A parent run id that the store does not know (the pipeline run was spooled too) is dropped, so
+    the run lands top-level with an ``arpipe.spooled_parent`` tag instead."""
+    import json
+    import shutil
+
+    from mlflow.entities import Metric, Param
+
+    client = client_for(root)
+    uploaded = []
+    for directory in sorted(p for p in spool_dir(root).glob("*") if (p / "run.json").is_file()):
+        record = json.loads((directory / "run.json").read_text())
+        tags = dict(record["tags"])
+        parent = tags.get("mlflow.parentRunId")
+        if parent:
+            try:
+                client.get_run(parent)
+            except Exception:
+                tags["arpipe.spooled_parent"] = tags.pop("mlflow.parentRunId")
+        tags["arpipe.spooled"] = directory.name
+        run = client.create_run(
+            experiment_id(client, root), start_time=record["start_time"], run_name=record["stage"], tags=tags
+        )
+        run_id = run.info.run_id
+        params = [Param(k, v) for k, v in record["params"].items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i : i + 100])
+        metrics = [Metric(*m) for m in record["metrics"]]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        artifacts = directory / "artifacts"
+        if any(artifacts.rglob("*")):
+            client.log_artifacts(run_id, str(artifacts))
+        client.set_terminated(run_id, status=record.get("status", "FINISHED"), end_time=record.get("end_time"))
+        shutil.rmtree(directory)
+        uploaded.append((directory.name, run_id))
+    return uploaded
+
+
 @contextmanager
 def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[NullTracker]:
     """Open the stage's MLflow run (a child of ``ARPIPE_PARENT_RUN_ID`` when set).
@@ -153,7 +256,6 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[N
         yield NullTracker()
         return
     root = repo_root()
-    client = client_for(root)
     tags = {
         "arpipe.stage": stage,
         "git.commit": git_commit(root),
@@ -166,6 +268,28 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[N
         tags["prefect.flow_run_id"] = flow_run
     if experiment := os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = experiment
+    uri = tracking_uri(root)
+    if not tracking_reachable(uri):
+        import uuid
+
+        directory = spool_dir(root) / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        print(
+            f"{stage}: tracking server {uri} is unreachable; spooling this run to {directory} "
+            "(upload it later with `arpipe tracking sync`)",
+            flush=True,
+        )
+        spool = SpoolTracker(directory, stage, tags)
+        if params:
+            spool.log_params(params)
+        spool.record["status"] = "FAILED"
+        try:
+            yield spool
+            spool.record["status"] = "FINISHED"
+        finally:
+            spool.record["end_time"] = int(time.time() * 1000)
+            spool.flush()
+        return
+    client = client_for(root)
     run = client.create_run(experiment_id(client, root), run_name=stage, tags=tags)
     tracker = MlflowTracker(client, run.info.run_id)
     if params:

@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from core.config import load_paths, read_params
-from core.lineage import PipelineRun
+from core.lineage import open_pipeline_run
 from core.runlock import annotate
 
 DEFAULT_STAGE_TIMEOUT_S = 6 * 3600
@@ -159,7 +159,7 @@ def pipeline(until: str | None = None, root: str = ".", stage_timeout_s: float =
     root_path = Path(root).resolve()
     stages = select_stages(stage_names(root_path), until)
     metrics_dir = load_paths(read_params(root_path / "params.yaml")).metrics
-    parent = PipelineRun(root_path, flow_run.get_id(), tags={"arpipe.until": until or "all"})
+    parent = open_pipeline_run(root_path, flow_run.get_id(), tags={"arpipe.until": until or "all"})
     annotate(root_path, flow_run_name=str(flow_run.get_name() or ""), flow_run_id=str(flow_run.get_id() or ""))
     env = {
         **parent.env(),
