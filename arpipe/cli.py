@@ -274,6 +274,53 @@ def compare(last: int, fmt: str) -> None:
     click.echo(format_comparison(comparison, fmt), nl=False)
 
 
+@cli.command()
+@click.option("--cron", metavar="EXPR", help='Cron schedule, e.g. "0 3 * * 1" (Mondays 03:00, server time zone).')
+@click.option("--name", default="retrain", show_default=True, help="Deployment name (arpipe-pipeline/<name>).")
+@click.option("--until", metavar="STAGE", help="Stop each scheduled run after this stage.")
+@click.option("--list", "list_", is_flag=True, help="List the arpipe deployments and their schedules.")
+@click.option("--remove", metavar="NAME", help="Delete the deployment arpipe-pipeline/NAME.")
+def schedule(cron: str | None, name: str, until: str | None, list_: bool, remove: str | None) -> None:
+    """Scheduled retraining: serve the pipeline as a Prefect deployment with a cron schedule.
+
+    Needs a running Prefect server (its temporary server cannot hold schedules): PREFECT_API_URL,
+    or a local one on 127.0.0.1:4200 that this command starts when none answers (log in
+    .arpipe/prefect-server.log). With --cron the command keeps running and executes the
+    scheduled runs; Ctrl-C stops it and Prefect pauses the schedule (listed as paused until
+    served again or removed with --remove).
+    """
+    root = _root()
+    _setup_env(root)
+    from flows import schedule as sched
+
+    if sum(bool(x) for x in (cron, list_, remove)) != 1:
+        raise click.UsageError("give exactly one of --cron EXPR, --list or --remove NAME")
+    try:
+        api = sched.ensure_server(root)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if list_:
+        found = sched.list_schedules()
+        if not found:
+            click.echo(f"no arpipe deployments on {api}")
+        for d in found:
+            click.echo(f"  {d['name']:<36} cron {', '.join(d['cron']) or '-':<16} {'paused' if d['paused'] else ''}")
+        return
+    if remove:
+        try:
+            sched.remove(remove)
+        except Exception as exc:  # Prefect's ObjectNotFound
+            raise click.ClickException(f"no deployment {remove!r} on {api}: {exc}") from exc
+        click.echo(f"removed {remove}")
+        return
+    try:
+        sched.deployment(name, cron, root, until)
+    except ValueError as exc:
+        raise click.BadParameter(f"{cron!r} is not a cron expression (e.g. '0 3 * * 1')", param_hint="--cron") from exc
+    click.echo(f"serving arpipe-pipeline/{name} on {api} with cron '{cron}'; Ctrl-C to stop")
+    sched.serve(name, cron, root, until)
+
+
 @cli.group()
 def tracking() -> None:
     """The MLflow tracking store: runs spooled while the server was unreachable."""

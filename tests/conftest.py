@@ -47,3 +47,12 @@ def mlflow_store(tmp_path, mlflow_template_db, monkeypatch):
     monkeypatch.setenv("ARPIPE_TRACKING", "on")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     return uri
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API (its own database) per session, for flow and deployment tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

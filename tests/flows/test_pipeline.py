@@ -103,14 +103,6 @@ def test_a_failing_stage_reports_its_exit_code_and_output(dvc_project):
     assert "stage 'work' failed" in str(info.value) and "bad input in foo.png" in str(info.value)
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.mark.slow
 def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflow_store, prefect_harness, monkeypatch):
     from flows.pipeline import pipeline
