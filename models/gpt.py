@@ -24,11 +24,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.sampling import GuidanceSchedule, classifier_free_guidance, guidance_schedule, sample_tokens
 from models.transformer_blocks import (
+    ClassConditionalAR,
     DepthScaled,
     Dropout,
     KVCache,
@@ -103,7 +103,7 @@ class GPTConfig(DepthScaled):
         return swiglu_hidden_width(self.model_width, self.mlp_ratio, self.multiple_of)
 
 
-class GPT(nn.Module):
+class GPT(ClassConditionalAR, nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -139,15 +139,6 @@ class GPT(nn.Module):
     # -- interface facts ------------------------------------------------------------------------
 
     @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
-    @property
-    def null_class(self) -> int:
-        """The unconditional label, used for classifier-free guidance."""
-        return self.config.num_classes
-
-    @property
     def steps(self) -> int:
         """Sequential forward passes one sample needs: one per token."""
         return self.config.seq_len
@@ -165,11 +156,6 @@ class GPT(nn.Module):
         return grid_rotation(config.grid, config.head_dim, config.rope_base, prefix=1, device=device)[:length]
 
     # -- training phase ---------------------------------------------------------------------------
-
-    def drop_labels(self, labels_B: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Replace each label by the null class with probability ``class_dropout``."""
-        drop_B = torch.rand(labels_B.shape, generator=generator, device=labels_B.device)
-        return labels_B.masked_fill(drop_B < self.config.class_dropout, self.null_class)
 
     def forward(
         self,
@@ -196,14 +182,6 @@ class GPT(nn.Module):
         for block in self.blocks:
             x_BLC = block(x_BLC, rotation, is_causal=True)
         return self.head(self.final_norm(x_BLC))
-
-    def sequence_log_prob(self, tokens_BL: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
-        """log p(tokens | label) summed over the sequence, fp32, shape (B,). Labels are never
-        dropped here; dropout layers follow the module's train/eval mode."""
-        logits_BLV = self.forward(tokens_BL, labels_B, label_dropout=False)
-        # cross_entropy is a fused log_softmax + gather
-        nll_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), tokens_BL, reduction="none")
-        return -nll_BL.sum(dim=1)
 
     # -- sampling phase ---------------------------------------------------------------------------
 
@@ -262,18 +240,6 @@ class GPT(nn.Module):
         return tokens_BL
 
     # -- optimisation helpers ---------------------------------------------------------------------
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay on matmul weights; none on norms, biases and embeddings."""
-        decay, no_decay = [], []
-        for module in self.modules():
-            for param in module.parameters(recurse=False):
-                is_matmul = isinstance(module, nn.Linear) and param.ndim == 2
-                (decay if is_matmul else no_decay).append(param)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
 
     def num_params(self, *, embeddings: bool = True) -> int:
         """Parameter count; ``embeddings=False`` leaves out the class and token tables (lookups)."""

@@ -55,6 +55,47 @@ class DepthScaled:
         return self.model_width // self.num_heads
 
 
+class ClassConditionalAR:
+    """What GPT and VAR share beyond their layers: the null class for CFG, label dropout, the
+    teacher-forced sequence log-prob and AdamW parameter groups. Needs ``self.config`` with
+    ``num_classes`` and ``class_dropout``, and ``self.forward(tokens, labels, label_dropout=...)``."""
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def null_class(self) -> int:
+        """The unconditional label, used for classifier-free guidance."""
+        return self.config.num_classes
+
+    def drop_labels(self, labels_B: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Replace each label by the null class with probability ``class_dropout``."""
+        drop_B = torch.rand(labels_B.shape, generator=generator, device=labels_B.device)
+        return labels_B.masked_fill(drop_B < self.config.class_dropout, self.null_class)
+
+    def sequence_log_prob(self, tokens_BL: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        """log p(tokens | label) summed over the sequence, fp32, shape (B,). Labels are never
+        dropped here; dropout layers follow the module's train/eval mode."""
+        logits_BLV = self.forward(tokens_BL, labels_B, label_dropout=False)
+        # cross_entropy is a fused log_softmax + gather
+        nll_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), tokens_BL, reduction="none")
+        return -nll_BL.sum(dim=1)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on matmul weights; none on norms, biases, embeddings and the other
+        vector or table parameters (positions, temperatures)."""
+        decay, no_decay = [], []
+        for module in self.modules():
+            for param in module.parameters(recurse=False):
+                is_matmul = isinstance(module, nn.Linear) and param.ndim == 2
+                (decay if is_matmul else no_decay).append(param)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 

@@ -48,6 +48,7 @@ from models.sampling import GuidanceSchedule, classifier_free_guidance, guidance
 from models.transformer_blocks import (
     AdaLNBeforeHead,
     AdaLNBlock,
+    ClassConditionalAR,
     DepthScaled,
     KVCache,
     block_causal_mask,
@@ -138,7 +139,7 @@ class VARConfig(DepthScaled):
         return self.scales[0] ** 2
 
 
-class VAR(nn.Module):
+class VAR(ClassConditionalAR, nn.Module):
     def __init__(self, config: VARConfig, quantizer: MultiScaleResidualQuantizer):
         super().__init__()
         found = (tuple(quantizer.scales), quantizer.codebook_size, quantizer.embed_dim)
@@ -211,15 +212,6 @@ class VAR(nn.Module):
         return self._frozen_quantizer[0]
 
     @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
-    @property
-    def null_class(self) -> int:
-        """The unconditional label, used for classifier-free guidance."""
-        return self.config.num_classes
-
-    @property
     def steps(self) -> int:
         """Sequential forward passes one sample needs: one per scale."""
         return len(self.config.scales)
@@ -244,11 +236,6 @@ class VAR(nn.Module):
         return cond_BC[:, None] + self.start_position + self._level_position(0, first)
 
     # -- training phase ---------------------------------------------------------------------------
-
-    def drop_labels(self, labels_B: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Replace each label by the null class with probability ``class_dropout``."""
-        drop_B = torch.rand(labels_B.shape, generator=generator, device=labels_B.device)
-        return labels_B.masked_fill(drop_B < self.config.class_dropout, self.null_class)
 
     @torch.no_grad()
     def teacher_forcing_input(self, tokens_BL: torch.Tensor) -> torch.Tensor:
@@ -294,13 +281,6 @@ class VAR(nn.Module):
         for block in self.blocks:
             x_BLC = block(x_BLC, cond_BC, attn_mask=self.attn_mask_LL)
         return self.head(self.final_norm(x_BLC, cond_BC))
-
-    def sequence_log_prob(self, tokens_BL: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
-        """log p(tokens | label) summed over all scales, fp32, shape (B,). Labels are never
-        dropped here; dropout layers follow the module's train/eval mode."""
-        logits_BLV = self.forward(tokens_BL, labels_B, label_dropout=False)
-        nll_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), tokens_BL, reduction="none")
-        return -nll_BL.sum(dim=1)
 
     def scale_losses(self, logits_BLV: torch.Tensor, tokens_BL: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy per scale, (K,) fp32, coarse -> fine (for logging; VAR's training
@@ -375,19 +355,6 @@ class VAR(nn.Module):
         return tokens_BL
 
     # -- optimisation helpers ---------------------------------------------------------------------
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay on matmul weights; none on biases, embeddings, the position and
-        start-position tables and attention temperatures (LayerNorms have no parameters)."""
-        decay, no_decay = [], []
-        for module in self.modules():
-            for param in module.parameters(recurse=False):
-                is_matmul = isinstance(module, nn.Linear) and param.ndim == 2
-                (decay if is_matmul else no_decay).append(param)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
 
     def _embedding_params(self) -> list[nn.Parameter]:
         return [self.class_embedding.weight, self.level_embedding.weight, self.start_position, self.position_embedding]
