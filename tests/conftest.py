@@ -56,3 +56,37 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_caches(tmp_path_factory):
+    """8 px digit shards plus, per tokenizer kind (vq, msvq), a 4-step tokenizer and its token
+    cache; shared read-only by the AR-stage tests. Returns {kind: Paths}."""
+    from helpers import TINY_TOKENIZERS
+
+    from core.config import Paths
+    from core.tracking import NullTracker
+    from stages import cache_tokens, shard, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-caches")
+    shards = root / "shards"
+    shard.run(
+        shard.Config(image_size=8, num_workers=0), Paths(shards=str(shards), metrics=str(root / "m")), NullTracker()
+    )
+    out = {}
+    for kind in ("vq", "msvq"):
+        paths = Paths(
+            shards=str(shards),
+            metrics=str(root / kind / "m"),
+            plots=str(root / kind / "p"),
+            tokenizer=str(root / kind / "tokenizer"),
+            tokens=str(root / kind / "tokens"),
+            resume=str(root / kind / "r"),
+        )
+        cfg = train_tokenizer.Config(
+            kind=kind, model=TINY_TOKENIZERS[kind], steps=4, batch_size=16, save_every=0, num_grid=2
+        )
+        train_tokenizer.run(cfg, paths, NullTracker())
+        cache_tokens.run(cache_tokens.Config(batch_size=512), paths, NullTracker())
+        out[kind] = paths
+    return out

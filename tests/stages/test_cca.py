@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_TOKENIZERS
 
 from core.checkpoint import read_checkpoint
 from core.config import Paths
@@ -22,31 +21,13 @@ KIND_OF = {"gpt": "vq", "var": "msvq"}
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    """Per family: shards, a briefly trained tokenizer, its token cache and a tiny ``base`` (read-only)."""
-    from stages import cache_tokens, shard, train_tokenizer
-
-    root = tmp_path_factory.mktemp("cca-inputs")
-    shards = root / "shards"
-    shard.run(
-        shard.Config(image_size=8, num_workers=0), Paths(shards=str(shards), metrics=str(root / "m")), NullTracker()
-    )
+def bases(tiny_caches, tmp_path_factory):
+    """Per family: the shared tiny tokenizer and token cache, and a tiny ``base`` (read-only)."""
+    root = tmp_path_factory.mktemp("cca-bases")
     out = {}
     for arch, kind in KIND_OF.items():
-        paths = Paths(
-            shards=str(shards),
-            metrics=str(root / kind / "m"),
-            plots=str(root / kind / "p"),
-            tokenizer=str(root / kind / "tokenizer"),
-            tokens=str(root / kind / "tokens"),
-            models=str(root / kind / "models"),
-            resume=str(root / kind / "r"),
-        )
-        cfg = train_tokenizer.Config(
-            kind=kind, model=TINY_TOKENIZERS[kind], steps=4, batch_size=16, save_every=0, num_grid=2
-        )
-        train_tokenizer.run(cfg, paths, NullTracker())
-        cache_tokens.run(cache_tokens.Config(batch_size=512), paths, NullTracker())
+        paths = dataclasses.replace(tiny_caches[kind], models=str(root / kind / "models"),
+                                    plots=str(root / kind / "p"), metrics=str(root / kind / "m"))  # fmt: skip
         base = pretrain.Config(
             arch=arch, model=TINY_MODEL, steps=12, batch_size=16, lr=3e-3, warmup_steps=2, log_every=4,
             eval_every=12, save_every=0, samples_per_class=1, sample_cfg=[1.0],

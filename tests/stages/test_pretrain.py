@@ -24,32 +24,8 @@ KIND_OF = {"gpt": "vq", "var": "msvq"}
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory):
-    """Shards plus, per tokenizer kind, a briefly trained tokenizer and its token cache (read-only)."""
-    from stages import cache_tokens, shard, train_tokenizer
-
-    root = tmp_path_factory.mktemp("pretrain-inputs")
-    shards = root / "shards"
-    shard.run(
-        shard.Config(image_size=8, num_workers=0), Paths(shards=str(shards), metrics=str(root / "m")), NullTracker()
-    )
-    out = {}
-    for kind in ("vq", "msvq"):
-        paths = Paths(
-            shards=str(shards),
-            metrics=str(root / kind / "m"),
-            plots=str(root / kind / "p"),
-            tokenizer=str(root / kind / "tokenizer"),
-            tokens=str(root / kind / "tokens"),
-            resume=str(root / kind / "r"),
-        )
-        cfg = train_tokenizer.Config(
-            kind=kind, model=TINY_TOKENIZERS[kind], steps=4, batch_size=16, save_every=0, num_grid=2
-        )
-        train_tokenizer.run(cfg, paths, NullTracker())
-        cache_tokens.run(cache_tokens.Config(batch_size=512), paths, NullTracker())
-        out[kind] = paths
-    return out
+def caches(tiny_caches):
+    return tiny_caches
 
 
 def tiny(arch="gpt", **overrides) -> Config:
