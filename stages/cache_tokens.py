@@ -32,7 +32,7 @@ from core.shards import load_split
 from core.stage import stage_main
 from core.token_store import token_dtype, write_tokens
 from core.training import process_state
-from models.tokenizers import build_tokenizer
+from models.ar import tokenizer_from_state
 
 STAGE = "cache_tokens"
 VIEWS = {"train": (0, 1), "val": (0,)}
@@ -51,9 +51,7 @@ class Config:
 def load_tokenizer(model_dir: str | Path):
     """The tokenizer of a ``train_tokenizer`` out, in eval mode, and its config.json."""
     state_dict, config = read_checkpoint(model_dir, stage="train_tokenizer")
-    model = build_tokenizer(config["kind"], config["model"])
-    model.load_state_dict(state_dict)
-    return model.eval(), config
+    return tokenizer_from_state(state_dict, config), config
 
 
 @torch.no_grad()
