@@ -17,7 +17,7 @@ TORCH_SPEC := torch==$(TORCH_VERSION)
 TORCH_INDEX := --extra-index-url https://download.pytorch.org/whl/$(TORCH_VARIANT)
 endif
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench bench-posttrain clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -42,6 +42,11 @@ bench: install
 	$(BIN)/python benchmarks/shard.py
 	$(BIN)/python benchmarks/tokens.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/evaluate.py
+
+# base vs every post-training stage, both families, 3 seeds (about 45 min on 2 CPU cores)
+bench-posttrain: install
+	$(BIN)/python benchmarks/posttrain.py
 
 clean:
 	rm -rf $(VENV) .arpipe

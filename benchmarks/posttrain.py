@@ -1,0 +1,267 @@
+"""Post-training, side by side: base -> every post-training stage of the chain, both families, several seeds.
+
+For each family (``gpt`` on the ``vq`` tokenizer, ``var`` on the ``msvq`` recipe of the README)
+a scratch copy of the project is made under ``--work``; ``shard``, ``train_tokenizer``,
+``cache_tokens`` and ``train_evalnet`` run once, then for every seed ``pretrain`` and each
+post-training stage present in ``dvc.yaml`` (``sar``, ``cca``, ``ddo``, in chain order) run
+with ``seed`` set to it, and ``evaluate`` scores every checkpoint with the stage's own metrics,
+the same labels, sampling seeds and N for every checkpoint. Every stage runs exactly as DVC
+would run it (``python -m stages.<name>`` over the copy's ``params.yaml``), tracking off.
+
+Printed: per family, checkpoint and guidance the mean ± sd over seeds of FID, IS, precision,
+recall and class accuracy, each seed's FID, and the papers' directions checked seed by seed
+(CCA guidance-free FID below the base's and near the base with CFG; DDO guidance-free FID below
+the base; SAR FID below the base, VAR only). ``--json`` also writes every number.
+
+Run from the repository root (about 8 min per family and seed on 2 CPU cores)::
+
+    .venv/bin/python benchmarks/posttrain.py                        # both families, seeds 0 1 2
+    .venv/bin/python benchmarks/posttrain.py --families gpt --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+POSTTRAIN = ("sar", "cca", "ddo")
+DATA_STAGES = ("shard", "train_tokenizer", "cache_tokens", "train_evalnet")
+METRICS = ("fid", "is", "precision", "recall", "class_acc")
+
+# The README's recipes (train_tokenizer / pretrain sections); gpt is params.yaml as shipped.
+FAMILIES: dict[str, dict[str, dict]] = {
+    "gpt": {},
+    "var": {
+        "train_tokenizer": {
+            "kind": "msvq",
+            "steps": 1000,
+            "model": {"scales": [1, 2, 3, 4], "z_channels": 16, "restart_max_total_share": 2.0},
+        },
+        "pretrain": {
+            "arch": "var",
+            "model": {
+                "depth": 3,
+                "width": 192,
+                "heads": 3,
+                "resid_dropout": 0.25,
+                "ffn_dropout": 0.25,
+                "drop_path": 0.1,
+            },
+        },
+    },
+}
+
+
+def project_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    return [line for line in out.stdout.splitlines() if line]
+
+
+def make_copy(dest: Path) -> Path:
+    """The tracked files of this checkout (no data, no .git) in ``dest``."""
+    for name in project_files():
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, target)
+    return dest
+
+
+def merge(base: dict, update: dict) -> dict:
+    """``update`` over ``base``: nested dicts merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def write_params(root: Path, params: dict) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def chain_stages(root: Path) -> list[str]:
+    """Post-training stages in ``dvc.yaml``, in its (chain) order."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    return [name for name in stages if name in POSTTRAIN]
+
+
+def run_stage(root: Path, stage: str, log) -> float:
+    """``python -m stages.<stage>`` in ``root`` (tracking off); returns wall seconds."""
+    env = {**os.environ, "ARPIPE_TRACKING": "off", "PYTHONPATH": str(root), "TQDM_MININTERVAL": "30"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=root, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    log.write(f"\n===== {stage} ({seconds:.1f} s, exit {proc.returncode})\n{proc.stdout}\n{proc.stderr}")
+    log.flush()
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
+        raise SystemExit(f"stage {stage} failed in {root} (exit {proc.returncode}):\n{tail}")
+    return seconds
+
+
+def run_family(family: str, seeds: list[int], work: Path, samples_per_class: int | None, log, overrides: dict) -> dict:
+    root = make_copy(work / family)
+    params = merge(merge(yaml.safe_load((root / "params.yaml").read_text()), FAMILIES[family]), overrides)
+    if samples_per_class:
+        params["evaluate"]["samples_per_class"] = samples_per_class
+    params["evaluate"]["register"] = False
+    write_params(root, params)
+    stages = chain_stages(root)
+    timings: dict[str, float] = {}
+    for stage in DATA_STAGES:
+        timings[stage] = run_stage(root, stage, log)
+        print(f"  [{family}] {stage}: {timings[stage]:.0f} s", flush=True)
+    per_seed = {}
+    for seed in seeds:
+        for stage in ("pretrain", *stages):
+            params[stage]["seed"] = seed
+        write_params(root, params)
+        for stage in ("pretrain", *stages, "evaluate"):
+            seconds = run_stage(root, stage, log)
+            timings[f"{stage}/seed{seed}"] = seconds
+            print(f"  [{family} seed {seed}] {stage}: {seconds:.0f} s", flush=True)
+        per_seed[seed] = json.loads((root / "metrics" / "evaluate.json").read_text())
+        skipped = {}
+        for stage in stages:
+            metrics_file = root / "metrics" / f"{stage}.json"
+            if metrics_file.is_file() and (reason := json.loads(metrics_file.read_text()).get("skipped")):
+                skipped[stage] = reason
+        per_seed[seed]["_skipped"] = skipped
+    return {"stages": stages, "per_seed": per_seed, "timings": timings}
+
+
+def lookup(metrics: dict, key: str) -> float | None:
+    """``metrics/evaluate.json`` value at ``checkpoint/guidance/metric`` (nested or flat)."""
+    if key in metrics:
+        return metrics[key]
+    node = metrics
+    for part in key.split("/"):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node if isinstance(node, int | float) else None
+
+
+def guidances(metrics: dict, checkpoint: str) -> list[str]:
+    node = metrics.get(checkpoint)
+    if isinstance(node, dict):
+        return [g for g in node if g.startswith("cfg")]
+    prefix = f"{checkpoint}/"
+    return sorted({k.split("/")[1] for k in metrics if k.startswith(prefix) and k.count("/") == 2})
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def report(family: str, result: dict) -> list[str]:
+    seeds = sorted(result["per_seed"])
+    first = result["per_seed"][seeds[0]]
+    checkpoints = ["base", *[s for s in result["stages"] if s not in first["_skipped"]]]
+    lines = [
+        f"### {family} ({len(seeds)} seed{'s' * (len(seeds) > 1)}: {', '.join(map(str, seeds))})",
+        "",
+        "| checkpoint | guidance | FID ↓ | IS ↑ | precision ↑ | recall ↑ | class acc ↑ | FID per seed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for checkpoint in checkpoints:
+        for guidance in guidances(first, checkpoint):
+            cells = []
+            for metric in METRICS:
+                values = [lookup(result["per_seed"][s], f"{checkpoint}/{guidance}/{metric}") for s in seeds]
+                cells.append(mean_sd([v for v in values if v is not None]))
+            fids = [lookup(result["per_seed"][s], f"{checkpoint}/{guidance}/fid") for s in seeds]
+            per_seed = " / ".join("—" if v is None else f"{v:.2f}" for v in fids)
+            lines.append(f"| {checkpoint} | {guidance} | {' | '.join(cells)} | {per_seed} |")
+    for stage, reason in first["_skipped"].items():
+        lines.append(f"\n{stage}: skipped ({reason})")
+    lines += ["", *directions(family, result, checkpoints)]
+    return lines
+
+
+def directions(family: str, result: dict, checkpoints: list[str]) -> list[str]:
+    """The papers' directions, checked seed by seed."""
+    seeds = sorted(result["per_seed"])
+
+    def fid(seed, checkpoint, guidance="cfg1"):
+        return lookup(result["per_seed"][seed], f"{checkpoint}/{guidance}/fid")
+
+    guided = [g for g in guidances(result["per_seed"][seeds[0]], "base") if g != "cfg1"]
+    checks = []
+    for checkpoint in checkpoints[1:]:
+        wins = [fid(s, checkpoint) < fid(s, "base") for s in seeds]
+        pairs = ", ".join(f"{fid(s, checkpoint):.2f} vs {fid(s, 'base'):.2f}" for s in seeds)
+        checks.append(f"- {checkpoint} guidance-free FID below the base's: {sum(wins)}/{len(seeds)} seeds ({pairs})")
+    if "cca" in checkpoints and guided:
+        best = guided[-1]
+        gaps = [fid(s, "cca") - fid(s, "base", best) for s in seeds]
+        checks.append(
+            f"- cca guidance-free FID minus base FID at {best}: {', '.join(f'{g:+.2f}' for g in gaps)} "
+            "(the paper: close to 0)"
+        )
+    return ["Directions:", *checks]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", default="gpt,var", help="comma-separated: gpt, var (default both)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
+    parser.add_argument("--samples-per-class", type=int, default=None, help="evaluate N (default params.yaml's)")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder, kept (default: a temporary one)")
+    parser.add_argument("--json", type=Path, default=None, help="write every number to this file")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param for every family, e.g. --set pretrain.steps=300 --set cca.lam=100 (YAML value)",
+    )
+    args = parser.parse_args()
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        parser.error(f"unknown family {unknown[0]!r}; expected gpt or var")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            parser.error(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        node = overrides
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    work = args.work or Path(tempfile.mkdtemp(prefix="arpipe-posttrain-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results, lines = {}, []
+    with open(work / "stages.log", "a") as log:
+        print(f"scratch projects and stage logs in {work}", flush=True)
+        for family in families:
+            results[family] = run_family(family, seeds, work, args.samples_per_class, log, overrides)
+            lines += report(family, results[family]) + [""]
+            print("\n".join(report(family, results[family])), flush=True)
+    if len(families) > 1:
+        print("\n" + "\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
