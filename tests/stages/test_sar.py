@@ -104,9 +104,11 @@ def test_refines_a_var_and_writes_a_checkpoint_evaluate_and_cca_can_read(bases, 
     rows = train_rows(paths)
     assert [r["step"] for r in rows] == ["2", "4", "6"] and metrics["steps"] == 6
     for name in ("tf_loss", "csfl", "sf_loss", "disagreement", "sf_agreement"):
-        assert len(tracker.metrics[f"train/{name}"]) == 3 and all(math.isfinite(v) for v in tracker.metrics[f"train/{name}"])
+        logged = tracker.metrics[f"train/{name}"]
+        assert len(logged) == 3 and all(math.isfinite(v) for v in logged)
     assert all(0 <= float(r["disagreement"]) <= 1 and 0 <= float(r["sf_agreement"]) <= 1 for r in rows)
-    assert float(rows[-1]["loss"]) == pytest.approx(float(rows[-1]["tf_loss"]) + 0.05 * float(rows[-1]["csfl"]), rel=1e-4)
+    last = rows[-1]
+    assert float(last["loss"]) == pytest.approx(float(last["tf_loss"]) + 0.05 * float(last["csfl"]), rel=1e-4)
     assert tracker.params["sar.forced_scales"] == [2] and "samples.png" in tracker.images
     assert metrics["train_tf_loss"] == pytest.approx(float(rows[-1]["tf_loss"]), rel=1e-5)
     # loadable and sampleable like any checkpoint; cca reads it as its input
@@ -137,7 +139,8 @@ def test_killed_run_resumes_to_byte_identical_weights(bases, tmp_path):
     assert any(Path(crashed.resume).rglob("checkpoint_000000002")), "state saved at step 2"
     run(cfg, crashed, NullTracker())
     for name in ("model.safetensors", "config.json"):
-        assert (Path(crashed.models) / "sar" / name).read_bytes() == (Path(reference.models) / "sar" / name).read_bytes()
+        got, want = (Path(p.models) / "sar" / name for p in (crashed, reference))
+        assert got.read_bytes() == want.read_bytes()
     assert train_rows(crashed) == train_rows(reference)
 
 
