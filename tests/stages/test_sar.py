@@ -198,3 +198,40 @@ def test_config_refusals():
 
     with pytest.raises(ConfigError, match="sar.transitions"):
         load_section({"sar": {"transitions": "some"}}, "sar", Config)
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_match_one_rank_at_the_same_global_batch(bases, tmp_path):
+    """Under ``launcher: accelerate/cpu-2proc.yaml`` (two gloo ranks, DDP) the student-forced pass,
+    run on the bare module, still has its gradients averaged: with dropout off the weights match a
+    one-process run at the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from helpers import REPO
+
+    cfg = tiny(save_every=3, keep_dropout=False, sigma=0.5)
+    one = paths_for(bases, tmp_path, "var", "one")
+    run(cfg, one, NullTracker())
+
+    project = tmp_path / "project"
+    for name in ("core", "stages", "models", "accelerate"):
+        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    two = paths_for(bases, tmp_path, "var", "two")
+    config = {**dataclasses.asdict(cfg), "launcher": "accelerate/cpu-2proc.yaml", "betas": list(cfg.betas)}
+    params = {"paths": {k: str(Path(v).resolve()) for k, v in dataclasses.asdict(two).items()}, "sar": config}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "ARPIPE_TRACKING": "off", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ARPIPE_LAUNCHED", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.sar"], cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "relaunching under" in result.stdout
+    state_one, _ = read_checkpoint(Path(one.models) / "sar")
+    state_two, _ = read_checkpoint(Path(two.models) / "sar")
+    assert any(not torch.equal(state_one[k], read_checkpoint(Path(one.models) / "base")[0][k]) for k in state_one)
+    for key in state_one:
+        torch.testing.assert_close(state_two[key], state_one[key], rtol=1e-4, atol=1e-5)
