@@ -11,6 +11,10 @@ on their tokens can reach) and ``train`` (the real train images: the floor), bot
 val like the samples. These are proxy-space numbers, not comparable with
 published ImageNet (Inception) FIDs.
 
+A pass-through checkpoint (``config.json`` has ``passthrough_of``, e.g. ``sar`` on a ``gpt``) holds
+the same weights as the checkpoint it copies, so it is not sampled again: the report says so in one
+line and ``metrics/evaluate.json`` has no entry for it.
+
 Writes ``paths.eval/report.md`` (one side-by-side table) and ``grid.png`` (one row per
 checkpoint and guidance, a column per class), ``metrics/evaluate.json`` keyed
 ``<checkpoint>/<guidance>/<metric>`` (guidance ``cfg1`` is guidance-free), and the measured
@@ -122,11 +126,26 @@ def present_checkpoints(models_dir: str | Path) -> list[str]:
     return [name for name in CHAIN if (Path(models_dir) / name / "config.json").is_file()]
 
 
+def pass_throughs(models_dir: str | Path, names: list[str]) -> dict[str, str]:
+    """{name: why it is not evaluated} for the checkpoints that are unchanged copies of another."""
+    out = {}
+    for name in names:
+        config = json.loads((Path(models_dir) / name / "config.json").read_text())
+        if config.get("passthrough_of"):
+            reason = config.get("skipped", "no reason recorded")
+            out[name] = f"a pass-through of `{config['passthrough_of']}` (same weights; {reason})"
+    return out
+
+
 def run(cfg: Config, paths: Paths, tracker) -> dict:
     torch.use_deterministic_algorithms(True)
     names = present_checkpoints(paths.models)
     if not names:
         raise FileNotFoundError(f"no checkpoint in {paths.models}/{{{','.join(CHAIN)}}}: run pretrain first")
+    skipped = pass_throughs(paths.models, names)
+    names = [name for name in names if name not in skipped]
+    for name, why in skipped.items():
+        print(f"{STAGE}: {name}: not evaluated, {why}")
     evalnet, evalnet_config = load_evalnet(paths.evalnet)
     tok_state, tok_config = read_checkpoint(paths.tokenizer, stage="train_tokenizer")
     tokenizer = tokenizer_from_state(tok_state, tok_config)
@@ -182,7 +201,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     best = _best(names, results, cfg)
     eval_dir = Path(paths.eval)
     eval_dir.mkdir(parents=True, exist_ok=True)
-    report = report_markdown(results, names, cfg, best, evalnet_config)
+    report = report_markdown(results, names, cfg, best, evalnet_config, skipped)
     (eval_dir / "report.md").write_text(report)
     grid = image_grid(np.concatenate(grid_rows), num_classes * cfg.grid_per_class)
     save_png(grid, eval_dir / "grid.png")
@@ -193,7 +212,8 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     tracker.log_metrics({**flatten_metrics(results), **flatten_metrics(speed, "speed/")})
     tracker.log_image(grid, "grid.png")
     tracker.log_artifact(eval_dir / "report.md")
-    tracker.set_tags({"arpipe.eval.best_checkpoint": best, "arpipe.eval.grid_rows": " | ".join(row_names)})
+    tracker.set_tags({"arpipe.eval.best_checkpoint": best, "arpipe.eval.grid_rows": " | ".join(row_names),
+                      **{f"arpipe.eval.skipped.{name}": why for name, why in skipped.items()}})  # fmt: skip
     if cfg.register:
         _register(cfg, paths, tracker, best, arches[best], results)
     print(f"{STAGE}: best checkpoint {best} ({cfg.select_metric} {_value(results, best, cfg):.3f}) -> {eval_dir}")
@@ -231,8 +251,11 @@ def _grid_row(images_NHWC: np.ndarray, labels_N: np.ndarray, num_classes: int, p
     return np.stack(row)
 
 
-def report_markdown(results: dict, names: list[str], cfg: Config, best: str, evalnet_config: dict) -> str:
-    """One side-by-side table: bounds first, then each checkpoint at each guidance scale."""
+def report_markdown(
+    results: dict, names: list[str], cfg: Config, best: str, evalnet_config: dict, skipped: dict | None = None
+) -> str:
+    """One side-by-side table: bounds first, then each checkpoint at each guidance scale; then one
+    line per pass-through checkpoint that was not evaluated."""
     header = "| checkpoint | guidance | FID ↓ | IS ↑ | precision ↑ | recall ↑ | class acc ↑ |"
     lines = [
         "# arpipe evaluation",
@@ -259,6 +282,8 @@ def report_markdown(results: dict, names: list[str], cfg: Config, best: str, eva
             f"{m['recall']:.3f} | {m['class_acc']:.3f} |"
         )
     lines += ["", f"Best by {cfg.select_metric} at {guidance_key(cfg.select_guidance)}: **{best}**.", ""]
+    lines += [f"Not evaluated: `{name}`, {why}." for name, why in (skipped or {}).items()]
+    lines += [""] if skipped else []
     return "\n".join(lines)
 
 

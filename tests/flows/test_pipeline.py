@@ -151,7 +151,7 @@ def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflo
 
 @pytest.mark.slow
 def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_store, prefect_harness, monkeypatch):
-    """shard -> train_tokenizer (msvq) -> cache_tokens -> pretrain (var) -> cca -> train_evalnet -> evaluate,
+    """shard -> train_tokenizer (msvq) -> cache_tokens -> pretrain (var) -> sar -> cca -> train_evalnet -> evaluate,
     each a DVC stage run by the flow, each an MLflow child run; the champion is registered; a second
     run skips everything."""
     from helpers import TINY_MSVQ
@@ -171,6 +171,7 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
         eval_every=3,
         samples_per_class=1,
     )
+    params["sar"].update(steps=3, batch_size=16, log_every=1, save_every=0, samples_per_class=1)
     params["cca"].update(steps=3, batch_size=16, log_every=1, save_every=0, samples_per_class=1)
     params["train_evalnet"].update(steps=8, batch_size=16, model={"channels": [8, 16], "feature_dim": 16})
     params["evaluate"].update(samples_per_class=4, cfg_scales=[1.0, 2.0], grid_per_class=1)
@@ -183,6 +184,7 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
         ("train_tokenizer", "ran"),
         ("cache_tokens", "ran"),
         ("pretrain", "ran"),
+        ("sar", "ran"),
         ("cca", "ran"),
         ("train_evalnet", "ran"),
         ("evaluate", "ran"),
@@ -194,10 +196,17 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
     assert "samples.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
     config = json.loads((root / "data" / "models" / "base" / "config.json").read_text())
     assert config["arch"] == "var" and config["model"]["scales"] == TINY_MSVQ["scales"]
+    refined = client.get_run(results[4]["run_id"])
+    assert refined.data.tags["arpipe.stage"] == "sar" and refined.data.params["sar.forced_scales"] == "[2]"
+    assert {"train/tf_loss", "train/csfl", "train/sf_loss", "train/disagreement"} <= set(refined.data.metrics)
+    cca_config = json.loads((root / "data" / "models" / "cca" / "config.json").read_text())
+    sar_config = json.loads((root / "data" / "models" / "sar" / "config.json").read_text())
+    assert cca_config["input_checkpoint"] == {"name": "sar", "fingerprint": sar_config["fingerprint"]}
     evaluation = client.get_run(results[-1]["run_id"])
     assert evaluation.data.tags["arpipe.registry.model"] == "arpipe-var"
-    assert client.get_model_version_by_alias("arpipe-var", "champion").tags["arpipe.checkpoint"] in {"base", "cca"}
-    assert {"base/cfg1/fid", "cca/cfg1/fid"} <= set(evaluation.data.metrics)
+    champion = client.get_model_version_by_alias("arpipe-var", "champion")
+    assert champion.tags["arpipe.checkpoint"] in {"base", "sar", "cca"}
+    assert {"base/cfg1/fid", "sar/cfg1/fid", "cca/cfg1/fid"} <= set(evaluation.data.metrics)
     assert (root / "data" / "eval" / "report.md").is_file()
     again = pipeline(root=str(root))
     assert {r["status"] for r in again} == {"skipped"}

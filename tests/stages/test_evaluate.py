@@ -77,6 +77,25 @@ def test_scores_every_checkpoint_and_the_bounds_side_by_side(chain, tmp_path):
     assert (tmp_path / "again" / "report.md").read_text() == report
 
 
+def test_a_pass_through_checkpoint_is_named_in_the_report_but_not_evaluated(chain, tmp_path):
+    """sar on a gpt base copies it unchanged: sampling it again would list the same model twice."""
+    from stages import sar
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "base").symlink_to(Path(chain.models) / "base")
+    paths = dataclasses.replace(chain, models=str(models), eval=str(tmp_path / "eval"),
+                                metrics=str(tmp_path / "metrics"), plots=str(tmp_path / "plots"))  # fmt: skip
+    sar.run(sar.Config(), paths, NullTracker())
+    assert json.loads((models / "sar" / "config.json").read_text())["passthrough_of"] == "base"
+    metrics = run(tiny(register=False, cfg_scales=[1.0]), paths, NullTracker())
+    assert "sar" not in metrics and "base" in metrics
+    report = (tmp_path / "eval" / "report.md").read_text()
+    lines = [line for line in report.splitlines() if "`sar`" in line]
+    assert len(lines) == 1 and lines[0].startswith("Not evaluated: `sar`, a pass-through of `base`")
+    assert "| sar |" not in report
+
+
 def test_select_guidance_must_be_evaluated():
     with pytest.raises(ValueError, match="select_guidance 4.0 is not among cfg_scales"):
         Config(cfg_scales=[1.0, 2.0], select_guidance=4.0)
