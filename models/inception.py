@@ -17,8 +17,8 @@ path, before torch-fidelity unpickles it (it loads with ``weights_only=False``).
 torchvision: ``import torch_fidelity`` imports torchvision (for its CLIP, VGG16 and DINOv2
 extractors and its datasets), and PyPI has no torchvision build for CPU-only torch (its wheels
 link ``libtorch_cuda``). The InceptionV3 extractor itself needs only torch, so when the package
-import fails on torchvision, its module ``torch_fidelity.feature_extractor_inceptionv3`` (and
-the three helper modules it imports) is loaded without running the package ``__init__``.
+import fails on torchvision, its module ``torch_fidelity.feature_extractor_inceptionv3`` (with
+the small torch-only modules it imports) is loaded without running the package ``__init__``.
 torchvision is neither imported nor imitated.
 """
 

@@ -4,7 +4,7 @@ The real weights (``weights-inception-2015-12-05-6726825d.pth``, 95 MB) are not 
 so tests build torch-fidelity's own ``FeatureExtractorInceptionV3`` with its weight loading
 switched off (no file read, no URL fetched), re-initialise it so activations keep their scale
 through ~50 layers (PyTorch's default init shrinks them to ~1e-8), and save its ``state_dict()``
-with ``torch.save``: the same keys, shapes and container as the published file.
+with ``torch.save``: the same keys, shapes and container (a plain dict) as the published file.
 """
 
 from __future__ import annotations
@@ -48,5 +48,8 @@ def write_random_inception_weights(path: Path, seed: int = 0) -> Path:
                 fan_in = layer.weight[0].numel()
                 layer.weight.normal_(0, math.sqrt(2 / fan_in))
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(extractor.state_dict(), path)
+    # the published file (torch-fidelity's utils/util_convert_inception_weights.py) is a plain dict of
+    # conv, batch-norm (weight, bias, running mean and variance: no num_batches_tracked) and fc tensors
+    state = {k: v for k, v in extractor.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, path)
     return path

@@ -52,6 +52,7 @@ def test_features_and_logits_are_deterministic_and_give_fid_zero_against_themsel
 
 def test_weights_load_as_the_published_file_format(weights):
     state = torch.load(weights, weights_only=True)
+    assert type(state) is dict and not any(key.endswith("num_batches_tracked") for key in state)
     assert "Mixed_7c.branch_pool.conv.weight" in state and state["fc.weight"].shape == (1008, 2048)
     # a float32 network in eval mode whose weights are exactly the file's
     extractor = load_inception(weights)
