@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml
 	# A wheel already on this machine (pip's find-links) is used first; the index is the fallback.
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" || $(BIN)/pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# torch-fidelity for Inception-space metrics (evaluate.inception_weights), without the
+	# torchvision it declares: PyPI's torchvision is a CUDA build that fails to import next to CPU
+	# torch, and models/inception.py uses only torch-fidelity's InceptionV3 module (torch only).
+	$(BIN)/pip install --quiet --no-deps "torch-fidelity==0.4.0"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -74,8 +74,34 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
 
 
 def fid_from_features(features_a_ND: ArrayLike, features_b_MD: ArrayLike) -> float:
-    """FID between two feature sets (sizes may differ; ADM uses 50k samples vs the reference set)."""
-    return frechet_distance(*feature_statistics(features_a_ND), *feature_statistics(features_b_MD))
+    """FID between two feature sets (sizes may differ; ADM uses 50k samples vs the reference set).
+
+    With fewer vectors than dimensions in a set (e.g. 1,000 samples of 2048-d Inception features)
+    the covariances are low-rank and the distance is computed from the centred samples instead:
+    with sigma_a = AᵀA/(N-1) and sigma_b = BᵀB/(M-1), the non-zero eigenvalues of sigma_a·sigma_b
+    are the squared singular values of A·Bᵀ/sqrt((N-1)(M-1)), so tr((sigma_a·sigma_b)^½) is that
+    N x M matrix's nuclear norm. Same value as ``frechet_distance`` on the statistics (up to
+    rounding), without D x D eigendecompositions (seconds each at D = 2048).
+    """
+    a = _float64(features_a_ND, "features_a_ND", 2)
+    b = _float64(features_b_MD, "features_b_MD", 2)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature dims differ: {a.shape[1]} and {b.shape[1]}")
+    if min(len(a), len(b)) >= a.shape[1]:
+        return frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    if min(len(a), len(b)) < 2:
+        raise ValueError(f"FID needs at least 2 feature vectors per set, got {len(a)} and {len(b)}")
+    centred_a, centred_b = a - a.mean(axis=0), b - b.mean(axis=0)
+    scale_a, scale_b = len(a) - 1, len(b) - 1
+    cross = centred_a @ centred_b.T / np.sqrt(scale_a * scale_b)
+    trace_sqrt = np.linalg.svd(cross, compute_uv=False).sum()
+    distance = (
+        ((a.mean(axis=0) - b.mean(axis=0)) ** 2).sum()
+        + (centred_a**2).sum() / scale_a
+        + (centred_b**2).sum() / scale_b
+        - 2 * trace_sqrt
+    )
+    return float(max(distance, 0.0))
 
 
 # -- Inception Score -----------------------------------------------------------------------------

@@ -11,6 +11,12 @@ on their tokens can reach) and ``train`` (the real train images: the floor), bot
 val like the samples. These are proxy-space numbers, not comparable with
 published ImageNet (Inception) FIDs.
 
+With ``inception_weights`` set to a local torch-fidelity InceptionV3 weights file, the same sets
+are also embedded by that network (``models/inception.py``; never downloaded) and FID, IS and
+precision/recall are computed again on its features, keyed ``inception_<metric>``. Class
+accuracy exists only in the evalnet space (Inception's logits are ImageNet classes). The report
+says which feature space each number uses.
+
 A pass-through checkpoint (``config.json`` has ``passthrough_of``, e.g. ``sar`` on a ``gpt``) holds
 the same weights as the checkpoint it copies, so it is not sampled again: the report says so in one
 line and ``metrics/evaluate.json`` has no entry for it.
@@ -26,8 +32,10 @@ when it beats the current champion.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -44,11 +52,15 @@ from core.stage import stage_main
 from core.training import process_state
 from models.ar import ar_from_state, sample_images, tokenizer_from_state
 from models.evalnet import build_evalnet, embed_images
+from models.inception import embed_inception, load_inception
 from models.metrics import class_accuracy, fid_from_features, inception_score, precision_recall
 
 STAGE = "evaluate"
 CHAIN = ("base", "sar", "cca", "ddo", "distilled")
 METRICS = ("fid", "is", "precision", "recall", "class_acc")
+"""Metrics in the evalnet (proxy) feature space, always computed."""
+INCEPTION_METRICS = ("inception_fid", "inception_is", "inception_precision", "inception_recall")
+"""The same metrics in torch-fidelity's InceptionV3 space (with ``inception_weights``); no class accuracy."""
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -72,18 +84,35 @@ class Config:
     """Inception Score splits (rows shuffled first)."""
     grid_per_class: int = 2
     """Samples per class in each row of grid.png."""
-    select_metric: Literal["fid", "is", "precision", "recall", "class_acc"] = "fid"
-    """Metric that picks the best checkpoint and gates the champion."""
+    select_metric: Literal[
+        "fid",
+        "is",
+        "precision",
+        "recall",
+        "class_acc",
+        "inception_fid",
+        "inception_is",
+        "inception_precision",
+        "inception_recall",
+    ] = "fid"
+    """Metric that picks the best checkpoint and gates the champion (``inception_*`` needs
+    ``inception_weights``)."""
     select_guidance: float = 1.0
     """Guidance scale whose numbers are compared (1.0 = guidance-free)."""
     register: bool = True
     """Register the best checkpoint in MLflow (needs tracking on; skipped otherwise)."""
+    inception_weights: str = ""
+    """Local torch-fidelity InceptionV3 weights (``weights-inception-2015-12-05-6726825d.pth``),
+    absolute or relative to the directory the stage runs in: adds ``inception_*`` metrics. Empty =
+    evalnet space only. Never downloaded."""
 
     def __post_init__(self):
         if min(self.samples_per_class, self.batch_size, self.pr_k, self.is_splits, self.grid_per_class) < 1:
             raise ValueError("samples_per_class, batch_size, pr_k, is_splits and grid_per_class must be >= 1")
         if self.select_guidance not in self.scales:
             raise ValueError(f"select_guidance {self.select_guidance} is not among cfg_scales {self.scales}")
+        if self.select_metric in INCEPTION_METRICS and not self.inception_weights:
+            raise ValueError(f"select_metric {self.select_metric} needs inception_weights (a local weights file)")
 
     @property
     def scales(self) -> list[float]:
@@ -92,7 +121,7 @@ class Config:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.select_metric != "fid"
+        return self.select_metric not in ("fid", "inception_fid")
 
 
 def guidance_key(scale: float) -> str:
@@ -107,18 +136,67 @@ def load_evalnet(evalnet_dir: str | Path):
 
 
 def score(feats_ND, logits_NC, labels_N, real_feats_MD, cfg: Config) -> dict:
-    """The metrics of one image set against the real (val) features."""
+    """The metrics of one image set against the real (val) features; no class accuracy when
+    ``labels_N`` is None (a network whose classes are not the dataset's)."""
     logits = torch.from_numpy(logits_NC)
     probs = torch.softmax(logits, dim=1).numpy()
     inception, _ = inception_score(probs, splits=min(cfg.is_splits, len(probs)), shuffle_seed=cfg.seed)
     precision, recall = precision_recall(real_feats_MD, feats_ND, k=cfg.pr_k)
-    return {
+    metrics = {
         "fid": fid_from_features(feats_ND, real_feats_MD),
         "is": inception,
         "precision": precision,
         "recall": recall,
-        "class_acc": class_accuracy(logits_NC, labels_N),
     }
+    if labels_N is not None:
+        metrics["class_acc"] = class_accuracy(logits_NC, labels_N)
+    return metrics
+
+
+@dataclass(frozen=True)
+class FeatureSpace:
+    """A network whose features and logits the metrics are computed on, and the val set's features."""
+
+    prefix: str
+    """Prepended to the metric names: "" for the evalnet, "inception_" for Inception."""
+    embed: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    """uint8 NHWC images -> (features_ND, logits_NC), float64."""
+    has_classes: bool
+    """Its logits are the dataset's classes (class accuracy is meaningful)."""
+    real_features: np.ndarray
+    """Features of the val images (the reference set)."""
+
+
+def feature_spaces(evalnet, inception, val_NHWC: np.ndarray) -> list[FeatureSpace]:
+    """The evalnet space always, Inception's when its extractor is loaded; val embedded in each."""
+    embedders = [("", lambda x: embed_images(evalnet, x), True)]
+    if inception is not None:
+        embedders.append(("inception_", lambda x: embed_inception(inception, x), False))
+    return [FeatureSpace(prefix, embed, has_classes, embed(val_NHWC)[0]) for prefix, embed, has_classes in embedders]
+
+
+def score_images(images_NHWC: np.ndarray, labels_N: np.ndarray, spaces: list[FeatureSpace], cfg: Config) -> dict:
+    """Every metric of one image set in every feature space, keyed ``<prefix><metric>``."""
+    metrics = {}
+    for space in spaces:
+        feats, logits = space.embed(images_NHWC)
+        scores = score(feats, logits, labels_N if space.has_classes else None, space.real_features, cfg)
+        metrics.update({space.prefix + key: value for key, value in scores.items()})
+    return metrics
+
+
+def load_inception_weights(cfg: Config):
+    """torch-fidelity's InceptionV3 from ``inception_weights``, or None when it is empty."""
+    if not cfg.inception_weights:
+        return None, None
+    try:
+        extractor = load_inception(cfg.inception_weights)
+    except (OSError, ValueError, ImportError) as error:
+        raise type(error)(f"{STAGE}.inception_weights: {error}") from error
+    path = Path(cfg.inception_weights)
+    with path.open("rb") as f:
+        identity = f"`{path.name}`, sha256 {hashlib.file_digest(f, 'sha256').hexdigest()[:12]}"
+    return extractor, identity
 
 
 def present_checkpoints(models_dir: str | Path) -> list[str]:
@@ -146,11 +224,12 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     names = [name for name in names if name not in skipped]
     for name, why in skipped.items():
         print(f"{STAGE}: {name}: not evaluated, {why}")
+    inception, inception_identity = load_inception_weights(cfg)  # before any work: a bad path fails here
     evalnet, evalnet_config = load_evalnet(paths.evalnet)
     tok_state, tok_config = read_checkpoint(paths.tokenizer, stage="train_tokenizer")
     tokenizer = tokenizer_from_state(tok_state, tok_config)
     val, train = load_split(paths.shards, "val"), load_split(paths.shards, "train")
-    real_feats, _ = embed_images(evalnet, val.images_NHWC)
+    spaces = feature_spaces(evalnet, inception, val.images_NHWC)
     num_classes = len(tok_config["class_names"])
 
     # 1. bounds: train images through the tokenizer (the best an AR model trained on their tokens
@@ -158,8 +237,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     results: dict = {}
     recon_NHWC = _reconstruct(tokenizer, train.images_NHWC)
     for bound, images in (("reconstruction", recon_NHWC), ("train", train.images_NHWC)):
-        feats, logits = embed_images(evalnet, images)
-        results[bound] = {"real": score(feats, logits, train.labels_N, real_feats, cfg)}
+        results[bound] = {"real": score_images(images, train.labels_N, spaces, cfg)}
 
     # 2. every checkpoint at every guidance scale, same labels and seeds
     order = torch.randperm(num_classes * cfg.samples_per_class, generator=torch.Generator().manual_seed(cfg.seed))
@@ -191,17 +269,16 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
                 batch_size=cfg.batch_size,
             ).numpy()
             speed[name][f"{guidance_key(scale)}_images_per_s"] = len(images) / (time.perf_counter() - start)
-            feats, logits = embed_images(evalnet, images)
-            results[name][guidance_key(scale)] = score(feats, logits, labels_N.numpy(), real_feats, cfg)
+            results[name][guidance_key(scale)] = score_images(images, labels_N.numpy(), spaces, cfg)
             grid_rows.append(_grid_row(images, labels_N.numpy(), num_classes, cfg.grid_per_class))
             row_names.append(f"{name} {guidance_key(scale)}")
-        print(f"{STAGE}: {name}: " + ", ".join(f"{g} FID {m['fid']:.2f}" for g, m in results[name].items()))
+        print(f"{STAGE}: {name}: " + ", ".join(_fid_line(g, m) for g, m in results[name].items()))
 
     # 3. outs, the best checkpoint and the registry
     best = _best(names, results, cfg)
     eval_dir = Path(paths.eval)
     eval_dir.mkdir(parents=True, exist_ok=True)
-    report = report_markdown(results, names, cfg, best, evalnet_config, skipped)
+    report = report_markdown(results, names, cfg, best, evalnet_config, inception_identity, skipped)
     (eval_dir / "report.md").write_text(report)
     grid = image_grid(np.concatenate(grid_rows), num_classes * cfg.grid_per_class)
     save_png(grid, eval_dir / "grid.png")
@@ -218,6 +295,11 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
         _register(cfg, paths, tracker, best, arches[best], results)
     print(f"{STAGE}: best checkpoint {best} ({cfg.select_metric} {_value(results, best, cfg):.3f}) -> {eval_dir}")
     return metrics
+
+
+def _fid_line(guidance: str, metrics: dict) -> str:
+    inception = f" (Inception {metrics['inception_fid']:.2f})" if "inception_fid" in metrics else ""
+    return f"{guidance} FID {metrics['fid']:.2f}{inception}"
 
 
 @torch.no_grad()
@@ -252,39 +334,74 @@ def _grid_row(images_NHWC: np.ndarray, labels_N: np.ndarray, num_classes: int, p
 
 
 def report_markdown(
-    results: dict, names: list[str], cfg: Config, best: str, evalnet_config: dict, skipped: dict | None = None
+    results: dict,
+    names: list[str],
+    cfg: Config,
+    best: str,
+    evalnet_config: dict,
+    inception_identity: str | None = None,
+    skipped: dict | None = None,
 ) -> str:
-    """One side-by-side table: bounds first, then each checkpoint at each guidance scale; then one
-    line per pass-through checkpoint that was not evaluated."""
-    header = "| checkpoint | guidance | FID ↓ | IS ↑ | precision ↑ | recall ↑ | class acc ↑ |"
+    """One side-by-side table per feature space: bounds first, then each checkpoint at each guidance
+    scale; then one line per pass-through checkpoint that was not evaluated."""
     lines = [
         "# arpipe evaluation",
         "",
-        f"Feature space: the `train_evalnet` classifier (val accuracy {evalnet_config['val_accuracy']:.4f}); "
-        "a proxy space, so FID/IS here are not comparable with published ImageNet (Inception) numbers. "
         f"Reference set: the val split. Samples: {cfg.samples_per_class} per class, class-balanced, "
         f"seed {cfg.seed}, temperature {cfg.temperature}, top-k {cfg.top_k}, top-p {cfg.top_p}. "
-        "`cfg1` is guidance-free.",
+        "`cfg1` is guidance-free. Each number is computed in the feature space named by its table.",
         "",
-        header,
-        "|" + "---|" * 7,
+        "## Feature space: evalnet (proxy)",
+        "",
+        f"FID, precision and recall on the penultimate features of the `train_evalnet` classifier (val accuracy "
+        f"{evalnet_config['val_accuracy']:.4f}), IS and class accuracy on its logits; "
+        "a proxy space, so FID/IS here are not comparable with published ImageNet (Inception) numbers. "
+        "Metric keys: `<checkpoint>/<guidance>/<metric>`.",
+        "",
+        *_table(results, names, cfg, best, "", ("fid", "is", "precision", "recall", "class_acc")),
     ]
-    rows = [("reconstruction", "real"), ("train", "real")] + [(n, guidance_key(s)) for n in names for s in cfg.scales]
-    for name, guidance in rows:
-        m = results[name][guidance]
-        label = {
-            "reconstruction": "*train images through the tokenizer (ceiling)*",
-            "train": "*real train images (floor)*",
-        }
-        shown = label.get(name, f"**{name}**" if name == best else name)
-        lines.append(
-            f"| {shown} | {guidance} | {m['fid']:.3f} | {m['is']:.3f} | {m['precision']:.3f} | "
-            f"{m['recall']:.3f} | {m['class_acc']:.3f} |"
-        )
+    if inception_identity is not None:
+        lines += [
+            "",
+            "## Feature space: Inception (torch-fidelity InceptionV3)",
+            "",
+            "FID, precision and recall on the 2048-d pool features of torch-fidelity's InceptionV3 "
+            f"(`inception-v3-compat`, weights {inception_identity}; images resized to 299×299 inside the network), "
+            "IS on the softmax of its 1008 unbiased logits; no class accuracy (its classes are ImageNet's, not the "
+            "dataset's). The reference is the val split (not ImageNet statistics) and the sample count is the one "
+            "above, so these are not comparable with published ImageNet numbers either. "
+            "Metric keys: `<checkpoint>/<guidance>/inception_<metric>`.",
+            "",
+            *_table(results, names, cfg, best, "inception_", ("fid", "is", "precision", "recall")),
+        ]
     lines += ["", f"Best by {cfg.select_metric} at {guidance_key(cfg.select_guidance)}: **{best}**.", ""]
     lines += [f"Not evaluated: `{name}`, {why}." for name, why in (skipped or {}).items()]
     lines += [""] if skipped else []
     return "\n".join(lines)
+
+
+def _table(results: dict, names: list[str], cfg: Config, best: str, prefix: str, metrics: tuple[str, ...]) -> list:
+    titles = {
+        "fid": "FID ↓",
+        "is": "IS ↑",
+        "precision": "precision ↑",
+        "recall": "recall ↑",
+        "class_acc": "class acc ↑",
+    }
+    label = {
+        "reconstruction": "*train images through the tokenizer (ceiling)*",
+        "train": "*real train images (floor)*",
+    }
+    lines = [
+        "| checkpoint | guidance | " + " | ".join(titles[m] for m in metrics) + " |",
+        "|" + "---|" * (2 + len(metrics)),
+    ]
+    rows = [("reconstruction", "real"), ("train", "real")] + [(n, guidance_key(s)) for n in names for s in cfg.scales]
+    for name, guidance in rows:
+        values = results[name][guidance]
+        shown = label.get(name, f"**{name}**" if name == best else name)
+        lines.append(f"| {shown} | {guidance} | " + " | ".join(f"{values[prefix + m]:.3f}" for m in metrics) + " |")
+    return lines
 
 
 def _register(cfg: Config, paths: Paths, tracker, best: str, arch: str, results: dict) -> None:

@@ -63,6 +63,17 @@ def test_fid_with_fewer_samples_than_dimensions_is_finite():
     assert np.isfinite(fid_from_features(few, gaussian(12, 32, seed=9)))
 
 
+def test_fid_from_fewer_samples_than_dimensions_equals_the_statistics_route():
+    # the sample (nuclear-norm) route used when N < D gives the D x D eigendecomposition's value (which
+    # adds the square roots of rounding-level eigenvalues of the rank-deficient product: rel 1e-8)
+    a, b = gaussian(20, 64, seed=1), gaussian(30, 64, seed=2, shift=0.3) * 1.5
+    expected = frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    assert fid_from_features(a, b) == pytest.approx(expected, rel=1e-6)
+    assert fid_from_features(b, a) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="feature dims differ"):
+        fid_from_features(a, b[:, :32])
+
+
 def test_fid_rejects_bad_inputs():
     with pytest.raises(ValueError, match="sigma2 is not a covariance"):
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -1.0]))

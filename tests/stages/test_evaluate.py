@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from helpers import TINY_TOKENIZERS
+from inception_weights import needs_torch_fidelity
 
 from core.config import Paths
 from core.registry import champion_decision, register_and_gate
@@ -187,3 +188,97 @@ def test_arpipe_sample_writes_one_row_per_class_and_refuses_unknown_classes(chai
     assert width > height > 0  # 2 rows of 4 cells
     bad = CliRunner().invoke(cli, [*args[:-4], "--classes", "3,zebra", "--out", str(out)])
     assert bad.exit_code != 0 and "unknown class 'zebra'" in bad.output
+
+
+# -- Inception feature space (torch-fidelity) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_chain(chain, tmp_path_factory):
+    """The chain with shards cut to 4 images per class (about 2 train + 2 val): Inception embeds
+    every image at 299 x 299, ~0.1 s each on one CPU core."""
+    from PIL import Image
+
+    from core.shards import load_split
+    from stages import shard
+
+    root = tmp_path_factory.mktemp("small-chain")
+    class_names = json.loads(Path(chain.shards, "classes.json").read_text())
+    for split in ("train", "val"):
+        data = load_split(chain.shards, split)
+        for label, class_name in enumerate(class_names):
+            for i, image in enumerate(data.images_NHWC[data.labels_N == label][:2]):
+                (root / "images" / class_name).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(root / "images" / class_name / f"{split}-{i}.png")
+    paths = dataclasses.replace(chain, shards=str(root / "shards"), metrics=str(root / "metrics"))
+    source = {"source": "imagefolder", "source_path": str(root / "images")}
+    shard.run(shard.Config(**source, image_size=8, val_fraction=0.5, num_workers=0), paths, NullTracker())
+    return paths
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    from inception_weights import write_random_inception_weights
+
+    return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "inception-test.pth")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@needs_torch_fidelity
+def test_inception_weights_add_inception_space_metrics_and_the_report_names_each_space(
+    small_chain, inception_weights, tmp_path, no_network
+):
+    from core.metrics import flatten_metrics
+
+    def evaluate_into(name: str, **overrides) -> dict:
+        paths = dataclasses.replace(small_chain, eval=str(tmp_path / name), metrics=str(tmp_path / name))
+        return run(tiny(samples_per_class=1, cfg_scales=[1.0], register=False, **overrides), paths, NullTracker())
+
+    metrics = evaluate_into("inception", inception_weights=str(inception_weights), select_metric="inception_fid")
+    for block in (metrics["reconstruction"]["real"], metrics["train"]["real"], metrics["base"]["cfg1"]):
+        assert set(block) == set(evaluate.METRICS) | set(evaluate.INCEPTION_METRICS)
+        assert block["inception_fid"] >= 0 and 1 <= block["inception_is"] <= 1008 + 1e-6
+        assert 0 <= block["inception_precision"] <= 1 and 0 <= block["inception_recall"] <= 1
+    assert metrics["base"]["cfg1"]["inception_fid"] != metrics["base"]["cfg1"]["fid"]  # another space
+    assert "base/cfg1/inception_fid" in flatten_metrics(metrics) and "base/cfg1/fid" in flatten_metrics(metrics)
+    assert metrics["best_value"] == metrics["base"]["cfg1"]["inception_fid"]
+    # the evalnet (proxy) numbers are the same with or without the Inception space
+    proxy_only = evaluate_into("proxy")
+    for name, guidance in (("train", "real"), ("base", "cfg1")):
+        assert proxy_only[name][guidance] == {k: metrics[name][guidance][k] for k in evaluate.METRICS}
+    report = (tmp_path / "inception" / "report.md").read_text()
+    proxy, inception = report.split("## Feature space: Inception (torch-fidelity InceptionV3)")
+    assert "## Feature space: evalnet (proxy)" in proxy and "class acc" in proxy
+    assert "`inception-test.pth`, sha256 " in inception
+    assert "| checkpoint | guidance | FID ↓ | IS ↑ | precision ↑ | recall ↑ |\n" in inception  # no class accuracy
+    inception_row = f"| {metrics['base']['cfg1']['inception_fid']:.3f} |"
+    assert "| **base** | cfg1 " + inception_row in inception
+    assert "Feature space: Inception" not in (tmp_path / "proxy" / "report.md").read_text()
+
+
+@needs_torch_fidelity
+def test_missing_or_corrupt_inception_weights_fail_before_any_sampling(small_chain, tmp_path, no_network):
+    paths = dataclasses.replace(small_chain, eval=str(tmp_path / "eval"), metrics=str(tmp_path / "metrics"))
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match=f"evaluate.inception_weights: Inception weights {missing} not found"):
+        run(tiny(register=False, inception_weights=str(missing)), paths, NullTracker())
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x00" * 1000)
+    with pytest.raises(ValueError, match=f"evaluate.inception_weights: Inception weights {corrupt} are not a readable"):
+        run(tiny(register=False, inception_weights=str(corrupt)), paths, NullTracker())
+    assert not (tmp_path / "eval").exists()
+
+
+def test_inception_metrics_need_inception_weights():
+    with pytest.raises(ValueError, match="select_metric inception_fid needs inception_weights"):
+        Config(select_metric="inception_fid")
