@@ -57,7 +57,13 @@ def cli() -> None:
     help="Seconds before a stage's whole process group is killed.",
 )
 @click.option("--wait", is_flag=True, help="If another arpipe run is running in this checkout, queue behind it.")
-def run(until: str | None, stage_timeout: float, wait: bool) -> None:
+@click.option(
+    "--durable",
+    is_flag=True,
+    help="After a successful run, commit dvc.lock + metrics + plots to the results branch and `dvc push` "
+    "(params.yaml `durable`: branch, dvc_remote, git_remote). Scheduled runs do this by default.",
+)
+def run(until: str | None, stage_timeout: float, wait: bool, durable: bool) -> None:
     """Run the pipeline: every dvc.yaml stage in order, skipping those DVC finds up to date.
 
     Starts Prefect's temporary local server unless PREFECT_API_URL points to a running one.
@@ -66,6 +72,7 @@ def run(until: str | None, stage_timeout: float, wait: bool) -> None:
     """
     root = _root()
     _setup_env(root)
+    from core.durable import DurableError
     from core.runlock import PipelineBusy, pipeline_lock
     from flows.pipeline import StageFailed, pipeline, select_stages, stage_names
 
@@ -75,10 +82,8 @@ def run(until: str | None, stage_timeout: float, wait: bool) -> None:
         raise click.BadParameter(str(exc), param_hint="--until") from exc
     try:
         with pipeline_lock(root, wait=wait):
-            results = pipeline(until=until, root=str(root), stage_timeout_s=stage_timeout)
-    except PipelineBusy as exc:
-        raise click.ClickException(str(exc)) from exc
-    except StageFailed as exc:
+            results = pipeline(until=until, root=str(root), stage_timeout_s=stage_timeout, durable=durable)
+    except (PipelineBusy, StageFailed, DurableError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo("")
     for r in results:
@@ -280,7 +285,14 @@ def compare(last: int, fmt: str) -> None:
 @click.option("--until", metavar="STAGE", help="Stop each scheduled run after this stage.")
 @click.option("--list", "list_", is_flag=True, help="List the arpipe deployments and their schedules.")
 @click.option("--remove", metavar="NAME", help="Delete the deployment arpipe-pipeline/NAME.")
-def schedule(cron: str | None, name: str, until: str | None, list_: bool, remove: str | None) -> None:
+@click.option(
+    "--durable/--no-durable",
+    default=True,
+    show_default=True,
+    help="After each successful scheduled run, commit dvc.lock + metrics + plots to the results branch and "
+    "`dvc push` (params.yaml `durable`).",
+)
+def schedule(cron: str | None, name: str, until: str | None, list_: bool, remove: str | None, durable: bool) -> None:
     """Scheduled retraining: serve the pipeline as a Prefect deployment with a cron schedule.
 
     Needs a running Prefect server (its temporary server cannot hold schedules): PREFECT_API_URL,
@@ -314,11 +326,11 @@ def schedule(cron: str | None, name: str, until: str | None, list_: bool, remove
         click.echo(f"removed {remove}")
         return
     try:
-        sched.deployment(name, cron, root, until)
+        sched.deployment(name, cron, root, until, durable)
     except ValueError as exc:
         raise click.BadParameter(f"{cron!r} is not a cron expression (e.g. '0 3 * * 1')", param_hint="--cron") from exc
     click.echo(f"serving arpipe-pipeline/{name} on {api} with cron '{cron}'; Ctrl-C to stop")
-    sched.serve(name, cron, root, until)
+    sched.serve(name, cron, root, until, durable)
 
 
 @cli.group()
