@@ -333,6 +333,58 @@ def schedule(cron: str | None, name: str, until: str | None, list_: bool, remove
     sched.serve(name, cron, root, until, durable)
 
 
+@cli.command()
+@click.option(
+    "--params",
+    "params_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=Path("params.yaml"),
+    show_default=True,
+    help="Params file to plan for, e.g. presets/imagenet256-var-d16.yaml.",
+)
+@click.option("--gpus", default=1, show_default=True, help="Data-parallel GPUs the global batch_size is split over.")
+@click.option(
+    "--num-classes",
+    type=int,
+    help="Classes of the data (default: classes.json of the built shards; 10 for the digits source).",
+)
+def plan(params_file: Path, gpus: int, num_classes: int | None) -> None:
+    """Per trained model (tokenizer, AR model, evalnet): parameter count, training FLOPs per step
+    and the expected GPU memory, from the params alone (models built on the meta device: no memory).
+
+    \b
+    Assumptions:
+    - FLOPs/step: the AR model's 6*N*tokens (N = non-embedding params) + 12*depth*width*L per token
+      for the attention matmuls, x batch_size x L; conv nets: 3 x the counted forward FLOPs.
+    - Memory per GPU = 16 bytes/param (fp32 weights, grads, AdamW's 2 moments; FSDP divides it by
+      the GPUs) + activations saved for backward at the per-GPU micro-batch
+      (batch_size / gpus / grad_accum), measured in fp32 on the meta device, halved under bf16,
+      without attention score matrices (flash attention does not keep them), no checkpointing.
+    - Not counted: CUDA context, allocator slack, data loading (budget 10-20% more), the
+      tokenizer's discriminator and perceptual network.
+    """
+    import json
+
+    from arpipe.plan import format_plan, plan_models
+    from core.config import ConfigError, load_paths, read_params
+
+    try:
+        params = read_params(params_file)
+        if num_classes is None:
+            classes = Path(load_paths(params).shards) / "classes.json"
+            if params.get("shard", {}).get("source") == "digits":
+                num_classes = 10
+            elif classes.is_file():
+                num_classes = len(json.loads(classes.read_text()))
+            else:
+                raise click.UsageError(f"{classes} does not exist yet: pass --num-classes")
+        rows = plan_models(params, gpus=gpus, num_classes=num_classes)
+    except (ConfigError, ValueError) as exc:
+        raise click.ClickException(f"{params_file}: {exc}") from exc
+    click.echo(f"{params_file}: {num_classes} classes, {gpus} GPU(s)\n")
+    click.echo(format_plan(rows, gpus), nl=False)
+
+
 @cli.group()
 def tracking() -> None:
     """The MLflow tracking store: runs spooled while the server was unreachable."""
