@@ -46,6 +46,7 @@ def project(tmp_path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_results_land_on_the_branch_and_the_remote_and_the_checkout_is_untouched(project, tmp_path):
     dvc(project, "remote", "add", "-d", "store", str(tmp_path / "remote"))  # an uncommitted .dvc/config change
     head, status = git(project, "rev-parse", "HEAD"), git(project, "status", "--porcelain")
@@ -80,6 +81,7 @@ def test_results_land_on_the_branch_and_the_remote_and_the_checkout_is_untouched
     assert "n: 5" in git(project, "show", "results:params.yaml")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remote", ["unwritable", "none"])
 def test_a_failed_push_is_reported_and_loses_nothing(project, tmp_path, remote):
     if remote == "unwritable":
