@@ -47,7 +47,8 @@ def register(store_uri: str, checkpoint: Path, tokenizer: str, name: str = "arpi
     from mlflow import MlflowClient
 
     client = MlflowClient(store_uri)
-    experiment = client.create_experiment(f"registry-{name}")
+    artifacts = Path(store_uri.removeprefix("sqlite:///")).parent / "artifacts"  # not ./mlruns in the cwd
+    experiment = client.create_experiment(f"registry-{name}", artifact_location=artifacts.as_uri())
     run_id = client.create_run(experiment).info.run_id
     source = log_pyfunc(
         client,
