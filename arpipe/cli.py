@@ -57,7 +57,13 @@ def cli() -> None:
     help="Seconds before a stage's whole process group is killed.",
 )
 @click.option("--wait", is_flag=True, help="If another arpipe run is running in this checkout, queue behind it.")
-def run(until: str | None, stage_timeout: float, wait: bool) -> None:
+@click.option(
+    "--durable",
+    is_flag=True,
+    help="After a successful run, commit dvc.lock + metrics + plots to the results branch and `dvc push` "
+    "(params.yaml `durable`: branch, dvc_remote, git_remote). Scheduled runs do this by default.",
+)
+def run(until: str | None, stage_timeout: float, wait: bool, durable: bool) -> None:
     """Run the pipeline: every dvc.yaml stage in order, skipping those DVC finds up to date.
 
     Starts Prefect's temporary local server unless PREFECT_API_URL points to a running one.
@@ -66,6 +72,7 @@ def run(until: str | None, stage_timeout: float, wait: bool) -> None:
     """
     root = _root()
     _setup_env(root)
+    from core.durable import DurableError
     from core.runlock import PipelineBusy, pipeline_lock
     from flows.pipeline import StageFailed, pipeline, select_stages, stage_names
 
@@ -75,10 +82,8 @@ def run(until: str | None, stage_timeout: float, wait: bool) -> None:
         raise click.BadParameter(str(exc), param_hint="--until") from exc
     try:
         with pipeline_lock(root, wait=wait):
-            results = pipeline(until=until, root=str(root), stage_timeout_s=stage_timeout)
-    except PipelineBusy as exc:
-        raise click.ClickException(str(exc)) from exc
-    except StageFailed as exc:
+            results = pipeline(until=until, root=str(root), stage_timeout_s=stage_timeout, durable=durable)
+    except (PipelineBusy, StageFailed, DurableError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo("")
     for r in results:
@@ -280,7 +285,14 @@ def compare(last: int, fmt: str) -> None:
 @click.option("--until", metavar="STAGE", help="Stop each scheduled run after this stage.")
 @click.option("--list", "list_", is_flag=True, help="List the arpipe deployments and their schedules.")
 @click.option("--remove", metavar="NAME", help="Delete the deployment arpipe-pipeline/NAME.")
-def schedule(cron: str | None, name: str, until: str | None, list_: bool, remove: str | None) -> None:
+@click.option(
+    "--durable/--no-durable",
+    default=True,
+    show_default=True,
+    help="After each successful scheduled run, commit dvc.lock + metrics + plots to the results branch and "
+    "`dvc push` (params.yaml `durable`).",
+)
+def schedule(cron: str | None, name: str, until: str | None, list_: bool, remove: str | None, durable: bool) -> None:
     """Scheduled retraining: serve the pipeline as a Prefect deployment with a cron schedule.
 
     Needs a running Prefect server (its temporary server cannot hold schedules): PREFECT_API_URL,
@@ -314,11 +326,63 @@ def schedule(cron: str | None, name: str, until: str | None, list_: bool, remove
         click.echo(f"removed {remove}")
         return
     try:
-        sched.deployment(name, cron, root, until)
+        sched.deployment(name, cron, root, until, durable)
     except ValueError as exc:
         raise click.BadParameter(f"{cron!r} is not a cron expression (e.g. '0 3 * * 1')", param_hint="--cron") from exc
     click.echo(f"serving arpipe-pipeline/{name} on {api} with cron '{cron}'; Ctrl-C to stop")
-    sched.serve(name, cron, root, until)
+    sched.serve(name, cron, root, until, durable)
+
+
+@cli.command()
+@click.option(
+    "--params",
+    "params_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=Path("params.yaml"),
+    show_default=True,
+    help="Params file to plan for, e.g. presets/imagenet256-var-d16.yaml.",
+)
+@click.option("--gpus", default=1, show_default=True, help="Data-parallel GPUs the global batch_size is split over.")
+@click.option(
+    "--num-classes",
+    type=int,
+    help="Classes of the data (default: classes.json of the built shards; 10 for the digits source).",
+)
+def plan(params_file: Path, gpus: int, num_classes: int | None) -> None:
+    """Per trained model (tokenizer, AR model, evalnet): parameter count, training FLOPs per step
+    and the expected GPU memory, from the params alone (models built on the meta device: no memory).
+
+    \b
+    Assumptions:
+    - FLOPs/step: the AR model's 6*N*tokens (N = non-embedding params) + 12*depth*width*L per token
+      for the attention matmuls, x batch_size x L; conv nets: 3 x the counted forward FLOPs.
+    - Memory per GPU = 16 bytes/param (fp32 weights, grads, AdamW's 2 moments; FSDP divides it by
+      the GPUs) + activations saved for backward at the per-GPU micro-batch
+      (batch_size / gpus / grad_accum), measured in fp32 on the meta device, halved under bf16,
+      without attention score matrices (flash attention does not keep them), no checkpointing.
+    - Not counted: CUDA context, allocator slack, data loading (budget 10-20% more), the
+      tokenizer's discriminator and perceptual network.
+    """
+    import json
+
+    from arpipe.plan import format_plan, plan_models
+    from core.config import ConfigError, load_paths, read_params
+
+    try:
+        params = read_params(params_file)
+        if num_classes is None:
+            classes = Path(load_paths(params).shards) / "classes.json"
+            if params.get("shard", {}).get("source") == "digits":
+                num_classes = 10
+            elif classes.is_file():
+                num_classes = len(json.loads(classes.read_text()))
+            else:
+                raise click.UsageError(f"{classes} does not exist yet: pass --num-classes")
+        rows = plan_models(params, gpus=gpus, num_classes=num_classes)
+    except (ConfigError, ValueError) as exc:
+        raise click.ClickException(f"{params_file}: {exc}") from exc
+    click.echo(f"{params_file}: {num_classes} classes, {gpus} GPU(s)\n")
+    click.echo(format_plan(rows, gpus), nl=False)
 
 
 @cli.group()

@@ -105,3 +105,78 @@ def register_and_gate(
         client.set_registered_model_alias(name, "champion", version)
     decision = GateDecision(promote, reason, float(value), champion_value, str(champion.version) if champion else None)
     return str(version), decision
+
+
+# -- warm starts: a registered checkpoint back as weights ---------------------------------------
+
+
+class WarmStartError(ValueError):
+    """The registered model to start from cannot be used; the message says why and what to do."""
+
+
+def registered_model_name(arch: str) -> str:
+    return f"arpipe-{arch}"
+
+
+def resolve_version(client, name: str, version: int = 0):
+    """The ModelVersion to start from: ``version`` when > 0, else the one aliased ``champion``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if version > 0:
+            return client.get_model_version(name, str(version))
+        return client.get_model_version_by_alias(name, "champion")
+    except MlflowException as exc:
+        with_champion = []
+        try:
+            models = client.search_registered_models("name LIKE 'arpipe-%'")
+            with_champion = [m.name for m in models if "champion" in (m.aliases or {})]
+        except MlflowException:
+            pass
+        what = f"version {version} of {name}" if version > 0 else f"champion alias on {name}"
+        hint = (
+            f"models with a champion: {', '.join(with_champion)} (does pretrain.arch match?)"
+            if with_champion
+            else "no arpipe model has a champion yet: run the pipeline through evaluate once with init_from: scratch"
+        )
+        raise WarmStartError(f"pretrain.init_from: the registry has no {what}; {hint}") from exc
+
+
+def download_registered_checkpoint(client, model_version, dest: str | Path) -> Path:
+    """Download the version's logged pyfunc and return its AR checkpoint folder (``model``
+    artifact: model.safetensors + config.json)."""
+    import yaml
+
+    run_id, source = model_version.run_id, str(model_version.source)
+    if not run_id or not source.startswith(f"runs:/{run_id}/"):
+        raise WarmStartError(
+            f"pretrain.init_from: {model_version.name} v{model_version.version} was not logged by arpipe's "
+            f"evaluate stage (source {source})"
+        )
+    local = Path(client.download_artifacts(run_id, source.split(f"runs:/{run_id}/", 1)[1], str(dest)))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
+    if "model" not in artifacts:
+        what = f"{model_version.name} v{model_version.version}"
+        raise WarmStartError(f"pretrain.init_from: {what} has no 'model' artifact (not logged by evaluate?)")
+    return local / artifacts["model"]["path"]
+
+
+def check_state_fits(loaded: dict, target: dict, what: str) -> None:
+    """Refuse a state dict whose keys or shapes differ from the model's, naming the first key."""
+    missing = sorted(set(target) - set(loaded))
+    unexpected = sorted(set(loaded) - set(target))
+    if missing or unexpected:
+        key, where = (missing[0], "missing from") if missing else (unexpected[0], "not in this model but in")
+        raise WarmStartError(
+            f"pretrain.init_from: {what} does not fit this model: {key} is {where} its weights "
+            f"({len(missing)} missing, {len(unexpected)} unexpected); pretrain.arch/model changed? "
+            "Set init_from: scratch or match the champion's architecture"
+        )
+    for key in target:
+        if tuple(loaded[key].shape) != tuple(target[key].shape):
+            raise WarmStartError(
+                f"pretrain.init_from: {what} does not fit this model: {key} has shape {tuple(loaded[key].shape)} "
+                f"in it and {tuple(target[key].shape)} here (pretrain.model, the tokenizer's codebook or the "
+                "class count changed); set init_from: scratch or match the champion's architecture"
+            )

@@ -127,6 +127,10 @@ class Resume:
         found = [p for p in self.directory.glob("checkpoint_*") if (p / STATE_FILE).is_file()]
         return sorted(found, key=lambda p: int(p.name.rsplit("_", 1)[1]))
 
+    def has_state(self) -> bool:
+        """Whether a saved state exists (``restore`` would resume instead of starting fresh)."""
+        return bool(self._checkpoints())
+
     def restore(self) -> tuple[int, Any]:
         """Load the latest complete checkpoint: (the step to continue from, the ``extra`` saved with
         it); (0, []) when there is none."""

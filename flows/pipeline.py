@@ -5,6 +5,9 @@ up to date; Prefect caching is off), streams its output to the Prefect log and e
 timeout by killing the whole group (Prefect's task timeout would leave the child running). The
 flow opens the parent MLflow run; every stage run nests under it, and stages DVC skipped are
 linked to the run that produced their current outs. A markdown artifact summarises the run.
+With ``durable=True`` (scheduled runs, ``arpipe run --durable``) a successful run ends by
+committing dvc.lock + metrics + plots to the results branch and ``dvc push``-ing the outs
+(params.yaml ``durable``; core/durable.py); a failure there fails the flow run, loudly.
 
 No torch, models or stages are imported here: a flow worker only needs Prefect, DVC and MLflow.
 """
@@ -28,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from core.config import load_paths, read_params
+from core.durable import DurableError, load_durable, make_durable
 from core.lineage import open_pipeline_run
 from core.runlock import annotate
 
@@ -150,14 +154,36 @@ _STATUS_WORDS = {
 }
 
 
+@task(name="durable-results", cache_policy=NO_CACHE)
+def durable_results(root: str, parent_run_id: str, results: list[dict]) -> str:
+    """Commit dvc.lock + metrics + plots to the results branch, ``dvc push``, push the branch."""
+    ran = [r["stage"] for r in results if r["status"] == "ran"]
+    message = (
+        f"arpipe results: pipeline run {parent_run_id or '(untracked)'}\n\n"
+        f"ran: {', '.join(ran) or 'nothing (all up to date)'}\n"
+        + "".join(f"{r['stage']}: {r['status']}\n" for r in results)
+    )
+    outcome = make_durable(Path(root), load_durable(Path(root)), message)
+    _logger().info(outcome.describe())
+    return outcome.describe()
+
+
 @flow(name="arpipe-pipeline", log_prints=True)
-def pipeline(until: str | None = None, root: str = ".", stage_timeout_s: float = DEFAULT_STAGE_TIMEOUT_S) -> list[dict]:
-    """Every dvc.yaml stage in order (or up to ``until``), skipping what DVC finds up to date."""
+def pipeline(
+    until: str | None = None,
+    root: str = ".",
+    stage_timeout_s: float = DEFAULT_STAGE_TIMEOUT_S,
+    durable: bool = False,
+) -> list[dict]:
+    """Every dvc.yaml stage in order (or up to ``until``), skipping what DVC finds up to date; with
+    ``durable``, then commit the results to the results branch and ``dvc push`` (core/durable.py)."""
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
     root_path = Path(root).resolve()
     stages = select_stages(stage_names(root_path), until)
+    if durable:
+        load_durable(root_path)  # a bad `durable` section fails before hours of training, not after
     metrics_dir = load_paths(read_params(root_path / "params.yaml")).metrics
     parent = open_pipeline_run(root_path, flow_run.get_id(), tags={"arpipe.until": until or "all"})
     annotate(root_path, flow_run_name=str(flow_run.get_name() or ""), flow_run_id=str(flow_run.get_id() or ""))
@@ -176,6 +202,8 @@ def pipeline(until: str | None = None, root: str = ".", stage_timeout_s: float =
             result["run_id"] = parent.record_stage(stage, result["status"], result["metrics"])
             results.append(result)
         status = "FINISHED"
+        if durable:
+            _record_durable(parent, root_path, results)
     finally:
         parent.finish(status)
         create_markdown_artifact(
@@ -184,6 +212,19 @@ def pipeline(until: str | None = None, root: str = ".", stage_timeout_s: float =
             description="arpipe pipeline run",
         )
     return results
+
+
+def _record_durable(parent, root_path: Path, results: list[dict]) -> None:
+    """Run the durable-results task; its outcome (or failure) is tagged on the pipeline run."""
+    client = getattr(parent, "client", None)
+    try:
+        outcome = durable_results(str(root_path), parent.run_id, results)
+    except DurableError as exc:
+        if client is not None:
+            client.set_tag(parent.run_id, "arpipe.durable", f"failed: {str(exc)[:4000]}")
+        raise
+    if client is not None:
+        client.set_tag(parent.run_id, "arpipe.durable", outcome)
 
 
 def summary_markdown(results: list[dict], stages: list[str], parent_run_id: str, status: str) -> str:

@@ -57,29 +57,30 @@ def ensure_server(root: Path, wait_s: float = 90.0) -> str:
     raise RuntimeError(f"the local Prefect server did not start within {wait_s:.0f} s; see {log}")
 
 
-def deployment(name: str, cron: str, root: Path, until: str | None = None):
-    """The pipeline flow as a RunnerDeployment with a cron schedule (validated by Prefect)."""
+def deployment(name: str, cron: str, root: Path, until: str | None = None, durable: bool = True):
+    """The pipeline flow as a RunnerDeployment with a cron schedule (validated by Prefect); with
+    ``durable`` each successful run commits its results and pushes them (core/durable.py)."""
     from flows.pipeline import pipeline
 
     return pipeline.to_deployment(
         name=name,
         cron=cron,
-        parameters={"root": str(Path(root).resolve()), "until": until},
+        parameters={"root": str(Path(root).resolve()), "until": until, "durable": durable},
         description="arpipe: scheduled retraining (every dvc.yaml stage; DVC skips what is up to date)",
         tags=["arpipe"],
     )
 
 
-def register(name: str, cron: str, root: Path, until: str | None = None) -> str:
+def register(name: str, cron: str, root: Path, until: str | None = None, durable: bool = True) -> str:
     """Create or update ``arpipe-pipeline/<name>`` on the current Prefect API; its id."""
-    return str(deployment(name, cron, root, until).apply())
+    return str(deployment(name, cron, root, until, durable).apply())
 
 
-def serve(name: str, cron: str, root: Path, until: str | None = None) -> None:
+def serve(name: str, cron: str, root: Path, until: str | None = None, durable: bool = True) -> None:
     """Register the deployment and execute its scheduled runs in this process until interrupted."""
     from prefect import serve as prefect_serve
 
-    prefect_serve(deployment(name, cron, root, until))
+    prefect_serve(deployment(name, cron, root, until, durable))
 
 
 def list_schedules() -> list[dict]:

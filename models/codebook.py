@@ -19,15 +19,19 @@ uniform share (EMA vectors per update / codebook size); VAR's monitor uses the s
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
-def full_precision(device: torch.device) -> torch.autocast:
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
     """Quantisation runs in fp32 whatever autocast the caller uses (as VAR does): bf16 distances
-    pick wrong codes and bf16 residual sums drift."""
+    pick wrong codes and bf16 residual sums drift. (Meta tensors, used to size models without
+    memory, have no autocast at all.)"""
+    if device.type == "meta":
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
 
 

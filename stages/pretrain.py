@@ -115,6 +115,14 @@ class Config:
     """Guidance scales of the sample grids (1.0 = guidance-free; logits = u + cfg·(c − u))."""
     launcher: str = ""
     """accelerate config file to run under (e.g. accelerate/cpu-2proc.yaml); "" = this process."""
+    init_from: Literal["scratch", "champion"] = "scratch"
+    """``scratch``: random init. ``champion``: start from the weights of the MLflow registry's
+    ``arpipe-<arch>@champion`` (or version ``init_version``), e.g. for scheduled retraining. The
+    registry is state outside DVC: moving the alias does not make DVC re-run this stage (pin
+    ``init_version`` for a start point DVC sees); the version used is recorded in config.json."""
+    init_version: int = 0
+    """With ``init_from: champion``: the registered version of ``arpipe-<arch>`` to start from;
+    0 = whichever version the champion alias points to when the stage runs."""
 
     def __post_init__(self):
         for key in DERIVED_KEYS[self.arch]:
@@ -139,6 +147,10 @@ class Config:
             raise ValueError(f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}")
         if not self.sample_cfg:
             raise ValueError("sample_cfg needs at least one guidance scale (1.0 = guidance-free)")
+        if self.init_version < 0 or (self.init_version and self.init_from != "champion"):
+            raise ValueError(
+                f"init_version {self.init_version} needs init_from: champion and must be >= 1 (0 = the champion)"
+            )
 
 
 def arch_config_fields(arch: str) -> set[str]:
@@ -264,6 +276,10 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     arch_config = model_config(cfg, tok_config, train.token_layout, train.vocab_size, train.seq_len)
     tokenizer.to(accelerator.device)
     raw_model = build_ar(cfg.arch, arch_config, tokenizer.quantizer if cfg.arch == "var" else None)
+    resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, [paths.tokens, paths.tokenizer]), cfg.save_every)
+    # a resumed run keeps the start point recorded in its state (the alias may have moved since)
+    fresh_champion_start = cfg.init_from == "champion" and not resume.has_state()
+    init = warm_start(cfg, raw_model, tok_config["fingerprint"]) if fresh_champion_start else None
     raw_model.to(accelerator.device)
     optimizer = torch.optim.AdamW(raw_model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
@@ -271,10 +287,10 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, [paths.tokens, paths.tokenizer]), cfg.save_every)
     start, history = resume.restore()
     # the partly filled logging window is part of the state, so a resumed run logs the same rows
-    history = history or {"train": [], "val": [], "window": {"steps": 0, "loss": 0.0, "acc": 0.0}}
+    history = history or {"train": [], "val": [], "window": {"steps": 0, "loss": 0.0, "acc": 0.0}, "init": init}
+    init = history.get("init")
     window = history["window"]
     peak = matmul_peak_flops(accelerator.device, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32)
     flops_per_step = raw_model.flops_per_token() * cfg.batch_size * train.seq_len
@@ -284,6 +300,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         f"{train.seq_len} tokens, {world} process(es), measured peak {peak / 1e12:.3f} TFLOP/s per process"
     )
     tracker.log_params({"pretrain.params": params, "pretrain.processes": world})
+    tracker.set_tags({f"arpipe.init.{k}": v for k, v in (init or {"from": "scratch"}).items()})
 
     bar = step_bar(STAGE, start, cfg.steps, accelerator)
     window_start, timed_steps = time.perf_counter(), 0
@@ -372,6 +389,49 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     return metrics
 
 
+def warm_start(cfg: Config, raw_model, tokenizer_fingerprint: str) -> dict:
+    """Load the registered champion's (or ``init_version``'s) weights into ``raw_model``; returns
+    what was loaded, recorded in config.json (``init``) and as ``arpipe.init.*`` run tags."""
+    import tempfile
+
+    from core.registry import (
+        WarmStartError,
+        check_state_fits,
+        download_registered_checkpoint,
+        registered_model_name,
+        resolve_version,
+    )
+    from core.tracking import client_for, tracking_enabled, tracking_reachable, tracking_uri
+
+    if not tracking_enabled():
+        raise WarmStartError(
+            "pretrain.init_from: champion reads the MLflow registry, but tracking is off (ARPIPE_TRACKING=off); "
+            "turn tracking on or set init_from: scratch"
+        )
+    uri = tracking_uri()
+    if not tracking_reachable(uri):
+        raise WarmStartError(f"pretrain.init_from: champion: the tracking server {uri} is unreachable")
+    client = client_for()
+    name = registered_model_name(cfg.arch)
+    version = resolve_version(client, name, cfg.init_version)
+    what = f"{name} v{version.version}"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = download_registered_checkpoint(client, version, tmp)
+        state, config = read_checkpoint(folder, stage=f"evaluate ({what})")
+    if config.get("arch") != cfg.arch:
+        raise WarmStartError(
+            f"pretrain.init_from: {what} holds a {config.get('arch')} model; pretrain.arch is {cfg.arch}"
+        )
+    check_state_fits(state, raw_model.state_dict(), what)
+    raw_model.load_state_dict(state)
+    same_tokenizer = config.get("tokenizer_fingerprint") == tokenizer_fingerprint
+    print(f"{STAGE}: starting from {what} (fingerprint {config['fingerprint'][:12]})")
+    if not same_tokenizer:
+        print(f"{STAGE}: warning: {what} was trained on another tokenizer; its token ids mean other codes here")
+    return {"from": "champion", "model": name, "version": str(version.version), "fingerprint": config["fingerprint"],
+            "run_id": version.run_id, "same_tokenizer": same_tokenizer}  # fmt: skip
+
+
 def _weights_for_output(raw_model, ema: EMA | None):
     """The model to evaluate and write: a copy carrying the EMA weights, or the model itself."""
     if ema is None:
@@ -403,6 +463,7 @@ def _write_outputs(cfg, paths, model, arch_config, tok_config, train, val, token
         "image_size": tok_config["image_size"],
         "weights": "ema" if cfg.ema_decay > 0 else "final",
         "stage_config": dataclasses.asdict(cfg),
+        **({"init": history["init"]} if history.get("init") else {}),
     }
     write_checkpoint(out_dir, model.state_dict(), config)
     start = time.perf_counter()

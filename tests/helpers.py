@@ -1,9 +1,12 @@
 """Small builders shared by tests."""
 
 import io
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,4 +51,45 @@ def write_token_cache(root: Path, meta: dict = TOKEN_META) -> Path:
     rows = {"key": list("aabb"), "label": [0, 0, 1, 1], "view": [0, 1, 0, 1]}
     write_tokens(root / "train.parquet", rows, train, meta)
     write_tokens(root / "val.parquet", {"key": ["c"], "label": [1], "view": [0]}, np.array([[2, 6, 6]]), meta)
+    return root
+
+
+# A throwaway copy of the project as its own git + DVC repo (flow tests).
+PROJECT_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+    ".gitignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    "core",
+    "stages",
+    "models",
+    "arpipe",
+    "sources",
+]
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def make_project(root: Path, params: dict | None = None, dvc_yaml: dict | None = None) -> Path:
+    """A throwaway clone of the project (or a custom dvc.yaml) as its own git + DVC repo."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        dst = root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    if params is not None:
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if dvc_yaml is not None:
+        (root / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    git(root, "init", "-q")
+    git(root, "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    git(root, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
     return root

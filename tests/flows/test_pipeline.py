@@ -1,7 +1,6 @@
 """The Prefect flow: stages through DVC, nested MLflow runs with lineage tags, skips, timeouts."""
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -9,48 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, git, make_project
 from mlflow import MlflowClient
 
 from flows.pipeline import StageFailed, run_stage, select_stages, stage_names, summary_markdown
-
-PROJECT_FILES = [
-    "dvc.yaml",
-    "params.yaml",
-    ".dvcignore",
-    ".gitignore",
-    ".dvc/config",
-    ".dvc/.gitignore",
-    "core",
-    "stages",
-    "models",
-    "arpipe",
-]
-
-
-def git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def make_project(root: Path, params: dict | None = None, dvc_yaml: dict | None = None) -> Path:
-    """A throwaway clone of the project (or a custom dvc.yaml) as its own git + DVC repo."""
-    root.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        src = REPO / name
-        dst = root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dst)
-    if params is not None:
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    if dvc_yaml is not None:
-        (root / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
-    git(root, "init", "-q")
-    git(root, "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
-    git(root, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
-    return root
 
 
 def test_stage_order_comes_from_dvc_yaml_and_until_is_checked():

@@ -16,6 +16,13 @@ def test_register_lists_and_removes_a_cron_deployment(prefect_harness, tmp_path)
     assert schedule.list_schedules() == []
 
 
+def test_scheduled_runs_are_durable_unless_told_otherwise():
+    from flows import schedule
+
+    assert schedule.deployment("x", "0 3 * * 1", REPO).parameters["durable"] is True
+    assert schedule.deployment("x", "0 3 * * 1", REPO, durable=False).parameters["durable"] is False
+
+
 def test_a_bad_cron_expression_is_refused():
     from flows import schedule
 
@@ -30,7 +37,10 @@ def test_prefect_yaml_describes_the_same_flow_and_a_valid_schedule():
     from flows import schedule
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    (deployment,) = spec["deployments"]
+    (deployment,) = [
+        d for d in spec["deployments"] if d["name"] == "retrain"
+    ]  # the others: tests/flows/test_cluster.py
+    assert deployment["parameters"]["durable"] is True  # scheduled runs commit and push their results
     path, name = deployment["entrypoint"].split(":")
     flow = load_flow_from_entrypoint(f"{REPO / path}:{name}")
     assert flow.name == "arpipe-pipeline"

@@ -1,0 +1,149 @@
+"""pretrain.init_from: champion: a warm start from the MLflow registry's champion, and its refusals."""
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO
+
+from core.checkpoint import read_checkpoint
+from core.registry import WarmStartError, log_pyfunc, register_and_gate
+from core.tracking import NullTracker
+from stages.pretrain import Config, batch_at, run, token_loss
+
+# no dropout, so the step-0 loss is a function of the weights and the batch alone
+MODEL = {"depth": 2, "width": 32, "heads": 2, "token_dropout": 0.0, "resid_dropout": 0.0, "ffn_dropout": 0.0}
+
+
+def tiny(**overrides) -> Config:
+    values = dict(model=dict(MODEL), steps=2, batch_size=16, warmup_steps=1, log_every=1, eval_every=2,
+                  save_every=0, samples_per_class=1, sample_cfg=[1.0])  # fmt: skip
+    return Config(**{**values, **overrides})
+
+
+def paths_in(tiny_caches, root: Path):
+    return dataclasses.replace(
+        tiny_caches["vq"],
+        metrics=str(root / "metrics"),
+        plots=str(root / "plots"),
+        models=str(root / "models"),
+        resume=str(root / "resume"),
+    )
+
+
+@pytest.fixture(scope="module")
+def champion_dir(tiny_caches, tmp_path_factory) -> Path:
+    """A GPT trained for 40 steps: its loss is well below a fresh model's log V."""
+    paths = paths_in(tiny_caches, tmp_path_factory.mktemp("champion"))
+    run(tiny(steps=40, lr=3e-3, warmup_steps=3, log_every=10, eval_every=40), paths, NullTracker())
+    return Path(paths.models) / "base"
+
+
+def register(store_uri: str, checkpoint: Path, tokenizer: str, name: str = "arpipe-gpt") -> str:
+    """Log ``checkpoint`` as evaluate does (pyfunc, weights as artifacts) and make it the champion."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store_uri)
+    artifacts = Path(store_uri.removeprefix("sqlite:///")).parent / "artifacts"  # not ./mlruns in the cwd
+    experiment = client.create_experiment(f"registry-{name}", artifact_location=artifacts.as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    source = log_pyfunc(
+        client,
+        run_id,
+        REPO / "arpipe" / "pyfunc_model.py",
+        artifacts={"model": str(checkpoint), "tokenizer": tokenizer},
+        code_paths=[str(REPO / "models")],
+        pip_requirements=["torch"],
+    )
+    version, decision = register_and_gate(
+        client, name=name, source=source, run_id=run_id, metric="fid@cfg1", value=1.0, higher_is_better=False
+    )
+    assert decision.promote
+    return version
+
+
+def first_logged_loss(paths) -> float:
+    rows = list(csv.DictReader(open(Path(paths.plots) / "pretrain" / "train.csv")))
+    return float(rows[0]["loss"])
+
+
+def step0_loss(checkpoint: Path, tiny_caches, cfg: Config) -> float:
+    """The loss of ``checkpoint``'s weights on the stage's step-0 batch (labels dropped as the stage does)."""
+    from core.token_store import load_tokens
+    from core.training import step_generator
+    from models.ar import ar_from_state, tokenizer_from_state
+
+    tok_state, tok_config = read_checkpoint(tiny_caches["vq"].tokenizer)
+    state, config = read_checkpoint(checkpoint)
+    model = ar_from_state(state, config, tokenizer_from_state(tok_state, tok_config)).train()
+    train = load_tokens(Path(tiny_caches["vq"].tokens) / "train.parquet")
+    tokens_BL, labels_B = batch_at(cfg, train.tokens_NL, train.labels_N, 0)
+    labels_B = model.drop_labels(labels_B, step_generator(cfg.seed, 0, purpose=4))
+    with torch.no_grad():
+        return float(token_loss(model(tokens_BL, labels_B, label_dropout=False), tokens_BL))
+
+
+def test_warm_start_begins_from_the_champions_weights(tiny_caches, champion_dir, tmp_path, mlflow_store):
+    from mlflow import MlflowClient
+
+    from core.tracking import stage_run
+
+    version = register(mlflow_store, champion_dir, tiny_caches["vq"].tokenizer)
+    cfg = tiny(init_from="champion")
+    warm = paths_in(tiny_caches, tmp_path / "warm")
+    with stage_run("pretrain") as tracker:
+        run(cfg, warm, tracker)
+    expected = step0_loss(champion_dir, tiny_caches, cfg)
+    assert first_logged_loss(warm) == pytest.approx(expected, rel=1e-5)
+
+    scratch = paths_in(tiny_caches, tmp_path / "scratch")
+    run(tiny(), scratch, NullTracker())
+    assert first_logged_loss(scratch) > expected + 0.1  # a fresh model starts near log V, far above
+
+    _, champion_config = read_checkpoint(champion_dir)
+    _, config = read_checkpoint(Path(warm.models) / "base")
+    assert config["init"]["version"] == version and config["init"]["model"] == "arpipe-gpt"
+    assert config["init"]["fingerprint"] == champion_config["fingerprint"] and config["init"]["same_tokenizer"]
+    tags = MlflowClient(mlflow_store).get_run(tracker.run_id).data.tags
+    assert tags["arpipe.init.from"] == "champion" and tags["arpipe.init.version"] == version
+    assert tags["arpipe.init.fingerprint"] == champion_config["fingerprint"]
+    assert "init" not in json.loads((Path(scratch.models) / "base" / "config.json").read_text())
+
+    # a pinned version is the same start point, whatever the alias says
+    pinned = paths_in(tiny_caches, tmp_path / "pinned")
+    run(tiny(init_from="champion", init_version=int(version)), pinned, NullTracker())
+    assert first_logged_loss(pinned) == pytest.approx(expected, rel=1e-5)
+
+
+def test_refuses_with_tracking_off(tiny_caches, tmp_path, monkeypatch):
+    monkeypatch.setenv("ARPIPE_TRACKING", "off")
+    with pytest.raises(WarmStartError, match="tracking is off"):
+        run(tiny(init_from="champion"), paths_in(tiny_caches, tmp_path), NullTracker())
+
+
+def test_refuses_when_there_is_no_champion(tiny_caches, tmp_path, mlflow_store):
+    with pytest.raises(WarmStartError, match="no champion alias on arpipe-gpt; no arpipe model has a champion yet"):
+        run(tiny(init_from="champion"), paths_in(tiny_caches, tmp_path), NullTracker())
+
+
+def test_refuses_another_architecture_naming_the_key(tiny_caches, champion_dir, tmp_path, mlflow_store):
+    register(mlflow_store, champion_dir, tiny_caches["vq"].tokenizer)
+    wider = tiny(init_from="champion", model={**MODEL, "width": 64})
+    shape = r"class_embedding.weight has shape \(\d+, 32\) in it and \(\d+, 64\) here"
+    with pytest.raises(WarmStartError, match=shape):
+        run(wider, paths_in(tiny_caches, tmp_path), NullTracker())
+    deeper = tiny(init_from="champion", model={**MODEL, "depth": 3})
+    with pytest.raises(WarmStartError, match=r"blocks.2.\S+ is missing from its weights"):
+        run(deeper, paths_in(tiny_caches, tmp_path), NullTracker())
+    # pretrain.arch var looks for arpipe-var, which has no champion: the message points at the mismatch
+    with pytest.raises(WarmStartError, match="models with a champion: arpipe-gpt \\(does pretrain.arch match"):
+        run(tiny(arch="var", model={"depth": 2, "width": 32, "heads": 2}, init_from="champion"),
+            paths_in({"vq": tiny_caches["msvq"]}, tmp_path), NullTracker())  # fmt: skip
+
+
+def test_init_version_needs_init_from_champion():
+    with pytest.raises(ValueError, match="init_version 3 needs init_from: champion"):
+        Config(init_version=3)
