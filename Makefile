@@ -17,7 +17,7 @@ TORCH_SPEC := torch==$(TORCH_VERSION)
 TORCH_INDEX := --extra-index-url https://download.pytorch.org/whl/$(TORCH_VARIANT)
 endif
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench browser-deps clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -42,6 +42,17 @@ bench: install
 	$(BIN)/python benchmarks/shard.py
 	$(BIN)/python benchmarks/tokens.py
 	$(BIN)/python benchmarks/train_step.py
+
+# Debian's Chromium (and its driver) for the browser test of the MLflow UI
+# (tests/cli/test_ui_browser.py); Playwright drives it, so no browser is ever downloaded.
+APT_GET := $(if $(filter 0,$(shell id -u)),,sudo )env DEBIAN_FRONTEND=noninteractive apt-get
+browser-deps:
+	@if [ -x /usr/bin/chromium ]; then \
+		echo "browser-deps: $$(/usr/bin/chromium --version 2>/dev/null) already installed"; \
+	else \
+		$(APT_GET) install -y chromium chromium-driver \
+			|| { $(APT_GET) update && $(APT_GET) install -y chromium chromium-driver; }; \
+	fi
 
 clean:
 	rm -rf $(VENV) .arpipe

@@ -55,8 +55,10 @@ SERVER_START_S = 180  # `mlflow server` needs ~9 s on an idle machine, far more 
 UI_TIMEOUT_MS = 60_000  # per wait for the React app to render something
 
 
-def _playwright_or_skip():
-    """Playwright's sync API, or a skip (a failure in CI) naming what is missing."""
+@pytest.fixture
+def sync_playwright():
+    """Playwright's sync API, or a skip (a failure in CI) naming what is missing; checked before
+    the store and the server are built."""
     missing = []
     if not CHROMIUM.is_file():
         missing.append(f"Chromium ({CHROMIUM}; `make browser-deps` installs Debian's chromium)")
@@ -68,7 +70,7 @@ def _playwright_or_skip():
     if missing:
         message = "browser test needs " + " and ".join(missing)
         if os.environ.get("CI"):
-            pytest.fail(message + " (CI must run it: .ci/run installs Chromium)")
+            pytest.fail(message + " (in CI it must run: .ci/run installs both)")
         pytest.skip(message)
     return sync_playwright
 
@@ -164,8 +166,7 @@ def screenshots(tmp_path):
             shutil.copy(png, Path(target) / png.name)
 
 
-def test_the_mlflow_ui_shows_stage_runs_metrics_and_sample_images(pipeline_store, ui_url, screenshots):
-    sync_playwright = _playwright_or_skip()
+def test_the_mlflow_ui_shows_stage_runs_metrics_and_sample_images(sync_playwright, pipeline_store, ui_url, screenshots):
     from playwright.sync_api import expect
 
     with sync_playwright() as playwright:
