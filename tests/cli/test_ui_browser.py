@@ -10,6 +10,7 @@ Screenshots land in the test's tmp folder and, when ARPIPE_SCREENSHOTS names a f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -138,12 +139,36 @@ def ui_url(pipeline_store, tmp_path):
         assert printed, f"`arpipe ui` printed no runs URL:\n{log.read_text()}"
         yield printed.group(1)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        _stop_group(server)
+
+
+def _stop_group(leader: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM `arpipe ui`'s process group (it, `mlflow server`, uvicorn), SIGKILL what is left
+    after `timeout_s`; returns once no live process of the group remains."""
+    with contextlib.suppress(ProcessLookupError):  # it may have exited on its own
+        os.killpg(leader.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        leader.poll()  # reap our own child; the others are reaped by init
+        if not _live_members(leader.pid):
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(leader.pid, signal.SIGKILL)
+    leader.wait()
+
+
+def _live_members(group: int) -> list[int]:
+    """Processes of process group `group` that are not zombies (Linux /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
 
 
 def _healthy(port: int) -> bool:
