@@ -130,10 +130,10 @@ def ui(port: int, host: str) -> None:
 def _runs_url(host: str, port: int, root: Path) -> str:
     """The experiment's runs table. MLflow 3.17 opens an experiment in its GenAI (traces) view
     unless the URL asks for the model-training one (the sidebar's "Model training" switch)."""
-    from core.tracking import client_for, experiment_name
+    from core.tracking import DEFAULT_EXPERIMENT, client_for
 
     view = "?workflowType=machine_learning"
-    experiment = client_for(root).get_experiment_by_name(experiment_name())
+    experiment = client_for(root).get_experiment_by_name(os.environ.get("ARPIPE_EXPERIMENT", DEFAULT_EXPERIMENT))
     if experiment is None:  # nothing tracked yet
         return f"http://{host}:{port}/#/experiments{view}"
     return f"http://{host}:{port}/#/experiments/{experiment.experiment_id}/runs{view}"

@@ -129,13 +129,9 @@ def client_for(root: Path | None = None):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def experiment_name() -> str:
-    return os.environ.get("ARPIPE_EXPERIMENT", DEFAULT_EXPERIMENT)
-
-
 def experiment_id(client, root: Path | None = None) -> str:
     """The experiment's id, created on first use with an absolute artifact folder in the repo."""
-    name = experiment_name()
+    name = os.environ.get("ARPIPE_EXPERIMENT", DEFAULT_EXPERIMENT)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
