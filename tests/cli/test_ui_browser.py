@@ -1,7 +1,8 @@
 """`arpipe ui` in a real browser: headless Chromium, driven by Playwright, on the MLflow UI of a
 tiny pipeline's store (a pipeline run with real `shard` and `train_tokenizer` stage runs nested
-under it). Checks what a user looks for: the stage runs in the experiment's runs table, their
-metrics in the run-compare view, and their sample images in the artifact viewer.
+under it), started through the command users run. Checks what a user looks for: the stage runs
+nested in the experiment's runs table, their metrics in the run-compare view and on each run's
+page, and their sample images in the artifact viewer with the pixels MLflow stored.
 
 Needs Debian's chromium (`make browser-deps`) and the dev extra's playwright; it never downloads a
 browser. Outside CI it is skipped when they are missing; in CI (env CI set) it fails instead.
