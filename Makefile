@@ -17,7 +17,7 @@ TORCH_SPEC := torch==$(TORCH_VERSION)
 TORCH_INDEX := --extra-index-url https://download.pytorch.org/whl/$(TORCH_VARIANT)
 endif
 
-.PHONY: install run test lint bench bench-posttrain clean
+.PHONY: install run test lint bench bench-posttrain browser-deps clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -51,6 +51,17 @@ bench: install
 # base vs every post-training stage, both families, 3 seeds (about 45 min on 2 CPU cores)
 bench-posttrain: install
 	$(BIN)/python benchmarks/posttrain.py
+
+# Debian's Chromium (and its driver) for the browser test of the MLflow UI
+# (tests/cli/test_ui_browser.py); Playwright drives it, so no browser is ever downloaded.
+APT_GET := $(if $(filter 0,$(shell id -u)),,sudo )env DEBIAN_FRONTEND=noninteractive apt-get
+browser-deps:
+	@if [ -x /usr/bin/chromium ]; then \
+		echo "browser-deps: $$(/usr/bin/chromium --version 2>/dev/null) already installed"; \
+	else \
+		$(APT_GET) install -y chromium chromium-driver \
+			|| { $(APT_GET) update && $(APT_GET) install -y chromium chromium-driver; }; \
+	fi
 
 clean:
 	rm -rf $(VENV) .arpipe

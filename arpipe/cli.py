@@ -108,6 +108,8 @@ def ui(port: int, host: str) -> None:
     """
     root = _root()
     _setup_env(root)
+    # MLflow's job runner (GenAI judges, trace roll-ups) is seven more processes arpipe never uses.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     uri = os.environ["MLFLOW_TRACKING_URI"]
     cmd = [
         sys.executable,
@@ -126,7 +128,20 @@ def ui(port: int, host: str) -> None:
     if uri.startswith("sqlite:"):
         cmd += ["--artifacts-destination", str(root / ".arpipe" / "mlartifacts")]
     click.echo(f"MLflow UI on http://{host}:{port} (store {uri})")
+    click.echo(f"  runs: {_runs_url(host, port, root)}")
     raise SystemExit(subprocess.call(cmd))
+
+
+def _runs_url(host: str, port: int, root: Path) -> str:
+    """The experiment's runs table. MLflow 3.17 opens an experiment in its GenAI (traces) view
+    unless the URL asks for the model-training one (the sidebar's "Model training" switch)."""
+    from core.tracking import DEFAULT_EXPERIMENT, client_for
+
+    view = "?workflowType=machine_learning"
+    experiment = client_for(root).get_experiment_by_name(os.environ.get("ARPIPE_EXPERIMENT", DEFAULT_EXPERIMENT))
+    if experiment is None:  # nothing tracked yet
+        return f"http://{host}:{port}/#/experiments{view}"
+    return f"http://{host}:{port}/#/experiments/{experiment.experiment_id}/runs{view}"
 
 
 def _class_ids(spec: str, class_names: list[str]) -> list[int]:
