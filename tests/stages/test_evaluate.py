@@ -176,9 +176,8 @@ def test_the_distilled_student_is_scored_at_one_and_two_steps_against_its_teache
     models = tmp_path / "models"
     models.mkdir()
     (models / "base").symlink_to(Path(chain.models) / "base")
-    paths = dataclasses.replace(chain, models=str(models), distill=str(tmp_path / "distill"), eval=str(tmp_path / "eval"),
-                                metrics=str(tmp_path / "metrics"), plots=str(tmp_path / "plots"),
-                                resume=str(tmp_path / "resume"))  # fmt: skip
+    outs = {name: str(tmp_path / name) for name in ("distill", "eval", "metrics", "plots", "resume")}
+    paths = dataclasses.replace(chain, models=str(models), **outs)
     pairs = distill_pairs.Config(teacher="base", count=64, batch_size=32, cfg=2.0, ode_steps=8, t_min=0.02)
     distill_pairs.run(pairs, paths, NullTracker())
     distill.run(distill.Config(steps=4, batch_size=16, warmup_steps=1, val_count=8, save_every=0, samples_per_class=1),
