@@ -44,6 +44,8 @@ class Paths:
     evalnet: str = "data/evalnet"
     """Evaluation classifier (model.safetensors + config.json) written by ``train_evalnet``: its
     features and logits are the FID/IS/precision/recall space when no Inception weights are given."""
+    distill: str = "data/distill"
+    """Distillation pairs (pairs.parquet: label, noise, tokens) written by ``distill_pairs``."""
     eval: str = "data/eval"
     """Evaluation report (report.md) and sample grid (grid.png) written by ``evaluate``."""
     resume: str = ".arpipe/resume"

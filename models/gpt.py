@@ -26,7 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.sampling import GuidanceSchedule, classifier_free_guidance, guidance_schedule, sample_tokens
+from models.sampling import (
+    GuidanceSchedule,
+    TokenDraw,
+    classifier_free_guidance,
+    guidance_schedule,
+    sample_tokens,
+)
 from models.transformer_blocks import (
     ClassConditionalAR,
     DepthScaled,
@@ -195,6 +201,7 @@ class GPT(ClassConditionalAR, nn.Module):
         top_k: int = 0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        draw: TokenDraw | None = None,
     ) -> torch.Tensor:
         """Sample tokens_BL (int64) for ``labels_B`` one token per step with a preallocated KV cache.
 
@@ -204,7 +211,9 @@ class GPT(ClassConditionalAR, nn.Module):
         runs conditional and null class together as one batch of 2B, and the token drawn from the
         guided logits is fed to both halves. ``temperature`` (0 = greedy), ``top_k`` (0 = off),
         ``top_p`` (1.0 = off) filter the logits; tokens are drawn with ``torch.multinomial`` from
-        ``generator``. Dropout is off while sampling; the train/eval mode is restored afterwards.
+        ``generator``. ``draw(step, guided fp32 logits (B, V)) -> tokens`` replaces that draw
+        (the temperature and filters are then the callable's; models/dd.py's flow-matching map is
+        one). Dropout is off while sampling; the train/eval mode is restored afterwards.
         """
         scales = guidance_schedule(cfg, self.steps)
         guided = any(scale != 1.0 for scale in scales)
@@ -230,9 +239,12 @@ class GPT(ClassConditionalAR, nn.Module):
                 if guided:
                     cond_BV, uncond_BV = logits_BV.chunk(2)
                     logits_BV = classifier_free_guidance(cond_BV, uncond_BV, scales[step])
-                next_B = sample_tokens(
-                    logits_BV, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-                )
+                if draw is not None:
+                    next_B = draw(step, logits_BV)
+                else:
+                    next_B = sample_tokens(
+                        logits_BV, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+                    )
                 tokens_BL[:, step] = next_B
                 x_B1C = self.token_embedding(next_B.repeat(2) if guided else next_B)[:, None]
         finally:

@@ -146,9 +146,13 @@ class MultiScaleResidualQuantizer(nn.Module):
     def scale_contribution(self, tokens_B_l: torch.Tensor, scale_index: int) -> torch.Tensor:
         """Scale k's tokens -> φ_k(bicubic_up(σ_k·codes + μ_k)) at latent size, the term added
         to f_hat."""
+        return self.code_contribution(self.codebook(tokens_B_l.reshape(len(tokens_B_l), -1)).float(), scale_index)
+
+    def code_contribution(self, codes_BLC: torch.Tensor, scale_index: int) -> torch.Tensor:
+        """``scale_contribution`` from scale k's code vectors (B, s_k², C) in the codebook's space,
+        which need not be codewords (a distilled model's continuous outputs)."""
         side = self.scales[scale_index]
-        codes_BLC = self.codebook(tokens_B_l.reshape(len(tokens_B_l), -1)).float()
-        codes_BLC = codes_BLC * self.spread_K[scale_index] + self.center_KC[scale_index]
+        codes_BLC = codes_BLC.float() * self.spread_K[scale_index] + self.center_KC[scale_index]
         codes_BChw = rearrange(codes_BLC, "b (h w) c -> b c h w", h=side, w=side)
         if scale_index != len(self.scales) - 1:
             codes_BChw = F.interpolate(codes_BChw, size=(self.latent_side, self.latent_side), mode="bicubic")
@@ -239,6 +243,14 @@ class MultiScaleResidualQuantizer(nn.Module):
         with full_precision(f_hat.device):
             for k, tokens_B_l in enumerate(self.split_scales(tokens_BL)):
                 f_hat = f_hat + self.scale_contribution(tokens_B_l, k)
+        return f_hat
+
+    def codes_to_f_hat(self, codes_BLC: torch.Tensor) -> torch.Tensor:
+        """Code vectors (B, L, C) of every position -> final f_hat, like ``tokens_to_f_hat``."""
+        f_hat = self.empty_f_hat(len(codes_BLC))
+        with full_precision(f_hat.device):
+            for k, codes_BlC in enumerate(codes_BLC.split([side * side for side in self.scales], dim=1)):
+                f_hat = f_hat + self.code_contribution(codes_BlC, k)
         return f_hat
 
     def teacher_forcing_input(self, tokens_BL: torch.Tensor) -> torch.Tensor:

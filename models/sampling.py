@@ -20,6 +20,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 GuidanceSchedule = float | Sequence[float] | torch.Tensor | Callable[[int], float]
+TokenDraw = Callable[[int, torch.Tensor], torch.Tensor]
+"""``draw(step, guided fp32 logits (..., V)) -> tokens (...)``: a model's ``generate`` calls it in
+place of ``sample_tokens`` when given one (e.g. the deterministic flow-matching map of models/dd.py)."""
 
 
 def classifier_free_guidance(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:

@@ -44,7 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.residual_quantizer import MultiScaleResidualQuantizer
-from models.sampling import GuidanceSchedule, classifier_free_guidance, guidance_schedule, sample_tokens
+from models.sampling import (
+    GuidanceSchedule,
+    TokenDraw,
+    classifier_free_guidance,
+    guidance_schedule,
+    sample_tokens,
+)
 from models.transformer_blocks import (
     AdaLNBeforeHead,
     AdaLNBlock,
@@ -301,6 +307,7 @@ class VAR(ClassConditionalAR, nn.Module):
         top_k: int = 0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        draw: TokenDraw | None = None,
     ) -> torch.Tensor:
         """Sample tokens_BL (int64) for ``labels_B``, one whole scale per step, with a KV cache.
 
@@ -310,7 +317,9 @@ class VAR(ClassConditionalAR, nn.Module):
         runs conditional and null class together as one batch of 2B, and the tokens drawn from the
         guided logits build the next scale's input for both halves. ``temperature`` (0 = greedy),
         ``top_k`` (0 = off), ``top_p`` (1.0 = off) filter the logits; every position of a scale is
-        drawn with ``torch.multinomial`` from ``generator``. Dropout is off while sampling; the
+        drawn with ``torch.multinomial`` from ``generator``. ``draw(step, guided fp32 logits
+        (B, l, V)) -> tokens`` replaces that draw (the temperature and filters are then the
+        callable's; models/dd.py's flow-matching map is one). Dropout is off while sampling; the
         train/eval mode is restored afterwards.
         """
         scales = guidance_schedule(cfg, self.steps)
@@ -340,9 +349,12 @@ class VAR(ClassConditionalAR, nn.Module):
                 if guided:
                     cond_BlV, uncond_BlV = logits_BlV.chunk(2)
                     logits_BlV = classifier_free_guidance(cond_BlV, uncond_BlV, scales[step])
-                tokens_Bl = sample_tokens(
-                    logits_BlV, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-                )
+                if draw is not None:
+                    tokens_Bl = draw(step, logits_BlV)
+                else:
+                    tokens_Bl = sample_tokens(
+                        logits_BlV, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+                    )
                 tokens_BL[:, start:end] = tokens_Bl
                 f_hat_BChw, inputs_BlC = self.quantizer.next_scale_input(f_hat_BChw, step, tokens_Bl)
                 if inputs_BlC is not None:

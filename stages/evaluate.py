@@ -21,6 +21,13 @@ A pass-through checkpoint (``config.json`` has ``passthrough_of``, e.g. ``sar`` 
 the same weights as the checkpoint it copies, so it is not sampled again: the report says so in one
 line and ``metrics/evaluate.json`` has no entry for it.
 
+The distilled student (``distilled``, from the ``distill`` stage) has no guidance knob (its
+teacher's is baked in): it is sampled in one and in two steps, reported as guidance ``1step`` and
+``2step`` (keys ``distilled/1step/fid``, ...), next to its FID ratio to the teacher at the
+teacher's distillation guidance (``fid_vs_teacher``) and its speed-up over that teacher measured
+in this run (images/s ratio; sequential forward passes 1 or 2 against the teacher's steps). It is
+reported, not registered: the champion is chosen among the AR checkpoints.
+
 Writes ``paths.eval/report.md`` (one side-by-side table) and ``grid.png`` (one row per
 checkpoint and guidance, a column per class), ``metrics/evaluate.json`` keyed
 ``<checkpoint>/<guidance>/<metric>`` (guidance ``cfg1`` is guidance-free), and the measured
@@ -51,12 +58,15 @@ from core.shards import load_split
 from core.stage import stage_main
 from core.training import process_state
 from models.ar import ar_from_state, sample_images, tokenizer_from_state
+from models.dd_student import sample_distilled_images, student_from_state
 from models.evalnet import build_evalnet, embed_images
 from models.inception import embed_inception, load_inception
 from models.metrics import class_accuracy, fid_from_features, inception_score, precision_recall
 
 STAGE = "evaluate"
 CHAIN = ("base", "sar", "cca", "ddo", "distilled")
+DISTILLED = "distilled"
+DISTILLED_MODES = {"1step": 1, "2step": 2}  # guidance column of the distilled rows -> sequential passes
 METRICS = ("fid", "is", "precision", "recall", "class_acc")
 """Metrics in the evalnet (proxy) feature space, always computed."""
 INCEPTION_METRICS = ("inception_fid", "inception_is", "inception_precision", "inception_recall")
@@ -245,14 +255,31 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     speed: dict = {}
     grid_rows = [_grid_row(val.images_NHWC, val.labels_N, num_classes, cfg.grid_per_class)]
     row_names = ["val (real)"]
-    arches = {}
+    arches, models = {}, {}
     for name in names:
         state, config = read_checkpoint(Path(paths.models) / name)
         if config.get("tokenizer_fingerprint") != tok_config["fingerprint"]:
             raise ValueError(
                 f"{paths.models}/{name} was trained on another tokenizer: re-run the stages after train_tokenizer"
             )
+        if config.get("distilled"):
+            student = student_from_state(state, config, tokenizer)
+            results[name], speed[name] = {}, {}
+            for mode, steps in DISTILLED_MODES.items():
+                start = time.perf_counter()
+                images = sample_distilled_images(
+                    student, tokenizer, labels_N, steps=steps, seed=cfg.seed, batch_size=cfg.batch_size
+                ).numpy()
+                speed[name][f"{mode}_images_per_s"] = len(images) / (time.perf_counter() - start)
+                speed[name][f"{mode}_steps_per_image"] = steps
+                results[name][mode] = score_images(images, labels_N.numpy(), spaces, cfg)
+                grid_rows.append(_grid_row(images, labels_N.numpy(), num_classes, cfg.grid_per_class))
+                row_names.append(f"{name} {mode}")
+            _compare_with_teacher(cfg, config["teacher"], results, speed, models, tokenizer, labels_N, name)
+            print(f"{STAGE}: {name}: " + ", ".join(_fid_line(g, m) for g, m in results[name].items()))
+            continue
         model = ar_from_state(state, config, tokenizer)
+        models[name] = model
         arches[name] = config["arch"]
         results[name], speed[name] = {}, {"steps_per_image": model.steps}
         for scale in cfg.scales:
@@ -274,11 +301,14 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
             row_names.append(f"{name} {guidance_key(scale)}")
         print(f"{STAGE}: {name}: " + ", ".join(_fid_line(g, m) for g, m in results[name].items()))
 
-    # 3. outs, the best checkpoint and the registry
-    best = _best(names, results, cfg)
+    # 3. outs, the best checkpoint (among the AR checkpoints, which the registry can serve) and the registry
+    ar_names = [name for name in names if name in models]
+    if not ar_names:
+        raise FileNotFoundError(f"no AR checkpoint in {paths.models} besides the distilled student")
+    best = _best(ar_names, results, cfg)
     eval_dir = Path(paths.eval)
     eval_dir.mkdir(parents=True, exist_ok=True)
-    report = report_markdown(results, names, cfg, best, evalnet_config, inception_identity, skipped)
+    report = report_markdown(results, names, cfg, best, evalnet_config, inception_identity, skipped, speed)
     (eval_dir / "report.md").write_text(report)
     grid = image_grid(np.concatenate(grid_rows), num_classes * cfg.grid_per_class)
     save_png(grid, eval_dir / "grid.png")
@@ -300,6 +330,28 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
 def _fid_line(guidance: str, metrics: dict) -> str:
     inception = f" (Inception {metrics['inception_fid']:.2f})" if "inception_fid" in metrics else ""
     return f"{guidance} FID {metrics['fid']:.2f}{inception}"
+
+
+def _compare_with_teacher(cfg: Config, teacher: dict, results, speed, models, tokenizer, labels_N, name) -> None:
+    """The student's FID ratio and speed-up against its teacher at the teacher's distillation
+    guidance, timed in this run (the teacher is sampled again for timing if that guidance was not
+    among ``cfg_scales``). Skipped when the teacher checkpoint is not evaluated here."""
+    teacher_name, guidance = teacher["name"], guidance_key(teacher["cfg"])
+    if teacher_name not in models:
+        print(f"{STAGE}: {name}: teacher {teacher_name} is not evaluated here; no speed-up or FID ratio")
+        return
+    teacher_speed = speed[teacher_name]
+    key = f"{guidance}_images_per_s"
+    if key not in teacher_speed:
+        start = time.perf_counter()
+        sample_images(models[teacher_name], tokenizer, labels_N, cfg=teacher["cfg"], temperature=cfg.temperature,
+                      top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size)  # fmt: skip
+        teacher_speed[key] = len(labels_N) / (time.perf_counter() - start)
+    for mode in DISTILLED_MODES:
+        speed[name][f"{mode}_speedup"] = speed[name][f"{mode}_images_per_s"] / teacher_speed[key]
+        speed[name][f"{mode}_step_reduction"] = teacher_speed["steps_per_image"] / DISTILLED_MODES[mode]
+        if guidance in results[teacher_name]:
+            results[name][mode]["fid_vs_teacher"] = results[name][mode]["fid"] / results[teacher_name][guidance]["fid"]
 
 
 @torch.no_grad()
@@ -341,9 +393,11 @@ def report_markdown(
     evalnet_config: dict,
     inception_identity: str | None = None,
     skipped: dict | None = None,
+    speed: dict | None = None,
 ) -> str:
     """One side-by-side table per feature space: bounds first, then each checkpoint at each guidance
-    scale; then one line per pass-through checkpoint that was not evaluated."""
+    scale (the distilled student at 1 and 2 steps); then one line per pass-through checkpoint that
+    was not evaluated and the student against its teacher."""
     lines = [
         "# arpipe evaluation",
         "",
@@ -377,6 +431,19 @@ def report_markdown(
     lines += ["", f"Best by {cfg.select_metric} at {guidance_key(cfg.select_guidance)}: **{best}**.", ""]
     lines += [f"Not evaluated: `{name}`, {why}." for name, why in (skipped or {}).items()]
     lines += [""] if skipped else []
+    student = (speed or {}).get(DISTILLED, {})
+    if "1step_speedup" in student:
+        lines += [
+            "Distilled student against its teacher (same run, same labels; speed-up = images/s ratio):",
+            "",
+            "| sampling | FID / teacher's ↓ | speed-up ↑ | sequential passes: teacher / student |",
+            "|---|---|---|---|",
+        ]
+        for mode, steps in DISTILLED_MODES.items():
+            ratio = results[DISTILLED][mode].get("fid_vs_teacher", float("nan"))
+            passes = student[f"{mode}_step_reduction"] * steps
+            lines.append(f"| {mode} | {ratio:.2f}x | {student[f'{mode}_speedup']:.1f}x | {passes:g} / {steps} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -396,7 +463,7 @@ def _table(results: dict, names: list[str], cfg: Config, best: str, prefix: str,
         "| checkpoint | guidance | " + " | ".join(titles[m] for m in metrics) + " |",
         "|" + "---|" * (2 + len(metrics)),
     ]
-    rows = [("reconstruction", "real"), ("train", "real")] + [(n, guidance_key(s)) for n in names for s in cfg.scales]
+    rows = [("reconstruction", "real"), ("train", "real")] + [(n, g) for n in names for g in results[n]]
     for name, guidance in rows:
         values = results[name][guidance]
         shown = label.get(name, f"**{name}**" if name == best else name)

@@ -112,7 +112,8 @@ def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflo
 
 @pytest.mark.slow
 def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_store, prefect_harness, monkeypatch):
-    """shard -> train_tokenizer (msvq) -> cache_tokens -> pretrain (var) -> sar -> cca -> train_evalnet -> evaluate,
+    """shard -> train_tokenizer (msvq) -> cache_tokens -> pretrain (var) -> sar -> cca -> distill_pairs -> distill ->
+    train_evalnet -> evaluate,
     each a DVC stage run by the flow, each an MLflow child run; the champion is registered; a second
     run skips everything."""
     from helpers import TINY_MSVQ
@@ -134,6 +135,10 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
     )
     params["sar"].update(steps=3, batch_size=16, log_every=1, save_every=0, samples_per_class=1)
     params["cca"].update(steps=3, batch_size=16, log_every=1, save_every=0, samples_per_class=1)
+    params["distill_pairs"].update(count=48, batch_size=24, ode_steps=8)
+    params["distill"].update(
+        steps=3, batch_size=16, warmup_steps=1, log_every=1, save_every=0, val_count=8, samples_per_class=1
+    )
     params["train_evalnet"].update(steps=8, batch_size=16, model={"channels": [8, 16], "feature_dim": 16})
     params["evaluate"].update(samples_per_class=4, cfg_scales=[1.0, 2.0], grid_per_class=1)
     root = make_project(tmp_path / "project", params=params)
@@ -147,6 +152,8 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
         ("pretrain", "ran"),
         ("sar", "ran"),
         ("cca", "ran"),
+        ("distill_pairs", "ran"),
+        ("distill", "ran"),
         ("train_evalnet", "ran"),
         ("evaluate", "ran"),
     ]
@@ -167,7 +174,12 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
     assert evaluation.data.tags["arpipe.registry.model"] == "arpipe-var"
     champion = client.get_model_version_by_alias("arpipe-var", "champion")
     assert champion.tags["arpipe.checkpoint"] in {"base", "sar", "cca"}
-    assert {"base/cfg1/fid", "sar/cfg1/fid", "cca/cfg1/fid"} <= set(evaluation.data.metrics)
+    assert {"base/cfg1/fid", "sar/cfg1/fid", "cca/cfg1/fid", "distilled/1step/fid", "distilled/2step/fid"} <= set(
+        evaluation.data.metrics
+    )
+    assert evaluation.data.metrics["speed/distilled/1step_speedup"] > 0
+    distilled = json.loads((root / "data" / "models" / "distilled" / "config.json").read_text())
+    assert distilled["distilled"] is True and distilled["teacher"]["name"] == "cca"
     assert (root / "data" / "eval" / "report.md").is_file()
     again = pipeline(root=str(root))
     assert {r["status"] for r in again} == {"skipped"}

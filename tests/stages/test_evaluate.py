@@ -282,3 +282,30 @@ def test_missing_or_corrupt_inception_weights_fail_before_any_sampling(small_cha
 def test_inception_metrics_need_inception_weights():
     with pytest.raises(ValueError, match="select_metric inception_fid needs inception_weights"):
         Config(select_metric="inception_fid")
+
+
+def test_the_distilled_student_is_scored_at_one_and_two_steps_against_its_teacher(chain, tmp_path):
+    from stages import distill, distill_pairs
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "base").symlink_to(Path(chain.models) / "base")
+    outs = {name: str(tmp_path / name) for name in ("distill", "eval", "metrics", "plots", "resume")}
+    paths = dataclasses.replace(chain, models=str(models), **outs)
+    pairs = distill_pairs.Config(teacher="base", count=64, batch_size=32, cfg=2.0, ode_steps=8, t_min=0.02)
+    distill_pairs.run(pairs, paths, NullTracker())
+    distill.run(distill.Config(steps=4, batch_size=16, warmup_steps=1, val_count=8, save_every=0, samples_per_class=1),
+                paths, NullTracker())  # fmt: skip
+    metrics = run(tiny(register=False), paths, NullTracker())
+    assert set(metrics["distilled"]) == {"1step", "2step"}
+    for block in metrics["distilled"].values():
+        assert set(block) == {*evaluate.METRICS, "fid_vs_teacher"}
+        assert block["fid_vs_teacher"] == pytest.approx(block["fid"] / metrics["base"]["cfg2"]["fid"])
+    speed = json.loads((tmp_path / "metrics" / "evaluate_speed.json").read_text())["distilled"]
+    assert speed["1step_steps_per_image"] == 1 and speed["2step_steps_per_image"] == 2
+    assert speed["1step_step_reduction"] == 16 and speed["2step_step_reduction"] == 8
+    assert speed["1step_speedup"] > 0 and speed["2step_speedup"] > 0
+    assert metrics["best_value"] == metrics["base"]["cfg1"]["fid"], "the champion is chosen among AR checkpoints"
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| distilled | 1step |" in report and "| distilled | 2step |" in report
+    assert "Distilled student against its teacher" in report and "| 1step |" in report

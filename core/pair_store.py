@@ -1,0 +1,129 @@
+"""Distillation pairs: ``pairs.parquet`` rows of (label, noise, tokens) from the flow-matching map.
+
+Schema: ``index`` int64 (row number), ``label`` int32, ``noise`` fixed-size list of float32 holding
+the row's (L, D) noise row-major (L positions × D code dimensions, flattened), ``tokens``
+fixed-size list of uint16 (int32 above 65,536 codes), L per row. The schema metadata key
+``arpipe.distill_pairs`` holds JSON: the teacher (name, fingerprint, arch), the tokenizer
+fingerprint, token layout, seq_len, code_dim, vocab_size and the map's settings. Fixed-size lists
+read back zero-copy into numpy (``load_pairs``); written in row groups as batches arrive, with no
+timestamps, so the same pairs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+META_KEY = b"arpipe.distill_pairs"
+RERUN = "re-run the distill_pairs stage (dvc repro distill_pairs)"
+
+
+@dataclass(frozen=True)
+class Pairs:
+    labels_N: np.ndarray
+    """int32 class labels."""
+    noise_NLD: np.ndarray
+    """float32 (N, L, D) Gaussian noise in the map's codebook-embedding space."""
+    tokens_NL: np.ndarray
+    """uint16 / int32 (N, L) tokens the teacher's map sent that noise to."""
+    meta: dict[str, Any]
+
+
+def pairs_schema(seq_len: int, code_dim: int, vocab_size: int, meta: dict[str, Any]) -> pa.Schema:
+    token_type = pa.uint16() if vocab_size <= 65_536 else pa.int32()
+    return pa.schema(
+        [
+            ("index", pa.int64()),
+            ("label", pa.int32()),
+            ("noise", pa.list_(pa.field("element", pa.float32()), seq_len * code_dim)),
+            ("tokens", pa.list_(pa.field("element", token_type), seq_len)),
+        ],
+        metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()},
+    )
+
+
+class PairWriter:
+    """Append batches of pairs to ``path`` (via ``<path>.partial``, renamed on ``close``)."""
+
+    def __init__(self, path: str | Path, meta: dict[str, Any]):
+        for key in ("seq_len", "code_dim", "vocab_size", "teacher_fingerprint"):
+            if key not in meta:
+                raise ValueError(f"pairs meta needs {key!r}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.schema = pairs_schema(meta["seq_len"], meta["code_dim"], meta["vocab_size"], meta)
+        self.writer = pq.ParquetWriter(self.partial, self.schema, compression="zstd")
+        self.rows = 0
+
+    def write(self, labels_B: np.ndarray, noise_BLD: np.ndarray, tokens_BL: np.ndarray) -> None:
+        B = len(labels_B)
+        noise_type, token_type = self.schema.field("noise").type, self.schema.field("tokens").type
+        if noise_BLD.shape[0] != B or noise_BLD[0].size != noise_type.list_size:
+            raise ValueError(f"noise batch {noise_BLD.shape} does not hold {noise_type.list_size} values per row")
+        if tokens_BL.shape != (B, token_type.list_size):
+            raise ValueError(f"tokens batch {tokens_BL.shape} is not ({B}, {token_type.list_size})")
+        noise = pa.array(np.ascontiguousarray(noise_BLD, dtype=np.float32).reshape(-1), pa.float32())
+        tokens = pa.array(np.ascontiguousarray(tokens_BL).reshape(-1).astype(token_type.value_type.to_pandas_dtype()))
+        batch = pa.record_batch(
+            [
+                pa.array(np.arange(self.rows, self.rows + B, dtype=np.int64)),
+                pa.array(np.asarray(labels_B, dtype=np.int32)),
+                pa.FixedSizeListArray.from_arrays(noise, type=noise_type),
+                pa.FixedSizeListArray.from_arrays(tokens, type=token_type),
+            ],
+            schema=self.schema,
+        )
+        self.writer.write_batch(batch)
+        self.rows += B
+
+    def close(self) -> None:
+        self.writer.close()
+        self.partial.replace(self.path)
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no distillation pairs; {RERUN}")
+    metadata = pq.read_schema(path).metadata or {}
+    if META_KEY not in metadata:
+        raise ValueError(f"{path}: not a distillation pairs file (no {META_KEY.decode()} metadata); {RERUN}")
+    return json.loads(metadata[META_KEY])
+
+
+def load_pairs(path: str | Path, *, expected_teacher_fingerprint: str | None = None) -> Pairs:
+    """Read ``pairs.parquet`` into numpy; refuse pairs of another teacher when a fingerprint is given."""
+    meta = read_meta(path)
+    if expected_teacher_fingerprint is not None and meta["teacher_fingerprint"] != expected_teacher_fingerprint:
+        raise ValueError(
+            f"{path} was generated by teacher {meta.get('teacher', '?')} {meta['teacher_fingerprint'][:12]}, "
+            f"not by the current one ({expected_teacher_fingerprint[:12]}); {RERUN}"
+        )
+    table = pq.read_table(path)
+    N, L, D = table.num_rows, meta["seq_len"], meta["code_dim"]
+
+    def flat(column: str) -> np.ndarray:
+        chunked = table.column(column)
+        values = [chunk.values.to_numpy(zero_copy_only=False) for chunk in chunked.chunks]
+        return np.concatenate(values) if values else np.zeros(0)
+
+    index = table.column("index").to_numpy()
+    if not np.array_equal(index, np.arange(N)):
+        raise ValueError(f"{path}: rows are missing or out of order; {RERUN}")
+    return Pairs(
+        labels_N=table.column("label").to_numpy(),
+        noise_NLD=flat("noise").astype(np.float32, copy=False).reshape(N, L, D),
+        tokens_NL=flat("tokens").reshape(N, L),
+        meta=meta,
+    )
