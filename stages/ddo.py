@@ -74,8 +74,9 @@ class Config:
     """Optimizer steps per round; 0 = one epoch of the train cache, ceil(rows / batch_size)."""
     batch_size: int = 64
     """Real sequences per optimizer step over all processes, and as many fakes."""
-    lr: float = 3e-4
-    """Peak AdamW learning rate."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate (pretrain's final one: at θ = θ_ref the fake term's expected gradient
+    is 0, so early steps are MLE plus sampling noise, and a larger lr lowers the real log-ratio)."""
     warmup_steps: int = 0
     """Linear warmup at the start of every round."""
     decay: Literal["cosine", "linear", "constant"] = "constant"

@@ -151,7 +151,7 @@ def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflo
 
 @pytest.mark.slow
 def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_store, prefect_harness, monkeypatch):
-    """shard -> train_tokenizer (msvq) -> cache_tokens -> pretrain (var) -> cca -> train_evalnet -> evaluate,
+    """shard -> train_tokenizer (msvq) -> cache_tokens -> pretrain (var) -> cca -> ddo -> train_evalnet -> evaluate,
     each a DVC stage run by the flow, each an MLflow child run; the champion is registered; a second
     run skips everything."""
     from helpers import TINY_MSVQ
@@ -172,6 +172,7 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
         samples_per_class=1,
     )
     params["cca"].update(steps=3, batch_size=16, log_every=1, save_every=0, samples_per_class=1)
+    params["ddo"].update(rounds=2, steps_per_round=2, batch_size=16, log_every=1, save_every=0, samples_per_class=1)
     params["train_evalnet"].update(steps=8, batch_size=16, model={"channels": [8, 16], "feature_dim": 16})
     params["evaluate"].update(samples_per_class=4, cfg_scales=[1.0, 2.0], grid_per_class=1)
     root = make_project(tmp_path / "project", params=params)
@@ -184,6 +185,7 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
         ("cache_tokens", "ran"),
         ("pretrain", "ran"),
         ("cca", "ran"),
+        ("ddo", "ran"),
         ("train_evalnet", "ran"),
         ("evaluate", "ran"),
     ]
@@ -196,8 +198,11 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
     assert config["arch"] == "var" and config["model"]["scales"] == TINY_MSVQ["scales"]
     evaluation = client.get_run(results[-1]["run_id"])
     assert evaluation.data.tags["arpipe.registry.model"] == "arpipe-var"
-    assert client.get_model_version_by_alias("arpipe-var", "champion").tags["arpipe.checkpoint"] in {"base", "cca"}
-    assert {"base/cfg1/fid", "cca/cfg1/fid"} <= set(evaluation.data.metrics)
+    champion = client.get_model_version_by_alias("arpipe-var", "champion")
+    assert champion.tags["arpipe.checkpoint"] in {"base", "cca", "ddo"}
+    assert {"base/cfg1/fid", "cca/cfg1/fid", "ddo/cfg1/fid"} <= set(evaluation.data.metrics)
+    ddo_config = json.loads((root / "data" / "models" / "ddo" / "config.json").read_text())
+    assert ddo_config["input_checkpoint"]["name"] == "cca"
     assert (root / "data" / "eval" / "report.md").is_file()
     again = pipeline(root=str(root))
     assert {r["status"] for r in again} == {"skipped"}
