@@ -112,8 +112,8 @@ def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflo
 
 @pytest.mark.slow
 def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_store, prefect_harness, monkeypatch):
-    """shard -> train_tokenizer (msvq) -> cache_tokens -> pretrain (var) -> sar -> cca -> distill_pairs -> distill ->
-    train_evalnet -> evaluate,
+    """shard -> train_tokenizer (msvq) -> cache_tokens -> pretrain (var) -> sar -> cca -> ddo -> distill_pairs ->
+    distill -> train_evalnet -> evaluate,
     each a DVC stage run by the flow, each an MLflow child run; the champion is registered; a second
     run skips everything."""
     from helpers import TINY_MSVQ
@@ -135,6 +135,7 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
     )
     params["sar"].update(steps=3, batch_size=16, log_every=1, save_every=0, samples_per_class=1)
     params["cca"].update(steps=3, batch_size=16, log_every=1, save_every=0, samples_per_class=1)
+    params["ddo"].update(rounds=2, steps_per_round=2, batch_size=16, log_every=1, save_every=0, samples_per_class=1)
     params["distill_pairs"].update(count=48, batch_size=24, ode_steps=8)
     params["distill"].update(
         steps=3, batch_size=16, warmup_steps=1, log_every=1, save_every=0, val_count=8, samples_per_class=1
@@ -152,6 +153,7 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
         ("pretrain", "ran"),
         ("sar", "ran"),
         ("cca", "ran"),
+        ("ddo", "ran"),
         ("distill_pairs", "ran"),
         ("distill", "ran"),
         ("train_evalnet", "ran"),
@@ -173,13 +175,14 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
     evaluation = client.get_run(results[-1]["run_id"])
     assert evaluation.data.tags["arpipe.registry.model"] == "arpipe-var"
     champion = client.get_model_version_by_alias("arpipe-var", "champion")
-    assert champion.tags["arpipe.checkpoint"] in {"base", "sar", "cca"}
-    assert {"base/cfg1/fid", "sar/cfg1/fid", "cca/cfg1/fid", "distilled/1step/fid", "distilled/2step/fid"} <= set(
-        evaluation.data.metrics
-    )
+    assert champion.tags["arpipe.checkpoint"] in {"base", "sar", "cca", "ddo"}
+    assert {"base/cfg1/fid", "sar/cfg1/fid", "cca/cfg1/fid", "ddo/cfg1/fid"} <= set(evaluation.data.metrics)
+    assert {"distilled/1step/fid", "distilled/2step/fid"} <= set(evaluation.data.metrics)
     assert evaluation.data.metrics["speed/distilled/1step_speedup"] > 0
+    ddo_config = json.loads((root / "data" / "models" / "ddo" / "config.json").read_text())
+    assert ddo_config["input_checkpoint"]["name"] == "cca"
     distilled = json.loads((root / "data" / "models" / "distilled" / "config.json").read_text())
-    assert distilled["distilled"] is True and distilled["teacher"]["name"] == "cca"
+    assert distilled["distilled"] is True and distilled["teacher"]["name"] == "ddo"
     assert (root / "data" / "eval" / "report.md").is_file()
     again = pipeline(root=str(root))
     assert {r["status"] for r in again} == {"skipped"}

@@ -1,0 +1,340 @@
+"""ddo: an AR checkpoint + the token cache -> the same model finetuned by Direct Discriminative Optimization.
+
+Reads ``paths.models/<input>`` (``cca`` by default, the end of ``base → sar → cca``; either
+family), the tokenizer in ``paths.tokenizer`` (VAR's quantizer, the fakes' round trip, sample
+decoding) and ``paths.tokens/train.parquet`` (refusing a cache from another tokenizer).
+
+Self-play in ``rounds``: each round freezes the current model as the reference (eval mode: no
+dropout, no drop-path, no gradients; its weights do not change during the round), draws a buffer
+of ``steps_per_round · batch_size`` fake sequences from it (class-balanced labels, guidance-free,
+temperature 1, no top-k/top-p; optionally decoded and re-encoded by the tokenizer) and trains
+the model with the real/fake implicit-discriminator loss of models/ddo.py: each step pairs a
+batch of real cache rows with the buffer's next fake rows, labels dropped with probability
+``uncond_ratio`` on both halves and no fake term on the dropped fake rows. At a round's start the
+model equals its reference, so every reward is exactly 0. AdamW under ``accelerate`` like
+pretrain; the optimizer state carries over between rounds.
+
+Writes:
+- ``paths.models/ddo/model.safetensors`` + ``config.json`` (the same keys as ``base``, plus the
+  input checkpoint's fingerprint) and ``samples.png`` (one row per class, guidance-free first)
+- ``paths.plots/ddo/train.csv`` (round, loss and the monitors) and ``metrics/ddo.json``
+
+A killed run resumes from ``paths.resume`` and ends with byte-identical weights (CPU): the
+reference and the fake buffer are part of the resume state. Run by DVC as ``python -m stages.ddo``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from core.checkpoint import read_checkpoint, write_checkpoint
+from core.config import Paths
+from core.images import image_grid, save_png
+from core.stage import stage_main
+from core.token_store import load_tokens
+from core.training import (
+    Resume,
+    build_accelerator,
+    check_finite,
+    process_state,
+    resume_dir,
+    seed_everything,
+    step_bar,
+    step_generator,
+    warmup_decay_lr,
+)
+from models.ar import ar_from_state, sample_images, tokenizer_from_state
+from models.cca import sequence_log_prob
+from models.ddo import ddo_labels, ddo_loss, sample_fakes
+
+STAGE = "ddo"
+OUT_NAME = "ddo"
+PRODUCER = {"base": "pretrain", "sar": "sar", "cca": "cca"}
+MONITORS = ("sigmoid_real", "sigmoid_fake", "reward_real", "reward_fake", "margin", "accuracy")
+TRAIN_COLUMNS = ("step", "round", "loss", *MONITORS, "lr", "grad_norm")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    input: Literal["base", "sar", "cca"] = "cca"
+    """Checkpoint folder under ``paths.models`` to finetune (the first round's reference)."""
+    rounds: int = 2
+    """Self-play rounds; each starts by freezing the current model as the reference and drawing
+    fresh fakes from it."""
+    steps_per_round: int = 0
+    """Optimizer steps per round; 0 = one epoch of the train cache, ceil(rows / batch_size)."""
+    batch_size: int = 64
+    """Real sequences per optimizer step over all processes, and as many fakes."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate (pretrain's final one: at θ = θ_ref the fake term's expected gradient
+    is 0, so early steps are MLE plus sampling noise, and a larger lr lowers the real log-ratio)."""
+    warmup_steps: int = 0
+    """Linear warmup at the start of every round."""
+    decay: Literal["cosine", "linear", "constant"] = "constant"
+    """Decay after warmup, to ``min_lr_ratio·lr`` at the round's last step."""
+    min_lr_ratio: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    """AdamW decay on matmul weights only."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = no clipping)."""
+    alpha: float = 1.0
+    """α: weight of the fake term. The optimum is σ(β·Δ) = p_data / (p_data + α·p_ref)."""
+    beta: float = 1.0
+    """β: inverse temperature of the implicit discriminator σ(β·Δ). β = α = 1 has p_θ = p_data
+    as its optimum; β < 1 overshoots away from the reference."""
+    uncond_ratio: float = 0.1
+    """ρ: fraction of rows, real and fake, whose label is nulled; nulled fakes get no fake term."""
+    round_trip: bool = True
+    """Decode the fakes to pixels and encode them again, as the real tokens were made."""
+    keep_dropout: bool = False
+    """Train the policy with its dropout / drop-path on (the reference is always deterministic)."""
+    sample_batch_size: int = 256
+    """Fakes generated per forward pass. Each batch draws from its own seeded generator, so the
+    buffer depends on it: keep it fixed to reproduce a run."""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    seed: int = 0
+    log_every: int = 10
+    """Steps between logged rows (MLflow and plots/ddo/train.csv); a round's last step is always logged."""
+    save_every: int = 25
+    """Steps between resume states (0 = never)."""
+    samples_per_class: int = 8
+    sample_cfg: list[float] = field(default_factory=lambda: [1.0, 3.0])
+    """Guidance scales of the sample grid (1.0 = guidance-free)."""
+    launcher: str = ""
+    """accelerate config file to run under; "" = this process."""
+
+    def __post_init__(self):
+        for name in ("rounds", "batch_size", "sample_batch_size", "log_every", "samples_per_class"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps_per_round < 0 or self.save_every < 0 or self.warmup_steps < 0:
+            raise ValueError("steps_per_round, save_every and warmup_steps must be >= 0")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.grad_clip < 0:
+            raise ValueError("lr must be > 0, min_lr_ratio in [0, 1] and grad_clip >= 0")
+        if self.beta <= 0 or self.alpha < 0:
+            raise ValueError(f"beta must be > 0 and alpha >= 0, got beta={self.beta}, alpha={self.alpha}")
+        if not 0 <= self.uncond_ratio < 1:
+            raise ValueError(f"uncond_ratio must be in [0, 1), got {self.uncond_ratio}")
+        if not self.sample_cfg:
+            raise ValueError("sample_cfg needs at least one guidance scale (1.0 = guidance-free)")
+
+
+class FakeBuffer:
+    """The current round's fakes (tokens and their class labels, on the CPU). Registered for
+    checkpointing with the reference, so a resumed run continues the round with the same fakes."""
+
+    def __init__(self):
+        self.round = -1
+        self.tokens_NL = torch.empty(0, 0, dtype=torch.long)
+        self.labels_N = torch.empty(0, dtype=torch.long)
+
+    def state_dict(self) -> dict:
+        return {"round": self.round, "tokens_NL": self.tokens_NL, "labels_N": self.labels_N}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round = int(state["round"])
+        self.tokens_NL, self.labels_N = state["tokens_NL"], state["labels_N"]
+
+
+def steps_per_round(cfg: Config, rows: int) -> int:
+    return cfg.steps_per_round or math.ceil(rows / cfg.batch_size)
+
+
+def batch_at(cfg: Config, tokens_NL: np.ndarray, labels_N: np.ndarray, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's global batch of real rows: epochs are seeded permutations of the cache (a function
+    of the step alone, continuing across rounds); the last batch of an epoch wraps around."""
+    count = len(tokens_NL)
+    per_epoch = math.ceil(count / cfg.batch_size)
+    epoch, within = divmod(step, per_epoch)
+    order = torch.randperm(count, generator=step_generator(cfg.seed, epoch, purpose=2)).numpy()
+    index = np.take(order, np.arange(within * cfg.batch_size, (within + 1) * cfg.batch_size), mode="wrap")
+    return torch.from_numpy(tokens_NL[index].astype(np.int64)), torch.from_numpy(labels_N[index].astype(np.int64))
+
+
+def fake_labels(cfg: Config, num_classes: int, count: int, round_index: int) -> torch.Tensor:
+    """``count`` class-balanced labels (each class ⌊count/C⌋ or ⌈count/C⌉ times), shuffled per round."""
+    labels = torch.arange(num_classes).repeat(math.ceil(count / num_classes))[:count]
+    return labels[torch.randperm(count, generator=step_generator(cfg.seed, round_index, purpose=7))]
+
+
+def begin_round(cfg: Config, round_index: int, policy, reference, tokenizer, buffer: FakeBuffer, count: int) -> None:
+    """Freeze the policy's current weights as the reference and fill the buffer with its fakes."""
+    reference.load_state_dict(policy.state_dict())
+    labels_N = fake_labels(cfg, policy.num_classes, count, round_index)
+    tokens_NL = sample_fakes(
+        reference, labels_N, seed=cfg.seed * 1_000 + round_index, batch_size=cfg.sample_batch_size,
+        tokenizer=tokenizer if cfg.round_trip else None,
+    )  # fmt: skip
+    buffer.round, buffer.tokens_NL, buffer.labels_N = round_index, tokens_NL.cpu(), labels_N
+
+
+def load_models(cfg: Config, paths: Paths):
+    """(tokenizer, its config, policy, frozen reference, input config) on the CPU."""
+    tok_state, tok_config = read_checkpoint(paths.tokenizer, stage="train_tokenizer")
+    tokenizer = tokenizer_from_state(tok_state, tok_config)
+    state, in_config = read_checkpoint(Path(paths.models) / cfg.input, stage=PRODUCER[cfg.input])
+    if in_config["tokenizer_fingerprint"] != tok_config["fingerprint"]:
+        raise ValueError(f"{paths.models}/{cfg.input} was trained on another tokenizer; re-run its stage")
+    policy = ar_from_state(state, in_config, tokenizer).train(cfg.keep_dropout)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    return tokenizer, tok_config, policy, reference, in_config
+
+
+def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
+    """Finetune and write the outs; ``on_step(step)`` runs after each step (tests use it to crash)."""
+    accelerator = build_accelerator(cfg.mixed_precision)
+    seed_everything(cfg.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.batch_size % world:
+        raise ValueError(f"ddo.batch_size {cfg.batch_size} must be divisible by processes ({world})")
+    tokenizer, tok_config, raw_model, reference, in_config = load_models(cfg, paths)
+    train = load_tokens(Path(paths.tokens) / "train.parquet", expected_fingerprint=tok_config["fingerprint"])
+    per_round = steps_per_round(cfg, len(train.tokens_NL))
+    steps = cfg.rounds * per_round
+    for module in (tokenizer, raw_model, reference):
+        module.to(accelerator.device)
+    optimizer = torch.optim.AdamW(raw_model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    model, optimizer = accelerator.prepare(raw_model, optimizer)
+    buffer = FakeBuffer()
+    accelerator.register_for_checkpointing(reference, buffer)
+
+    inputs = [paths.tokens, paths.tokenizer, Path(paths.models) / cfg.input]
+    resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, inputs), cfg.save_every)
+    start, history = resume.restore()
+    history = history or {"train": [], "window": {"steps": 0, **dict.fromkeys(("loss", *MONITORS), 0.0)}}
+    window = history["window"]
+    accelerator.print(
+        f"{STAGE}: finetuning {paths.models}/{cfg.input} ({in_config['arch']}) for {cfg.rounds} rounds of "
+        f"{per_round} steps, {cfg.batch_size} real + {cfg.batch_size} fake sequences each, "
+        f"alpha {cfg.alpha}, beta {cfg.beta}"
+    )
+    tracker.log_params({"ddo.resolved_steps_per_round": per_round, "ddo.processes": world})
+
+    bar = step_bar(STAGE, start, steps, accelerator)
+    for step in bar:
+        round_index, within = divmod(step, per_round)
+        if buffer.round != round_index:
+            bar.set_description(f"{STAGE}: round {round_index + 1}/{cfg.rounds}, sampling fakes")
+            begin_round(cfg, round_index, raw_model, reference, tokenizer, buffer, per_round * cfg.batch_size)
+            bar.set_description(f"{STAGE}: round {round_index + 1}/{cfg.rounds}")
+        lr = warmup_decay_lr(within, steps=per_round, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                             min_lr_ratio=cfg.min_lr_ratio, decay=cfg.decay)  # fmt: skip
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        real_BL, real_labels_B = batch_at(cfg, train.tokens_NL, train.labels_N, step)
+        rows = slice(within * cfg.batch_size, (within + 1) * cfg.batch_size)
+        fake_BL, fake_labels_B = buffer.tokens_NL[rows], buffer.labels_N[rows]
+        # labels are dropped for the whole global batch before it is split, so any process count
+        # draws the same null rows
+        real_labels_B, fake_labels_B, conditional_B = ddo_labels(
+            real_labels_B, fake_labels_B, raw_model.null_class, uncond_ratio=cfg.uncond_ratio,
+            generator=step_generator(cfg.seed, step, purpose=5),
+        )  # fmt: skip
+        real_bl, real_b, fake_bl, fake_b, conditional_b = (
+            t[rank::world].to(accelerator.device)
+            for t in (real_BL, real_labels_B, fake_BL, fake_labels_B, conditional_B)
+        )
+        # one forward of 2b rows per model: the real sequences, then the fakes
+        both_tokens, both_labels = torch.cat([real_bl, fake_bl]), torch.cat([real_b, fake_b])
+        with accelerator.autocast():
+            logp_2b = sequence_log_prob(model(both_tokens, both_labels, label_dropout=False), both_tokens)
+            with torch.no_grad():
+                ref_2b = sequence_log_prob(reference(both_tokens, both_labels, label_dropout=False), both_tokens)
+        logp_real, logp_fake = logp_2b.chunk(2)
+        ref_real, ref_fake = ref_2b.chunk(2)
+        loss, monitors = ddo_loss(logp_real, ref_real, logp_fake, ref_fake, alpha=cfg.alpha, beta=cfg.beta,
+                                  fake_conditional_B=conditional_b)  # fmt: skip
+        check_finite({"loss": loss}, step, resume)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for name, value in {"loss": float(loss.detach()), **monitors}.items():
+            window[name] += value
+        window["steps"] += 1
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done % per_round == 0:
+            row = {"step": done, "round": round_index + 1}
+            row.update({k: window[k] / window["steps"] for k in ("loss", *MONITORS)}, lr=lr, grad_norm=float(grad_norm))
+            history["train"].append(row)
+            tracker.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=done)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", real=f"{row['sigmoid_real']:.3f}",
+                            fake=f"{row['sigmoid_fake']:.3f}")  # fmt: skip
+            window.update(steps=0, **dict.fromkeys(("loss", *MONITORS), 0.0))
+        resume.step_done(done, history)
+        if on_step is not None:
+            on_step(done)
+
+    metrics: dict = {}
+    if accelerator.is_main_process:
+        metrics = _write_outputs(cfg, paths, raw_model.eval(), in_config, tokenizer, history, per_round)
+        tracker.log_metrics(metrics)
+        print(
+            f"{STAGE}: last window loss {metrics['train_loss']:.4f}, sigma(real) {metrics['train_sigmoid_real']:.3f}, "
+            f"sigma(fake) {metrics['train_sigmoid_fake']:.3f} -> {Path(paths.models) / OUT_NAME}"
+        )
+    resume.finish()
+    return metrics
+
+
+def sample_grid(model, tokenizer, cfg: Config) -> np.ndarray:
+    """One row per class: guidance-free samples, then each other scale of ``sample_cfg``."""
+    labels = torch.arange(model.num_classes).repeat_interleave(cfg.samples_per_class)
+    blocks = [
+        image_grid(sample_images(model, tokenizer, labels, cfg=scale, seed=cfg.seed).numpy(), cfg.samples_per_class)
+        for scale in cfg.sample_cfg
+    ]
+    gap = np.full((blocks[0].shape[0], 8, blocks[0].shape[2]), 255, np.uint8)
+    return np.concatenate([part for block in blocks for part in (block, gap)][:-1], axis=1)
+
+
+def _write_outputs(cfg, paths, model, in_config, tokenizer, history, per_round) -> dict:
+    out_dir = Path(paths.models) / OUT_NAME
+    config = {
+        "arch": in_config["arch"],
+        "model": model.config_dict(),
+        "stage": STAGE,
+        "tokenizer_fingerprint": in_config["tokenizer_fingerprint"],
+        "token_layout": in_config["token_layout"],
+        "class_names": in_config["class_names"],
+        "image_size": in_config["image_size"],
+        "weights": "final",
+        "input_checkpoint": {"name": cfg.input, "fingerprint": in_config["fingerprint"]},
+        "stage_config": dataclasses.asdict(cfg),
+    }
+    write_checkpoint(out_dir, model.state_dict(), config)
+    save_png(sample_grid(model, tokenizer, cfg), out_dir / "samples.png")
+    plots = Path(paths.plots) / STAGE
+    plots.mkdir(parents=True, exist_ok=True)
+    with (plots / "train.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(TRAIN_COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(
+            {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in history["train"]
+        )
+    last = history["train"][-1]
+    return {
+        "rounds": cfg.rounds,
+        "steps_per_round": per_round,
+        "steps": cfg.rounds * per_round,
+        **{f"train_{k}": last[k] for k in ("loss", *MONITORS)},
+    }
+
+
+def main() -> None:
+    stage_main(STAGE, Config, run, is_main_process=process_state().is_main_process)
+
+
+if __name__ == "__main__":
+    main()
