@@ -189,6 +189,14 @@ def _class_ids(spec: str, class_names: list[str]) -> list[int]:
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus mass to keep (1.0 = off).")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed; the same seed gives the same images.")
 @click.option(
+    "--steps",
+    type=click.Choice(["1", "2"]),
+    default="1",
+    show_default=True,
+    help="Distilled student only (data/models/distilled): one- or two-step sampling. Its teacher's guidance "
+    "is baked in, so --cfg/--temperature/--top-k/--top-p do not apply to it.",
+)
+@click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     default=Path("samples.png"),
@@ -196,7 +204,7 @@ def _class_ids(spec: str, class_names: list[str]) -> list[int]:
     help="PNG file to write.",
 )
 def sample(
-    checkpoint, registered, tokenizer_dir, classes, per_class, cfg, temperature, top_k, top_p, seed, out
+    checkpoint, registered, tokenizer_dir, classes, per_class, cfg, temperature, top_k, top_p, seed, steps, out
 ) -> None:
     """Sample a grid of images from a trained AR model: one row per class, offline, on CPU or GPU."""
     import torch
@@ -225,15 +233,27 @@ def sample(
         )
     ids = _class_ids(classes, config["class_names"]) if classes else list(range(len(config["class_names"])))
     tokenizer = tokenizer_from_state(tok_state, tok_config)
+    labels = torch.tensor(ids).repeat_interleave(per_class)
+    names = ", ".join(config["class_names"][i] for i in ids)
+    if config.get("distilled"):
+        from models.dd_student import sample_distilled_images, student_from_state
+
+        student = student_from_state(state, config, tokenizer)
+        images = sample_distilled_images(student, tokenizer, labels, steps=int(steps), seed=seed).numpy()
+        save_png(image_grid(images, per_class), out)
+        teacher = config.get("teacher", {})
+        click.echo(
+            f"wrote {out}: {len(images)} samples ({per_class} per class: {names}), distilled student, "
+            f"{steps}-step (teacher {teacher.get('name', '?')} at cfg {teacher.get('cfg', '?')})"
+        )
+        return
     model = ar_from_state(state, config, tokenizer)
     if torch.cuda.is_available():
         model, tokenizer = model.cuda(), tokenizer.cuda()
-    labels = torch.tensor(ids).repeat_interleave(per_class)
     images = sample_images(
         model, tokenizer, labels, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
     ).numpy()
     save_png(image_grid(images, per_class), out)
-    names = ", ".join(config["class_names"][i] for i in ids)
     click.echo(f"wrote {out}: {len(images)} samples ({per_class} per class: {names}), cfg {cfg}")
 
 

@@ -149,6 +149,20 @@ def test_distills_a_loadable_student_whose_one_step_samples_decode(teachers, tmp
     assert images.shape == (3, 8, 8, 3) and images.dtype == torch.uint8
     assert torch.equal(images, sample_distilled_images(student, tokenizer, torch.tensor([0, 1, 2]), steps=1, seed=1))
 
+    # the user's way in: `arpipe sample --checkpoint data/models/distilled --steps 1|2`
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from arpipe.cli import cli
+
+    for steps in ("1", "2"):
+        out = tmp_path / f"grid-{steps}.png"
+        args = ["sample", "--checkpoint", str(Path(paths.models) / "distilled"), "--tokenizer", paths.tokenizer]
+        result = CliRunner().invoke(cli, [*args, "--classes", "0,3", "--n", "2", "--steps", steps, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert f"distilled student, {steps}-step (teacher base at cfg 2.0)" in result.output
+        assert Image.open(out).size[0] >= 2 * 8
+
 
 @pytest.mark.parametrize("arch", ["gpt", "var"])
 def test_two_step_sampling_reuses_the_original_noise(teachers, tmp_path, arch):
