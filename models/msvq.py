@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.codebook import QuantizerOutput
+from models.codebook import QuantizerOutput, used_codes
 from models.config_dict import config_to_dict, require
 from models.conv_autoencoder import ConvBackboneConfig, Decoder, Encoder, check_images
 from models.residual_quantizer import MultiScaleResidualQuantizer
@@ -63,6 +63,11 @@ class MSVQConfig(ConvBackboneConfig):
     candidate_buffer_size: int = 1024
     """Recent (normalised) residual vectors kept per scale to re-seed codes from (coarse scales
     see B vectors per batch, so they need a memory longer than one batch)."""
+    entropy_weight: float = 0.0
+    """Weight of the MaskGIT entropy penalty, computed on each scale's soft assignment and
+    averaged over scales (0 disables it)."""
+    entropy_temperature: float = 1.0
+    """Softmax temperature over −squared distances in the normalised residual space."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,6 +97,8 @@ class MSVQConfig(ConvBackboneConfig):
         require(0 <= self.normalization_momentum < 1, "normalization_momentum", "must be in [0, 1)")
         require(self.restart_max_total_share > 0, "restart_max_total_share", "must be > 0")
         require(self.candidate_buffer_size > 0, "candidate_buffer_size", "must be positive")
+        require(self.entropy_weight >= 0, "entropy_weight", "must be >= 0")
+        require(self.entropy_temperature > 0, "entropy_temperature", "must be positive")
 
 
 class MSVQTokenizer(nn.Module):
@@ -119,6 +126,8 @@ class MSVQTokenizer(nn.Module):
             normalization_momentum=config.normalization_momentum,
             restart_per_scale=config.restart_per_scale,
             restart_max_total_share=config.restart_max_total_share,
+            entropy_weight=config.entropy_weight,
+            entropy_temperature=config.entropy_temperature,
         )
         self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 3, padding=1)
         self.decoder = Decoder(config)
@@ -180,4 +189,15 @@ class MSVQTokenizer(nn.Module):
         overall, per_scale = self.quantizer.usage.usage()
         usage = {"overall": overall}
         usage.update({f"{side}x{side}": u for side, u in zip(self.config.scales, per_scale, strict=True)})
+        return usage
+
+    def data_usage(self, tokens_BL: torch.Tensor) -> dict[str, float]:
+        """``codebook_usage``'s keys and rule (``dead_code_threshold`` uniform shares), counted
+        over ``tokens_BL`` (e.g. the whole train set) instead of the training EMA."""
+        per_scale = self.quantizer.split_scales(tokens_BL)
+        hits_KV = torch.stack([torch.bincount(t.reshape(-1), minlength=self.codebook_size) for t in per_scale])
+        used_KV = used_codes(hits_KV.float(), self.config.dead_code_threshold)
+        usage = {"overall": used_KV.any(dim=0).float().mean().item()}
+        fractions = used_KV.float().mean(dim=1).tolist()
+        usage.update({f"{side}x{side}": u for side, u in zip(self.config.scales, fractions, strict=True)})
         return usage

@@ -9,7 +9,8 @@ step through ``update_codebook``. Writes:
 
 - ``paths.tokenizer/model.safetensors`` + ``config.json`` (kind, model config, token layout,
   codebook size, seq_len, image size, class names, this stage's config, fingerprint)
-- ``paths.plots/train_tokenizer/loss.csv`` and ``metrics/train_tokenizer.json`` (val PSNR/MSE, usage)
+- ``paths.plots/train_tokenizer/loss.csv`` and ``metrics/train_tokenizer.json`` (val PSNR/MSE, usage:
+  the training EMA and counted over the whole train set)
 
 Resumes from ``paths.resume`` after a crash. Run by DVC as ``python -m stages.train_tokenizer``
 (one process) or via ``accelerate launch -m stages.train_tokenizer`` (several).
@@ -186,12 +187,16 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         if on_step is not None:
             on_step(step + 1)
 
-    metrics = {**evaluate(raw_model, val.images_NHWC), "steps": cfg.steps}
+    metrics = {**evaluate(raw_model, val.images_NHWC), "train_usage": data_usage(raw_model, train.images_NHWC)}
+    metrics["steps"] = cfg.steps
     if accelerator.is_main_process:
         _write_outputs(cfg, paths, raw_model, class_names(paths.shards), history)
         tracker.log_metrics(flatten_metrics(metrics))
         tracker.log_image(recon_grid(raw_model, val.images_NHWC[: cfg.num_grid]), "reconstructions.png")
-        print(f"{STAGE}: val PSNR {metrics['val_psnr']:.2f} dB, usage {metrics['usage']} -> {paths.tokenizer}")
+        print(
+            f"{STAGE}: val PSNR {metrics['val_psnr']:.2f} dB, usage {metrics['usage']} (EMA), "
+            f"{metrics['train_usage']} (train set) -> {paths.tokenizer}"
+        )
     resume.finish()
     return metrics
 
@@ -261,6 +266,22 @@ def evaluate(model, images_NHWC: np.ndarray) -> dict:
     mse = float(np.mean((recon.astype(np.float64) / 255 - images_NHWC.astype(np.float64) / 255) ** 2))
     psnr = 10 * math.log10(1 / max(mse, 1e-12))
     return {"val_mse": mse, "val_psnr": psnr, "usage": model.codebook_usage()}
+
+
+@torch.no_grad()
+def data_usage(model, images_NHWC: np.ndarray, batch_size: int = 256) -> dict:
+    """Codebook usage counted over every image's tokens (the rule of the training EMA, see
+    models/codebook.py): what the token cache will hold, free of the EMA's window and of codes
+    re-seeded at the last restart."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    tokens = []
+    for i in range(0, len(images_NHWC), batch_size):
+        x = torch.from_numpy(images_NHWC[i : i + batch_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        tokens.append(model.encode(x.to(device)).cpu())
+    model.train(was_training)
+    return model.data_usage(torch.cat(tokens))
 
 
 def recon_grid(model, images_NHWC: np.ndarray) -> np.ndarray:
