@@ -180,9 +180,13 @@ class MSVQTokenizer(nn.Module):
         return self.decode_latent(f_hat_BChw), out
 
     def update_codebook(
-        self, counts_KV: torch.Tensor, candidates: list[torch.Tensor], generator: torch.Generator
+        self,
+        counts_KV: torch.Tensor,
+        candidates: list[torch.Tensor],
+        generator: torch.Generator,
+        allow_restart: bool = True,
     ) -> torch.Tensor:
-        return self.quantizer.update_codebook(counts_KV, candidates, generator)
+        return self.quantizer.update_codebook(counts_KV, candidates, generator, allow_restart)
 
     def codebook_usage(self) -> dict[str, float]:
         """Fraction of codes used at any scale ("overall") and at each scale ("4x4", ...)."""

@@ -222,18 +222,24 @@ class MultiScaleResidualQuantizer(nn.Module):
         return entropy_penalty(affinity_NV, self.entropy_temperature)
 
     def update_codebook(
-        self, counts_KV: torch.Tensor, candidates: list[torch.Tensor], generator: torch.Generator
+        self,
+        counts_KV: torch.Tensor,
+        candidates: list[torch.Tensor],
+        generator: torch.Generator,
+        allow_restart: bool = True,
     ) -> torch.Tensor:
         """Fold in all-reduced per-scale hit counts and residual statistics; on restart
         updates re-seed dead codes.
 
         Pass the same (gathered) candidates and generator state on every process so every
-        replica updates identically. Returns the re-seeded code indices.
+        replica updates identically. ``allow_restart=False`` skips a due restart (the trainer's
+        last updates, so no code ends training re-seeded but untrained). Returns the re-seeded
+        code indices.
         """
         self.usage.observe(counts_KV, candidates)
         if self.scale_normalization:
             self._update_statistics(candidates)
-        if not self.usage.restart_due():
+        if not (allow_restart and self.usage.restart_due()):
             return torch.zeros(0, dtype=torch.int64, device=counts_KV.device)
         return self.usage.restart(self.codebook.weight.data, generator)
 

@@ -123,15 +123,21 @@ class CosineVectorQuantizer(nn.Module):
         return quantized_BDhw.to(z_BDhw.dtype), out
 
     def update_codebook(
-        self, counts_V: torch.Tensor, candidates: list[torch.Tensor], generator: torch.Generator
+        self,
+        counts_V: torch.Tensor,
+        candidates: list[torch.Tensor],
+        generator: torch.Generator,
+        allow_restart: bool = True,
     ) -> torch.Tensor:
         """Fold in all-reduced hit counts; on restart updates re-seed dead codes.
 
         Pass the same (gathered) candidates and generator state on every process so every
-        replica re-seeds identically. Returns the re-seeded code indices.
+        replica re-seeds identically. ``allow_restart=False`` skips a due restart (the trainer's
+        last updates, so no code ends training re-seeded but untrained). Returns the re-seeded
+        code indices.
         """
         self.usage.observe(counts_V.reshape(1, -1), candidates)
-        if not self.usage.restart_due():
+        if not (allow_restart and self.usage.restart_due()):
             return torch.zeros(0, dtype=torch.int64, device=counts_V.device)
         return self.usage.restart(self.codebook.weight.data, generator)
 
@@ -191,9 +197,13 @@ class VQTokenizer(nn.Module):
         return self.decode_latent(quantized_BDhw), out
 
     def update_codebook(
-        self, counts_V: torch.Tensor, candidates: list[torch.Tensor], generator: torch.Generator
+        self,
+        counts_V: torch.Tensor,
+        candidates: list[torch.Tensor],
+        generator: torch.Generator,
+        allow_restart: bool = True,
     ) -> torch.Tensor:
-        return self.quantizer.update_codebook(counts_V, candidates, generator)
+        return self.quantizer.update_codebook(counts_V, candidates, generator, allow_restart)
 
     def codebook_usage(self) -> dict[str, float]:
         """{"overall": fraction of codes whose EMA hits reach the usage threshold}."""

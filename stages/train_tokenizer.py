@@ -171,7 +171,10 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         # Usage and restarts see every process's codes, so every replica re-seeds identically.
         counts = accelerator.reduce(quant.counts, "sum") if world > 1 else quant.counts
         candidates = [accelerator.gather(c) for c in quant.candidates] if world > 1 else quant.candidates
-        raw_model.update_codebook(counts, candidates, step_generator(cfg.seed, step, purpose=1))
+        # No restart in the last window: a re-seeded code trains for a full window before the
+        # end, and the final usage is not that of codes just zeroed.
+        allow_restart = cfg.steps - (step + 1) >= raw_model.config.restart_every
+        raw_model.update_codebook(counts, candidates, step_generator(cfg.seed, step, purpose=1), allow_restart)
 
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             terms = [loss, recon, quant.codebook_loss, quant.commit_loss, quant.entropy_loss, g_loss, d_loss]

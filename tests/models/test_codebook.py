@@ -91,6 +91,18 @@ def test_restart_waits_for_its_interval():
     assert len(quantizer.update_codebook(counts_V, candidates, generator)) == 7
 
 
+def test_a_due_restart_is_skipped_when_not_allowed_but_usage_still_updates():
+    # The trainer forbids restarts in its last window: no code may end training re-seeded but untrained.
+    quantizer = msvq_quantizer(restart_every=1, collapsed=True)
+    before = quantizer.codebook.weight.detach().clone()
+    f = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    _, out = quantizer(f)
+    restarted = quantizer.update_codebook(out.counts, out.candidates, torch.Generator().manual_seed(0), False)
+    assert len(restarted) == 0 and torch.equal(quantizer.codebook.weight, before)
+    assert int(quantizer.usage.updates) == 1 and quantizer.usage.hits_ema_KV[:, 0].sum() > 0
+    assert len(quantizer.update_codebook(out.counts, out.candidates, torch.Generator().manual_seed(0))) == 11
+
+
 def test_restarts_bring_vq_usage_to_all_codes_on_a_toy_problem():
     quantizer = vq_quantizer(codebook_size=16, dim=4, restart_every=5, buffer=256)
     data = F.normalize(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), dim=1)
