@@ -57,17 +57,20 @@ class MSVQConfig(ConvBackboneConfig):
     re-seeds only codes unused at every scale (models/codebook.py)."""
     restart_max_total_share: float = 1.0
     """Per-scale restarts take only codes whose usage summed over all scales, in uniform shares,
-    is below this: codes that do less than one fair share of work anywhere. Larger steals busier
-    codes from other scales (2.0 on the digits at 500 steps: 1x1 usage +2 points, 4x4 +6,
-    val PSNR −0.35 dB; at 1000 steps no PSNR cost)."""
+    is below this (1.0: codes that do less than one fair share of work anywhere). Larger steals
+    busier codes from other scales for the scale that lacks them. On the digits (1000 steps,
+    scales 1,2,3,4) 1x1 EMA usage is 77% at 2.0, 88-94% at 4.0 and 91-96% at 16.0 over seeds,
+    with no val PSNR cost: the coarse scales need codes the fine scales barely miss."""
     candidate_buffer_size: int = 1024
     """Recent (normalised) residual vectors kept per scale to re-seed codes from (coarse scales
     see B vectors per batch, so they need a memory longer than one batch)."""
     entropy_weight: float = 0.0
     """Weight of the MaskGIT entropy penalty, computed on each scale's soft assignment and
-    averaged over scales (0 disables it)."""
+    averaged over scales (0 disables it). It moves the encoder and the codes; on the digits it
+    hurt (weight 0.01, temperature 0.1: 1x1 usage 20%, val PSNR 25.2 dB vs 28.1), so it is off."""
     entropy_temperature: float = 1.0
-    """Softmax temperature over −squared distances in the normalised residual space."""
+    """Softmax temperature over −squared distances in the normalised residual space (unit RMS
+    per channel: nearest-code squared distances are ~2-4 at C = 16, the runner-up ~0.7 further)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

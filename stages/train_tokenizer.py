@@ -273,16 +273,15 @@ def evaluate(model, images_NHWC: np.ndarray) -> dict:
 
 @torch.no_grad()
 def data_usage(model, images_NHWC: np.ndarray, batch_size: int = 256) -> dict:
-    """Codebook usage counted over every image's tokens (the rule of the training EMA, see
-    models/codebook.py): what the token cache will hold, free of the EMA's window and of codes
-    re-seeded at the last restart."""
+    """Codebook usage counted over every train image and its h-flip, the rows the token cache
+    holds, with the training EMA's rule (models/codebook.py): free of the EMA's window."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     tokens = []
     for i in range(0, len(images_NHWC), batch_size):
         x = torch.from_numpy(images_NHWC[i : i + batch_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        tokens.append(model.encode(x.to(device)).cpu())
+        tokens += [model.encode(view.to(device)).cpu() for view in (x, x.flip(-1))]
     model.train(was_training)
     return model.data_usage(torch.cat(tokens))
 
