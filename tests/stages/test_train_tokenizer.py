@@ -64,6 +64,21 @@ def test_outs_rebuild_the_model_and_reproduce_encode(tmp_path, shards, kind):
     )
 
 
+def test_no_restart_in_the_last_restart_window(tmp_path, shards, monkeypatch):
+    from models.residual_quantizer import MultiScaleResidualQuantizer
+
+    real, allowed = MultiScaleResidualQuantizer.update_codebook, []
+
+    def recording(self, counts, candidates, generator, allow_restart=True):
+        allowed.append(allow_restart)
+        return real(self, counts, candidates, generator, allow_restart)
+
+    monkeypatch.setattr(MultiScaleResidualQuantizer, "update_codebook", recording)
+    run(tiny(steps=10, save_every=0), paths_for(tmp_path, shards), NullTracker())
+    # restart_every 4: the restart due at update 8 would leave its codes 2 steps to train.
+    assert allowed == [True] * 6 + [False] * 4
+
+
 def test_same_seed_gives_byte_identical_outs(tmp_path, shards):
     first, second = paths_for(tmp_path, shards, "a"), paths_for(tmp_path, shards, "b")
     run(tiny(), first, NullTracker())
