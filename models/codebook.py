@@ -35,6 +35,33 @@ def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def entropy_penalty(affinity_NV: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MaskGIT: mean per-vector entropy minus the entropy of the mean assignment.
+
+    Minimising it makes each vector confident while spreading the batch over many codes.
+    """
+    logits_NV = affinity_NV / temperature
+    probs_NV = logits_NV.softmax(dim=-1)
+    sample_entropy = -(probs_NV * logits_NV.log_softmax(dim=-1)).sum(dim=-1).mean()
+    mean_probs_V = probs_NV.mean(dim=0)
+    batch_entropy = -(mean_probs_V * torch.log(mean_probs_V + 1e-5)).sum()
+    return sample_entropy - batch_entropy
+
+
+def uniform_shares(hits_KV: torch.Tensor) -> torch.Tensor:
+    """(K, V) hit counts -> each code's hits in units of its scale's uniform share (hits / V)."""
+    uniform_K1 = hits_KV.sum(dim=1, keepdim=True) / hits_KV.shape[1]
+    return hits_KV / uniform_K1.clamp_min(torch.finfo(uniform_K1.dtype).tiny)
+
+
+def used_codes(hits_KV: torch.Tensor, threshold: float) -> torch.Tensor:
+    """bool (K, V): code v is used at scale k when hit at least ``threshold`` uniform shares.
+
+    The one rule for the training EMA (``CodebookUsage``) and for counts over a whole data set.
+    """
+    return (hits_KV > 0) & (uniform_shares(hits_KV) >= threshold)
+
+
 @dataclass
 class QuantizerOutput:
     """What a tokenizer's forward returns beside the reconstruction."""
@@ -121,12 +148,11 @@ class CodebookUsage(nn.Module):
 
     def shares_KV(self) -> torch.Tensor:
         """(K, V): each code's EMA hits at each scale in units of that scale's uniform share."""
-        uniform_K1 = self.hits_ema_KV.sum(dim=1, keepdim=True) / self.hits_ema_KV.shape[1]
-        return self.hits_ema_KV / uniform_K1.clamp_min(torch.finfo(uniform_K1.dtype).tiny)
+        return uniform_shares(self.hits_ema_KV)
 
     def used_KV(self) -> torch.Tensor:
         """bool (K, V): code v reaches the usage threshold at scale k."""
-        return (self.hits_ema_KV > 0) & (self.shares_KV() >= self.dead_code_threshold)
+        return used_codes(self.hits_ema_KV, self.dead_code_threshold)
 
     def usage(self) -> tuple[float, list[float]]:
         """(fraction of codes used at any scale, fraction used at each scale)."""

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from models.codebook import CodebookUsage, QuantizerOutput, full_precision
+from models.codebook import CodebookUsage, QuantizerOutput, entropy_penalty, full_precision
 
 
 class Phi(nn.Module):
@@ -72,10 +72,14 @@ class MultiScaleResidualQuantizer(nn.Module):
         normalization_momentum: float,
         restart_per_scale: bool,
         restart_max_total_share: float,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 1.0,
     ):
         super().__init__()
         self.scales = tuple(scales)
         self.commitment_weight = commitment_weight
+        self.entropy_weight = entropy_weight
+        self.entropy_temperature = entropy_temperature
         self.scale_normalization = scale_normalization
         self.normalization_momentum = normalization_momentum
         # 1. shared Euclidean codebook; small init so early residuals are not swamped
@@ -174,11 +178,13 @@ class MultiScaleResidualQuantizer(nn.Module):
             f = f_BChw.float()
             f_rest = f.detach().clone()
             f_hat = torch.zeros_like(f_rest)
-            tokens, counts, candidates, codebook_terms, commit_terms = [], [], [], [], []
+            tokens, counts, candidates, codebook_terms, commit_terms, entropy_terms = [], [], [], [], [], []
             for k, side in enumerate(self.scales):
                 rest_BChw = f_rest if k == last else F.interpolate(f_rest, size=(side, side), mode="area")
                 rest_NC = self.normalize(rearrange(rest_BChw, "b c h w -> (b h w) c"), k)
                 tokens_N = self.nearest_codes(rest_NC)
+                if self.entropy_weight > 0:
+                    entropy_terms.append(self.scale_entropy(f_rest + (f - f.detach()), k))
                 h_BChw = self.scale_contribution(tokens_N.view(batch, side * side), k)
                 f_hat = f_hat + h_BChw
                 f_rest = f_rest - h_BChw.detach()
@@ -195,7 +201,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         out = QuantizerOutput(
             codebook_loss=codebook_K.mean(),
             commit_loss=commit_K.mean(),
-            entropy_loss=f.new_zeros(()),
+            entropy_loss=self.entropy_weight * torch.stack(entropy_terms).mean() if entropy_terms else f.new_zeros(()),
             scale_losses_K=(codebook_K + commit_K).detach(),
             tokens_BL=torch.cat(tokens, dim=1),
             counts=torch.stack(counts),
@@ -203,19 +209,41 @@ class MultiScaleResidualQuantizer(nn.Module):
         )
         return f_hat.to(f_BChw.dtype), out
 
+    def scale_entropy(self, live_rest_BChw: torch.Tensor, scale_index: int) -> torch.Tensor:
+        """The entropy penalty (models/codebook.py) of scale k's soft assignment, taken per scale
+        so the fine scales' many vectors cannot hide a collapsed coarse scale.
+
+        ``live_rest_BChw`` is f_rest with the gradient of f: the penalty moves the encoder and the
+        codes. Affinity is −‖x − c‖² in the normalised space (unit RMS per channel, so squared
+        distances grow with the dimension C); ``entropy_temperature`` is in those units.
+        """
+        side = self.scales[scale_index]
+        if side != self.latent_side:
+            live_rest_BChw = F.interpolate(live_rest_BChw, size=(side, side), mode="area")
+        rest_NC = self.normalize(rearrange(live_rest_BChw, "b c h w -> (b h w) c"), scale_index)
+        codebook_VC = self.codebook.weight.float()
+        affinity_NV = 2 * rest_NC @ codebook_VC.T - codebook_VC.pow(2).sum(1)  # −‖x − c‖² + ‖x‖²
+        return entropy_penalty(affinity_NV, self.entropy_temperature)
+
     def update_codebook(
-        self, counts_KV: torch.Tensor, candidates: list[torch.Tensor], generator: torch.Generator
+        self,
+        counts_KV: torch.Tensor,
+        candidates: list[torch.Tensor],
+        generator: torch.Generator,
+        allow_restart: bool = True,
     ) -> torch.Tensor:
         """Fold in all-reduced per-scale hit counts and residual statistics; on restart
         updates re-seed dead codes.
 
         Pass the same (gathered) candidates and generator state on every process so every
-        replica updates identically. Returns the re-seeded code indices.
+        replica updates identically. ``allow_restart=False`` skips a due restart (the trainer's
+        last updates, so no code ends training re-seeded but untrained). Returns the re-seeded
+        code indices.
         """
         self.usage.observe(counts_KV, candidates)
         if self.scale_normalization:
             self._update_statistics(candidates)
-        if not self.usage.restart_due():
+        if not (allow_restart and self.usage.restart_due()):
             return torch.zeros(0, dtype=torch.int64, device=counts_KV.device)
         return self.usage.restart(self.codebook.weight.data, generator)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from models.codebook import CodebookUsage, QuantizerOutput, full_precision
+from models.codebook import CodebookUsage, QuantizerOutput, entropy_penalty, full_precision, used_codes
 from models.config_dict import config_to_dict, require
 from models.conv_autoencoder import ConvBackboneConfig, Decoder, Encoder, check_images
 
@@ -53,19 +53,6 @@ class VQConfig(ConvBackboneConfig):
         require(self.dead_code_threshold >= 0, "dead_code_threshold", "must be >= 0")
         require(self.restart_every >= 0, "restart_every", "must be >= 0")
         require(self.candidate_buffer_size > 0, "candidate_buffer_size", "must be positive")
-
-
-def entropy_penalty(affinity_NV: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MaskGIT: mean per-vector entropy minus the entropy of the mean assignment.
-
-    Minimising it makes each vector confident while spreading the batch over many codes.
-    """
-    logits_NV = affinity_NV / temperature
-    probs_NV = logits_NV.softmax(dim=-1)
-    sample_entropy = -(probs_NV * logits_NV.log_softmax(dim=-1)).sum(dim=-1).mean()
-    mean_probs_V = probs_NV.mean(dim=0)
-    batch_entropy = -(mean_probs_V * torch.log(mean_probs_V + 1e-5)).sum()
-    return sample_entropy - batch_entropy
 
 
 class CosineVectorQuantizer(nn.Module):
@@ -136,15 +123,21 @@ class CosineVectorQuantizer(nn.Module):
         return quantized_BDhw.to(z_BDhw.dtype), out
 
     def update_codebook(
-        self, counts_V: torch.Tensor, candidates: list[torch.Tensor], generator: torch.Generator
+        self,
+        counts_V: torch.Tensor,
+        candidates: list[torch.Tensor],
+        generator: torch.Generator,
+        allow_restart: bool = True,
     ) -> torch.Tensor:
         """Fold in all-reduced hit counts; on restart updates re-seed dead codes.
 
         Pass the same (gathered) candidates and generator state on every process so every
-        replica re-seeds identically. Returns the re-seeded code indices.
+        replica re-seeds identically. ``allow_restart=False`` skips a due restart (the trainer's
+        last updates, so no code ends training re-seeded but untrained). Returns the re-seeded
+        code indices.
         """
         self.usage.observe(counts_V.reshape(1, -1), candidates)
-        if not self.usage.restart_due():
+        if not (allow_restart and self.usage.restart_due()):
             return torch.zeros(0, dtype=torch.int64, device=counts_V.device)
         return self.usage.restart(self.codebook.weight.data, generator)
 
@@ -204,10 +197,19 @@ class VQTokenizer(nn.Module):
         return self.decode_latent(quantized_BDhw), out
 
     def update_codebook(
-        self, counts_V: torch.Tensor, candidates: list[torch.Tensor], generator: torch.Generator
+        self,
+        counts_V: torch.Tensor,
+        candidates: list[torch.Tensor],
+        generator: torch.Generator,
+        allow_restart: bool = True,
     ) -> torch.Tensor:
-        return self.quantizer.update_codebook(counts_V, candidates, generator)
+        return self.quantizer.update_codebook(counts_V, candidates, generator, allow_restart)
 
     def codebook_usage(self) -> dict[str, float]:
         """{"overall": fraction of codes whose EMA hits reach the usage threshold}."""
         return {"overall": self.quantizer.usage.usage()[0]}
+
+    def data_usage(self, tokens_BL: torch.Tensor) -> dict[str, float]:
+        """``codebook_usage``'s rule counted over ``tokens_BL`` (e.g. the whole train set)."""
+        hits_1V = torch.bincount(tokens_BL.reshape(-1), minlength=self.codebook_size).float()[None]
+        return {"overall": used_codes(hits_1V, self.config.dead_code_threshold).float().mean().item()}

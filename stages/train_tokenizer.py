@@ -9,7 +9,8 @@ step through ``update_codebook``. Writes:
 
 - ``paths.tokenizer/model.safetensors`` + ``config.json`` (kind, model config, token layout,
   codebook size, seq_len, image size, class names, this stage's config, fingerprint)
-- ``paths.plots/train_tokenizer/loss.csv`` and ``metrics/train_tokenizer.json`` (val PSNR/MSE, usage)
+- ``paths.plots/train_tokenizer/loss.csv`` and ``metrics/train_tokenizer.json`` (val PSNR/MSE, usage:
+  the training EMA and counted over the whole train set)
 
 Resumes from ``paths.resume`` after a crash. Run by DVC as ``python -m stages.train_tokenizer``
 (one process) or via ``accelerate launch -m stages.train_tokenizer`` (several).
@@ -170,7 +171,10 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         # Usage and restarts see every process's codes, so every replica re-seeds identically.
         counts = accelerator.reduce(quant.counts, "sum") if world > 1 else quant.counts
         candidates = [accelerator.gather(c) for c in quant.candidates] if world > 1 else quant.candidates
-        raw_model.update_codebook(counts, candidates, step_generator(cfg.seed, step, purpose=1))
+        # No restart in the last window: a re-seeded code trains for a full window before the
+        # end, and the final usage is not that of codes just zeroed.
+        allow_restart = cfg.steps - (step + 1) >= raw_model.config.restart_every
+        raw_model.update_codebook(counts, candidates, step_generator(cfg.seed, step, purpose=1), allow_restart)
 
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             terms = [loss, recon, quant.codebook_loss, quant.commit_loss, quant.entropy_loss, g_loss, d_loss]
@@ -186,12 +190,16 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         if on_step is not None:
             on_step(step + 1)
 
-    metrics = {**evaluate(raw_model, val.images_NHWC), "steps": cfg.steps}
+    metrics = {**evaluate(raw_model, val.images_NHWC), "train_usage": data_usage(raw_model, train.images_NHWC)}
+    metrics["steps"] = cfg.steps
     if accelerator.is_main_process:
         _write_outputs(cfg, paths, raw_model, class_names(paths.shards), history)
         tracker.log_metrics(flatten_metrics(metrics))
         tracker.log_image(recon_grid(raw_model, val.images_NHWC[: cfg.num_grid]), "reconstructions.png")
-        print(f"{STAGE}: val PSNR {metrics['val_psnr']:.2f} dB, usage {metrics['usage']} -> {paths.tokenizer}")
+        print(
+            f"{STAGE}: val PSNR {metrics['val_psnr']:.2f} dB, usage {metrics['usage']} (EMA), "
+            f"{metrics['train_usage']} (train set) -> {paths.tokenizer}"
+        )
     resume.finish()
     return metrics
 
@@ -261,6 +269,21 @@ def evaluate(model, images_NHWC: np.ndarray) -> dict:
     mse = float(np.mean((recon.astype(np.float64) / 255 - images_NHWC.astype(np.float64) / 255) ** 2))
     psnr = 10 * math.log10(1 / max(mse, 1e-12))
     return {"val_mse": mse, "val_psnr": psnr, "usage": model.codebook_usage()}
+
+
+@torch.no_grad()
+def data_usage(model, images_NHWC: np.ndarray, batch_size: int = 256) -> dict:
+    """Codebook usage counted over every train image and its h-flip, the rows the token cache
+    holds, with the training EMA's rule (models/codebook.py): free of the EMA's window."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    tokens = []
+    for i in range(0, len(images_NHWC), batch_size):
+        x = torch.from_numpy(images_NHWC[i : i + batch_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        tokens += [model.encode(view.to(device)).cpu() for view in (x, x.flip(-1))]
+    model.train(was_training)
+    return model.data_usage(torch.cat(tokens))
 
 
 def recon_grid(model, images_NHWC: np.ndarray) -> np.ndarray:

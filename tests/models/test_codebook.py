@@ -91,6 +91,18 @@ def test_restart_waits_for_its_interval():
     assert len(quantizer.update_codebook(counts_V, candidates, generator)) == 7
 
 
+def test_a_due_restart_is_skipped_when_not_allowed_but_usage_still_updates():
+    # The trainer forbids restarts in its last window: no code may end training re-seeded but untrained.
+    quantizer = msvq_quantizer(restart_every=1, collapsed=True)
+    before = quantizer.codebook.weight.detach().clone()
+    f = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    _, out = quantizer(f)
+    restarted = quantizer.update_codebook(out.counts, out.candidates, torch.Generator().manual_seed(0), False)
+    assert len(restarted) == 0 and torch.equal(quantizer.codebook.weight, before)
+    assert int(quantizer.usage.updates) == 1 and quantizer.usage.hits_ema_KV[:, 0].sum() > 0
+    assert len(quantizer.update_codebook(out.counts, out.candidates, torch.Generator().manual_seed(0))) == 11
+
+
 def test_restarts_bring_vq_usage_to_all_codes_on_a_toy_problem():
     quantizer = vq_quantizer(codebook_size=16, dim=4, restart_every=5, buffer=256)
     data = F.normalize(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), dim=1)
@@ -236,3 +248,27 @@ def test_per_scale_restart_revives_a_collapsed_coarse_scale():
     (overall, per_scale_usage), coarse_codes = results[True]
     assert coarse_codes >= 4 and per_scale_usage[0] >= 4 / 16
     assert overall == 1.0 and per_scale_usage[2] >= 0.75  # not bought by emptying the 4x4 scale
+
+
+def test_data_usage_counts_tokens_with_the_ema_rule_per_scale():
+    from models.msvq import MSVQConfig, MSVQTokenizer
+
+    tokenizer = MSVQTokenizer(MSVQConfig(codebook_size=16, scales=(1, 2, 3, 4)))
+    generator = torch.Generator().manual_seed(0)
+    per_scale = [
+        torch.zeros(40, 1, dtype=torch.int64),  # 1x1 collapsed onto code 0
+        torch.arange(16).repeat(10)[:, None].reshape(40, 4),  # 2x2: every code 10 times
+        torch.randint(0, 8, (40, 9), generator=generator),  # 3x3: codes 0..7 only
+        torch.arange(16).repeat(40)[:640].reshape(40, 16),  # 4x4: uniform
+    ]
+    usage = tokenizer.data_usage(torch.cat(per_scale, dim=1))
+    assert usage == {"overall": 1.0, "1x1": 1 / 16, "2x2": 1.0, "3x3": 0.5, "4x4": 1.0}
+    # The same rule as the training EMA: one update of these counts gives the same usage.
+    counts_KV = torch.stack([torch.bincount(t.reshape(-1), minlength=16) for t in per_scale]).float()
+    tokenizer.quantizer.usage.observe(counts_KV, [torch.zeros(0, 16)] * 4)
+    assert tokenizer.codebook_usage() == usage
+    # Hit once among 320 tokens is 0.05 of a uniform share (20 hits): below the 0.1 threshold.
+    coarse_B1 = torch.cat([torch.zeros(305, dtype=torch.int64), torch.arange(1, 16)])[:, None]
+    rare = torch.cat([coarse_B1, torch.zeros(320, 29, dtype=torch.int64)], dim=1)
+    assert tokenizer.data_usage(rare)["1x1"] == 1 / 16
+    assert tokenizer.data_usage(rare[160:])["1x1"] == 1.0  # once among 160: exactly 0.1 shares

@@ -175,3 +175,34 @@ def test_scale_normalization_tracks_each_scale_and_decodes_consistently():
         f_hat, next_input = quantizer.next_scale_input(f_hat, k, tokens_B_l)
         pieces.extend([] if next_input is None else [next_input])
     assert torch.allclose(x_BLC, torch.cat(pieces, dim=1), atol=1e-5)
+
+
+def test_per_scale_entropy_term_spreads_a_collapsed_coarse_scale():
+    quantizer = make_quantizer(entropy_weight=1.0, entropy_temperature=0.5)
+    generator = torch.Generator().manual_seed(5)
+    # Every image has (almost) the same mean latent: the 1x1 scale collapses onto one code
+    # while the zero-mean detail keeps the finer scales busy.
+    detail = torch.randn(32, 4, 4, 4, generator=generator)
+    f = detail - detail.mean(dim=(2, 3), keepdim=True) + 0.01 * torch.randn(32, 4, 1, 1, generator=generator)
+    f = f.requires_grad_(True)
+    _, out = quantizer(f)
+    assert len(out.tokens_BL[:, 0].unique()) == 1
+    optimizer = torch.optim.Adam([f, *quantizer.codebook.parameters()], lr=0.05)
+    first = None
+    for _ in range(30):
+        _, out = quantizer(f)
+        first = float(out.entropy_loss.detach()) if first is None else first
+        optimizer.zero_grad()
+        out.entropy_loss.backward()
+        optimizer.step()
+    _, out = quantizer(f)
+    assert float(out.entropy_loss.detach()) < first
+    assert len(out.tokens_BL[:, 0].unique()) >= 8  # half the codebook, from one code
+
+
+def test_entropy_term_is_off_by_default():
+    quantizer = make_quantizer()
+    f = torch.randn(4, 4, 4, 4, requires_grad=True)
+    _, out = quantizer(f)
+    assert float(out.entropy_loss) == 0.0
+    assert out.entropy_loss.grad_fn is None

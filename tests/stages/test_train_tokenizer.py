@@ -45,6 +45,9 @@ def test_outs_rebuild_the_model_and_reproduce_encode(tmp_path, shards, kind):
     paths = paths_for(tmp_path, shards)
     metrics = run(tiny(kind), paths, NullTracker())
     assert metrics["steps"] == 6 and metrics["val_psnr"] > 0 and 0 < metrics["usage"]["overall"] <= 1
+    # Usage is also counted over the whole train set (both views, as cached), per scale for msvq.
+    assert metrics["train_usage"].keys() == metrics["usage"].keys()
+    assert all(0 < value <= 1 for value in metrics["train_usage"].values())
     state_dict, config = read_checkpoint(paths.tokenizer)
     assert config["kind"] == kind and config["image_size"] == 8 and len(config["class_names"]) == 10
     model = build_tokenizer(config["kind"], config["model"]).eval()
@@ -59,6 +62,21 @@ def test_outs_rebuild_the_model_and_reproduce_encode(tmp_path, shards, kind):
     assert not (tmp_path / "resume" / "train_tokenizer").exists() or not any(
         (tmp_path / "resume" / "train_tokenizer").iterdir()
     )
+
+
+def test_no_restart_in_the_last_restart_window(tmp_path, shards, monkeypatch):
+    from models.residual_quantizer import MultiScaleResidualQuantizer
+
+    real, allowed = MultiScaleResidualQuantizer.update_codebook, []
+
+    def recording(self, counts, candidates, generator, allow_restart=True):
+        allowed.append(allow_restart)
+        return real(self, counts, candidates, generator, allow_restart)
+
+    monkeypatch.setattr(MultiScaleResidualQuantizer, "update_codebook", recording)
+    run(tiny(steps=10, save_every=0), paths_for(tmp_path, shards), NullTracker())
+    # restart_every 4: the restart due at update 8 would leave its codes 2 steps to train.
+    assert allowed == [True] * 6 + [False] * 4
 
 
 def test_same_seed_gives_byte_identical_outs(tmp_path, shards):
