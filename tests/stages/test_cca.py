@@ -142,7 +142,7 @@ def test_monitors_move_in_the_right_direction_on_a_fixed_batch(bases, tmp_path, 
     first_batch = cca.batch_at
     monkeypatch.setattr(cca, "batch_at", lambda cfg, tokens, labels, step: first_batch(cfg, tokens, labels, 0))
     paths = paths_for(bases, tmp_path, arch)
-    run(tiny(steps=12, log_every=1, save_every=0, lr=3e-3, negatives="roll", uncond_ratio=0.0), paths, NullTracker())
+    run(tiny(steps=20, log_every=1, save_every=0, lr=3e-3, negatives="roll", uncond_ratio=0.0), paths, NullTracker())
     rows = train_rows(paths)
     first, last = rows[0], rows[-1]
     assert float(first["sigmoid_pos"]) == float(first["sigmoid_neg"]) == 0.5 and float(first["margin"]) == 0
