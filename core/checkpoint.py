@@ -56,3 +56,21 @@ def read_checkpoint(model_dir: str | Path, stage: str = "the stage that wrote it
     if config.get("fingerprint") != fingerprint(weights, config):
         raise ValueError(f"{model_dir}: fingerprint does not match the files (edited by hand?); re-run {stage}")
     return load_file(weights_file), config
+
+
+def finetuned_config(stage: str, input_name: str, in_config: dict[str, Any], model_config: dict[str, Any],
+                     stage_config: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """config.json of a checkpoint finetuned from ``in_config`` (a post-training stage's out): the
+    input's architecture, tokenizer, layout and classes, plus which checkpoint it started from."""
+    return {
+        "arch": in_config["arch"],
+        "model": model_config,
+        "stage": stage,
+        "tokenizer_fingerprint": in_config["tokenizer_fingerprint"],
+        "token_layout": in_config["token_layout"],
+        "class_names": in_config["class_names"],
+        "image_size": in_config["image_size"],
+        "weights": "final",
+        "input_checkpoint": {"name": input_name, "fingerprint": in_config["fingerprint"]},
+        "stage_config": stage_config,
+    }

@@ -26,7 +26,6 @@ reference and the fake buffer are part of the resume state. Run by DVC as ``pyth
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -36,9 +35,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from core.checkpoint import read_checkpoint, write_checkpoint
+from core.checkpoint import finetuned_config, read_checkpoint, write_checkpoint
 from core.config import Paths
 from core.images import image_grid, save_png
+from core.metrics import write_rows_csv
 from core.stage import stage_main
 from core.token_store import load_tokens
 from core.training import (
@@ -301,28 +301,10 @@ def sample_grid(model, tokenizer, cfg: Config) -> np.ndarray:
 
 def _write_outputs(cfg, paths, model, in_config, tokenizer, history, per_round) -> dict:
     out_dir = Path(paths.models) / OUT_NAME
-    config = {
-        "arch": in_config["arch"],
-        "model": model.config_dict(),
-        "stage": STAGE,
-        "tokenizer_fingerprint": in_config["tokenizer_fingerprint"],
-        "token_layout": in_config["token_layout"],
-        "class_names": in_config["class_names"],
-        "image_size": in_config["image_size"],
-        "weights": "final",
-        "input_checkpoint": {"name": cfg.input, "fingerprint": in_config["fingerprint"]},
-        "stage_config": dataclasses.asdict(cfg),
-    }
+    config = finetuned_config(STAGE, cfg.input, in_config, model.config_dict(), dataclasses.asdict(cfg))
     write_checkpoint(out_dir, model.state_dict(), config)
     save_png(sample_grid(model, tokenizer, cfg), out_dir / "samples.png")
-    plots = Path(paths.plots) / STAGE
-    plots.mkdir(parents=True, exist_ok=True)
-    with (plots / "train.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(TRAIN_COLUMNS), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(
-            {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in history["train"]
-        )
+    write_rows_csv(Path(paths.plots) / STAGE / "train.csv", TRAIN_COLUMNS, history["train"])
     last = history["train"][-1]
     return {
         "rounds": cfg.rounds,

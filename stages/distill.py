@@ -23,7 +23,6 @@ A killed run resumes from ``paths.resume`` with byte-identical weights (CPU). Ru
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch
 from core.checkpoint import read_checkpoint, write_checkpoint
 from core.config import Paths
 from core.images import image_grid, save_png
+from core.metrics import write_rows_csv
 from core.pair_store import load_pairs, read_meta
 from core.stage import stage_main
 from core.training import (
@@ -322,14 +322,7 @@ def _write_outputs(cfg, paths, student, pairs, teacher_config, tok_config, token
     }
     write_checkpoint(out_dir, student.state_dict(), config)
     save_png(_samples(student, tokenizer, cfg), out_dir / "samples.png")
-    plots = Path(paths.plots) / STAGE
-    plots.mkdir(parents=True, exist_ok=True)
-    with (plots / "train.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(TRAIN_COLUMNS), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(
-            {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in history["train"]
-        )
+    write_rows_csv(Path(paths.plots) / STAGE / "train.csv", TRAIN_COLUMNS, history["train"])
     last = history["train"][-1]
     metrics = {"steps": cfg.steps, "split": student.dd.split, "two_step_at": student.dd.two_step_at,
                **{f"train_{k}": last[k] for k in ("loss", *MONITORS)}}  # fmt: skip

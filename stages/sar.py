@@ -27,7 +27,6 @@ count. Run by DVC as ``python -m stages.sar``.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import shutil
@@ -38,9 +37,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from core.checkpoint import read_checkpoint, write_checkpoint
+from core.checkpoint import finetuned_config, read_checkpoint, write_checkpoint
 from core.config import Paths
 from core.images import image_grid, save_png
+from core.metrics import write_rows_csv
 from core.stage import stage_main
 from core.token_store import load_tokens
 from core.training import (
@@ -298,18 +298,7 @@ def _read_png(path: Path) -> np.ndarray:
 
 def _write_outputs(cfg, paths, model, in_config, tokenizer, history, steps) -> dict:
     out_dir = Path(paths.models) / OUT_NAME
-    config = {
-        "arch": in_config["arch"],
-        "model": model.config_dict(),
-        "stage": STAGE,
-        "tokenizer_fingerprint": in_config["tokenizer_fingerprint"],
-        "token_layout": in_config["token_layout"],
-        "class_names": in_config["class_names"],
-        "image_size": in_config["image_size"],
-        "weights": "final",
-        "input_checkpoint": {"name": cfg.input, "fingerprint": in_config["fingerprint"]},
-        "stage_config": dataclasses.asdict(cfg),
-    }
+    config = finetuned_config(STAGE, cfg.input, in_config, model.config_dict(), dataclasses.asdict(cfg))
     write_checkpoint(out_dir, model.state_dict(), config)
     save_png(sample_grid(model, tokenizer, cfg), out_dir / "samples.png")
     _write_train_csv(paths, history["train"])
@@ -318,12 +307,7 @@ def _write_outputs(cfg, paths, model, in_config, tokenizer, history, steps) -> d
 
 
 def _write_train_csv(paths: Paths, rows: list[dict]) -> None:
-    plots = Path(paths.plots) / STAGE
-    plots.mkdir(parents=True, exist_ok=True)
-    with (plots / "train.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(TRAIN_COLUMNS), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+    write_rows_csv(Path(paths.plots) / STAGE / "train.csv", TRAIN_COLUMNS, rows)
 
 
 def main() -> None:
