@@ -288,3 +288,33 @@ def sample_distilled_images(
         x_BCHW = decode_vectors(tokenizer, vectors_BLD, factor)
         images.append(((x_BCHW + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
     return torch.cat(images)
+
+
+@torch.no_grad()
+def token_latency_ms(
+    model: nn.Module, labels_N: torch.Tensor, *, steps: int | None = None, cfg: float = 1.0, seed: int = 0
+) -> float:
+    """Mean milliseconds to generate ONE image's tokens, one label at a time (batch 1), decode
+    excluded: an AR teacher's KV-cached ``generate`` at guidance ``cfg`` (``steps`` None), or a
+    student's ``sample`` in ``steps`` passes, its noise drawn inside the timed call. The decoder
+    is the same for both, so this is the part a distilled student changes; latency, not
+    throughput, is where the cut in sequential passes shows (each small pass is overhead-bound).
+    One untimed call first (warm-up)."""
+    import time
+
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+
+    def one(label_1: torch.Tensor) -> None:
+        if steps is None:
+            model.generate(label_1, cfg=cfg, generator=torch.Generator(device=device).manual_seed(seed))
+        else:
+            noise_1LD = torch.randn(1, model.seq_len, model.dd.code_dim, generator=generator)
+            model.sample(noise_1LD.to(device), label_1, steps=steps)
+
+    labels_N = labels_N.to(device)
+    one(labels_N[:1])
+    start = time.perf_counter()
+    for i in range(len(labels_N)):
+        one(labels_N[i : i + 1])
+    return 1e3 * (time.perf_counter() - start) / len(labels_N)

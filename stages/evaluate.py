@@ -25,7 +25,8 @@ The distilled student (``distilled``, from the ``distill`` stage) has no guidanc
 teacher's is baked in): it is sampled in one and in two steps, reported as guidance ``1step`` and
 ``2step`` (keys ``distilled/1step/fid``, ...), next to its FID ratio to the teacher at the
 teacher's distillation guidance (``fid_vs_teacher``) and its speed-up over that teacher measured
-in this run (images/s ratio; sequential forward passes 1 or 2 against the teacher's steps). It is
+in this run: in throughput (images/s ratio at ``batch_size``) and in latency (one image's tokens
+at a time, decode excluded), with the sequential forward passes, 1 or 2 against the teacher's steps. It is
 reported, not registered: the champion is chosen among the AR checkpoints.
 
 Writes ``paths.eval/report.md`` (one side-by-side table) and ``grid.png`` (one row per
@@ -58,7 +59,7 @@ from core.shards import load_split
 from core.stage import stage_main
 from core.training import process_state
 from models.ar import ar_from_state, sample_images, tokenizer_from_state
-from models.dd_student import sample_distilled_images, student_from_state
+from models.dd_student import sample_distilled_images, student_from_state, token_latency_ms
 from models.evalnet import build_evalnet, embed_images
 from models.inception import embed_inception, load_inception
 from models.metrics import class_accuracy, fid_from_features, inception_score, precision_recall
@@ -67,6 +68,7 @@ STAGE = "evaluate"
 CHAIN = ("base", "sar", "cca", "ddo", "distilled")
 DISTILLED = "distilled"
 DISTILLED_MODES = {"1step": 1, "2step": 2}  # guidance column of the distilled rows -> sequential passes
+LATENCY_IMAGES = 20  # images generated one at a time for the latency speed-up
 METRICS = ("fid", "is", "precision", "recall", "class_acc")
 """Metrics in the evalnet (proxy) feature space, always computed."""
 INCEPTION_METRICS = ("inception_fid", "inception_is", "inception_precision", "inception_recall")
@@ -275,7 +277,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
                 results[name][mode] = score_images(images, labels_N.numpy(), spaces, cfg)
                 grid_rows.append(_grid_row(images, labels_N.numpy(), num_classes, cfg.grid_per_class))
                 row_names.append(f"{name} {mode}")
-            _compare_with_teacher(cfg, config["teacher"], results, speed, models, tokenizer, labels_N, name)
+            _compare_with_teacher(cfg, config["teacher"], results, speed, models, tokenizer, labels_N, name, student)
             print(f"{STAGE}: {name}: " + ", ".join(_fid_line(g, m) for g, m in results[name].items()))
             continue
         model = ar_from_state(state, config, tokenizer)
@@ -332,7 +334,9 @@ def _fid_line(guidance: str, metrics: dict) -> str:
     return f"{guidance} FID {metrics['fid']:.2f}{inception}"
 
 
-def _compare_with_teacher(cfg: Config, teacher: dict, results, speed, models, tokenizer, labels_N, name) -> None:
+def _compare_with_teacher(
+    cfg: Config, teacher: dict, results, speed, models, tokenizer, labels_N, name, student
+) -> None:
     """The student's FID ratio and speed-up against its teacher at the teacher's distillation
     guidance, timed in this run (the teacher is sampled again for timing if that guidance was not
     among ``cfg_scales``). Skipped when the teacher checkpoint is not evaluated here."""
@@ -347,14 +351,24 @@ def _compare_with_teacher(cfg: Config, teacher: dict, results, speed, models, to
         sample_images(models[teacher_name], tokenizer, labels_N, cfg=teacher["cfg"], temperature=cfg.temperature,
                       top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size)  # fmt: skip
         teacher_speed[key] = len(labels_N) / (time.perf_counter() - start)
-    for mode in DISTILLED_MODES:
+    # latency: one image's tokens at a time, decode excluded (the same decoder serves both)
+    latency_labels = labels_N[:LATENCY_IMAGES]
+    teacher_speed[f"{guidance}_token_ms_b1"] = token_latency_ms(
+        models[teacher_name], latency_labels, cfg=teacher["cfg"], seed=cfg.seed
+    )
+    for mode, steps in DISTILLED_MODES.items():
         speed[name][f"{mode}_speedup"] = speed[name][f"{mode}_images_per_s"] / teacher_speed[key]
-        speed[name][f"{mode}_step_reduction"] = teacher_speed["steps_per_image"] / DISTILLED_MODES[mode]
+        speed[name][f"{mode}_step_reduction"] = teacher_speed["steps_per_image"] / steps
+        speed[name][f"{mode}_token_ms_b1"] = token_latency_ms(student, latency_labels, steps=steps, seed=cfg.seed)
+        speed[name][f"{mode}_latency_speedup"] = (
+            teacher_speed[f"{guidance}_token_ms_b1"] / speed[name][f"{mode}_token_ms_b1"]
+        )
         if guidance in results[teacher_name]:
             results[name][mode]["fid_vs_teacher"] = results[name][mode]["fid"] / results[teacher_name][guidance]["fid"]
         print(
             f"{STAGE}: {name} {mode}: {speed[name][f'{mode}_speedup']:.2f}x the images/s of {teacher_name} "
-            f"at {guidance}, {speed[name][f'{mode}_step_reduction']:g}x fewer sequential passes"
+            f"at {guidance} (batch {cfg.batch_size}), {speed[name][f'{mode}_latency_speedup']:.2f}x its latency "
+            f"(one image's tokens at a time), {speed[name][f'{mode}_step_reduction']:g}x fewer sequential passes"
         )
 
 
@@ -440,9 +454,10 @@ def report_markdown(
         # timings stay out of this file (a DVC out, byte-identical across runs): the measured
         # speed-ups are in metrics/evaluate_speed.json and on the MLflow run
         lines += [
-            "Distilled student against its teacher (same run, same labels). The measured speed-up "
-            "(images/s ratio) is timing, so it is kept out of this file: `metrics/evaluate_speed.json` "
-            "(`distilled/<mode>_speedup`) and the MLflow run (`speed/distilled/*`).",
+            "Distilled student against its teacher (same run, same labels). The measured speed-ups "
+            "(images/s ratio at the sampling batch size; latency of one image's tokens at batch 1) are timings, "
+            "so they are kept out of this file: `metrics/evaluate_speed.json` (`distilled/<mode>_speedup`, "
+            "`distilled/<mode>_latency_speedup`) and the MLflow run (`speed/distilled/*`).",
             "",
             "| sampling | FID / teacher's ↓ | sequential passes: teacher / student |",
             "|---|---|---|",

@@ -204,3 +204,43 @@ def test_config_refusals():
         Config(beta=0.0)
     with pytest.raises(ValueError, match="rounds"):
         Config(rounds=0)
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_match_one_rank_at_the_same_global_batch(bases, tmp_path):
+    """Under ``launcher: accelerate/cpu-2proc.yaml`` (two gloo ranks, DDP) every rank draws the
+    same round's fakes (same seeds) and trains on its half of the real and fake rows, with the
+    gradients averaged: with dropout and label nulling off the weights match a one-process run at
+    the same global batch, and the reference is re-frozen from the synchronised policy each round."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from helpers import REPO
+
+    cfg = tiny(save_every=0, keep_dropout=False, uncond_ratio=0.0, round_trip=False)
+    one = paths_for(bases, tmp_path, "gpt", "one")
+    run(cfg, one, NullTracker())
+
+    project = tmp_path / "project"
+    for name in ("core", "stages", "models", "accelerate"):
+        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    two = paths_for(bases, tmp_path, "gpt", "two")
+    config = {**dataclasses.asdict(cfg), "launcher": "accelerate/cpu-2proc.yaml", "betas": list(cfg.betas)}
+    params = {"paths": {k: str(Path(v).resolve()) for k, v in dataclasses.asdict(two).items()}, "ddo": config}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "ARPIPE_TRACKING": "off", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ARPIPE_LAUNCHED", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.ddo"], cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "relaunching under" in result.stdout
+    state_one, _ = read_checkpoint(Path(one.models) / "ddo")
+    state_two, _ = read_checkpoint(Path(two.models) / "ddo")
+    base_state, _ = read_checkpoint(Path(one.models) / "base")
+    assert any(not torch.equal(state_one[k], base_state[k]) for k in state_one)
+    for key in state_one:
+        torch.testing.assert_close(state_two[key], state_one[key], rtol=1e-4, atol=1e-5)
+    assert len(train_rows(two)) == len(train_rows(one))

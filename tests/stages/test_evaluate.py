@@ -305,6 +305,9 @@ def test_the_distilled_student_is_scored_at_one_and_two_steps_against_its_teache
     assert speed["1step_steps_per_image"] == 1 and speed["2step_steps_per_image"] == 2
     assert speed["1step_step_reduction"] == 16 and speed["2step_step_reduction"] == 8
     assert speed["1step_speedup"] > 0 and speed["2step_speedup"] > 0
+    teacher_ms = json.loads((tmp_path / "metrics" / "evaluate_speed.json").read_text())["base"]["cfg2_token_ms_b1"]
+    for mode in ("1step", "2step"):  # latency: one image's tokens at a time, against the teacher at its guidance
+        assert speed[f"{mode}_latency_speedup"] == pytest.approx(teacher_ms / speed[f"{mode}_token_ms_b1"])
     assert metrics["best_value"] == metrics["base"]["cfg1"]["fid"], "the champion is chosen among AR checkpoints"
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| distilled | 1step |" in report and "| distilled | 2step |" in report
