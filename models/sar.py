@@ -78,6 +78,23 @@ def rollout_tokens(
 
 
 @torch.no_grad()
+def guided_rollout_logits(
+    cond_BLV: torch.Tensor, uncond_BLV: torch.Tensor, scales: tuple[int, ...] | list[int], strength: float
+) -> torch.Tensor:
+    """The authors' rollout guidance: at scale k of K, ``(1 + t_k)·cond − t_k·uncond`` with
+    ``t_k = strength · 0.5 · (1 + k/(K−1))`` (their ``sf_cfg_scale`` 1.2 ramps t from 0.6 to 1.2,
+    i.e. guidance 1.6 → 2.2 in the ``u + s·(c − u)`` convention). ``strength`` 0 returns ``cond``.
+    fp32, detached: the guided logits only choose the rolled-out tokens."""
+    cond, uncond = cond_BLV.detach().float(), uncond_BLV.detach().float()
+    if strength == 0:
+        return cond
+    K = len(scales)
+    levels_L = torch.cat([torch.full((side * side,), k, dtype=torch.float32) for k, side in enumerate(scales)])
+    t_L1 = (strength * 0.5 * (1 + levels_L / max(K - 1, 1)))[:, None].to(cond.device)
+    return cond + t_L1 * (cond - uncond)
+
+
+@torch.no_grad()
 def student_forced_input(
     quantizer, tokens_BL: torch.Tensor, predicted_BL: torch.Tensor, forced_scales: list[int]
 ) -> torch.Tensor:

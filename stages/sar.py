@@ -55,7 +55,14 @@ from core.training import (
     warmup_decay_lr,
 )
 from models.ar import ar_from_state, sample_images, tokenizer_from_state
-from models.sar import rollout_tokens, sar_loss, scale_mask, student_forced_input, student_forced_scales
+from models.sar import (
+    guided_rollout_logits,
+    rollout_tokens,
+    sar_loss,
+    scale_mask,
+    student_forced_input,
+    student_forced_scales,
+)
 
 STAGE = "sar"
 OUT_NAME = "sar"
@@ -95,6 +102,11 @@ class Config:
     rollout: Literal["argmax", "sample"] = "argmax"
     """How the model's own predictions are drawn from the teacher-forced logits (the authors'
     scripts intend argmax; their trainer samples, with guidance 1.2, top-k 900, top-p 0.96)."""
+    rollout_guidance: float = 0.0
+    """Guidance on the rolled-out predictions (and so on the CSFL targets), the authors' trainer's
+    ``sf_cfg_scale`` (1.2 there): at scale k, ``(1 + t)·cond − t·uncond`` with t ramping from
+    ``0.5·g`` at the first scale to ``g`` at the last; the null-class logits come from one more
+    teacher-forced pass without gradient. 0 = off (no extra pass)."""
     rollout_temperature: float = 1.0
     rollout_top_k: int = 0
     """0 = off."""
@@ -129,6 +141,8 @@ class Config:
             raise ValueError("lr must be > 0, min_lr_ratio in [0, 1] and grad_clip >= 0")
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if self.rollout_guidance < 0:
+            raise ValueError(f"rollout_guidance must be >= 0, got {self.rollout_guidance}")
         if self.rollout_temperature <= 0 or self.rollout_top_k < 0 or not 0 < self.rollout_top_p <= 1:
             raise ValueError("rollout_temperature must be > 0, rollout_top_k >= 0 and rollout_top_p in (0, 1]")
         if not self.sample_cfg:
@@ -190,7 +204,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     accelerator.print(
         f"{STAGE}: refining {paths.models}/{cfg.input} (var, scales {list(scales)}) for {steps} steps of "
         f"{cfg.batch_size} sequences, student-forced scales {forced} ({cfg.transitions}), {cfg.rollout} "
-        f"rollout, sigma {cfg.sigma}, target {cfg.target}"
+        f"rollout (guidance {cfg.rollout_guidance:g}), sigma {cfg.sigma}, target {cfg.target}"
     )
     tracker.log_params({"sar.resolved_steps": steps, "sar.processes": world, "sar.forced_scales": forced})
 
@@ -208,8 +222,14 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         tokens_bl, labels_b = (t[rank::world].to(accelerator.device) for t in (tokens_BL, labels_B))
         with accelerator.autocast():
             teacher_blV = model(tokens_bl, labels_b, label_dropout=False)
+        rollout_blV = teacher_blV
+        if cfg.rollout_guidance > 0:
+            with torch.no_grad(), accelerator.autocast():
+                null_b = torch.full_like(labels_b, raw_model.null_class)
+                uncond_blV = raw_model(tokens_bl, null_b, label_dropout=False)
+            rollout_blV = guided_rollout_logits(teacher_blV, uncond_blV, scales, cfg.rollout_guidance)
         predicted_bl = rollout_tokens(
-            teacher_blV, mode=cfg.rollout, temperature=cfg.rollout_temperature, top_k=cfg.rollout_top_k,
+            rollout_blV, mode=cfg.rollout, temperature=cfg.rollout_temperature, top_k=cfg.rollout_top_k,
             top_p=cfg.rollout_top_p, generator=step_generator(cfg.seed, step * world + rank, purpose=6),
         )  # fmt: skip
         student_inputs = student_forced_input(raw_model.quantizer, tokens_bl, predicted_bl, forced)

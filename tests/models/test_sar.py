@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from models.residual_quantizer import MultiScaleResidualQuantizer
-from models.sar import rollout_tokens, sar_loss, scale_mask, student_forced_input, student_forced_scales
+from models.sar import (
+    guided_rollout_logits,
+    rollout_tokens,
+    sar_loss,
+    scale_mask,
+    student_forced_input,
+    student_forced_scales,
+)
 from models.var import VAR, VARConfig
 
 VOCAB, CLASSES, EMBED, SCALES = 32, 3, 8, (1, 2, 3, 4)
@@ -171,3 +178,16 @@ def test_csfl_trains_the_model_through_the_student_pass_only():
     assert all(p.grad is None for p in model.quantizer.parameters())
     # scales before the forced one see the same inputs in both passes: same logits
     torch.testing.assert_close(student[:, ~forced], teacher[:, ~forced])
+
+
+def test_rollout_guidance_ramps_from_half_to_full_strength_over_the_scales():
+    """The authors' trainer: at scale k of K, (1 + t)·cond − t·uncond with t = g·0.5·(1 + k/(K−1))."""
+    scales = (1, 2, 3)
+    cond, uncond = torch.randn(2, 14, 5), torch.randn(2, 14, 5)
+    guided = guided_rollout_logits(cond, uncond, scales, 1.2)
+    for level, (start, stop) in enumerate([(0, 1), (1, 5), (5, 14)]):
+        t = 1.2 * 0.5 * (1 + level / 2)
+        torch.testing.assert_close(guided[:, start:stop], (1 + t) * cond[:, start:stop] - t * uncond[:, start:stop])
+    assert torch.equal(guided_rollout_logits(cond, uncond, scales, 0.0), cond)
+    # where the condition carries no information (cond == uncond) guidance changes nothing
+    torch.testing.assert_close(guided_rollout_logits(cond, cond, scales, 2.0), cond)

@@ -169,6 +169,34 @@ def test_csfl_pulls_student_forced_predictions_toward_teacher_forced_ones(bases,
     assert float(rows[-1]["sf_agreement"]) >= float(rows[0]["sf_agreement"])
 
 
+def test_guided_rollout_draws_targets_from_the_guided_logits(bases, tmp_path, monkeypatch):
+    """With ``rollout_guidance`` the rolled-out tokens are drawn from (1 + t)·cond − t·uncond, the
+    uncond logits from one more teacher-forced pass on the null class (no gradient)."""
+    from stages import sar
+
+    seen = []
+    real = sar.guided_rollout_logits
+
+    def spy(cond, uncond, scales, strength):
+        seen.append((cond.detach().clone(), uncond.detach().clone(), strength))
+        return real(cond, uncond, scales, strength)
+
+    monkeypatch.setattr(sar, "guided_rollout_logits", spy)
+    guided = paths_for(bases, tmp_path, "var", "guided")
+    run(tiny(steps=2, keep_dropout=False, rollout="sample", rollout_guidance=1.2), guided, NullTracker())
+    assert len(seen) == 2 and all(strength == 1.2 for *_, strength in seen)
+    cond, uncond, _ = seen[0]
+    assert cond.shape == uncond.shape and not torch.equal(cond, uncond), "the null class gives other logits"
+    plain = paths_for(bases, tmp_path, "var", "plain")
+    run(tiny(steps=2, keep_dropout=False, rollout="sample"), plain, NullTracker())
+    assert len(seen) == 2, "no guidance, no extra pass"
+    assert weights_differ(Path(guided.models) / "sar", Path(plain.models) / "sar")
+
+
+def weights_differ(a: Path, b: Path) -> bool:
+    return (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes()
+
+
 def test_gpt_checkpoint_passes_through_unchanged_and_records_why(bases, tmp_path):
     paths = paths_for(bases, tmp_path, "gpt")
     base_state, base_config = read_checkpoint(Path(paths.models) / "base")
@@ -192,6 +220,8 @@ def test_gpt_checkpoint_passes_through_unchanged_and_records_why(bases, tmp_path
 def test_config_refusals():
     with pytest.raises(ValueError, match="sigma"):
         Config(sigma=-0.1)
+    with pytest.raises(ValueError, match="rollout_guidance"):
+        Config(rollout_guidance=-1.0)
     with pytest.raises(ValueError, match="rollout_top_p"):
         Config(rollout_top_p=0.0)
     from core.config import ConfigError, load_section
