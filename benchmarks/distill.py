@@ -11,7 +11,7 @@ labels and seeds for all three) from
 and scores them with the ``evaluate`` stage's metric code (``stages/evaluate.py`` ``score``:
 FID, IS, precision/recall and class accuracy in the evalnet's feature space, against val).
 Sampling is timed after a warm-up batch, in one process: in throughput (``--batch-size`` images
-per batch, decode included), in latency (one image at a time, 20 images, decode included) and in
+per batch, decode included), in latency (one image at a time, 100 images, decode included) and in
 token latency (one image's tokens at a time, decode excluded: the decoder is shared, so this is
 the part distillation changes). Prints a table per
 project and the DD1 papers' bar (posttrain.md §4(e)): 1-step FID ≤ 2.5× the teacher's, 2-step
@@ -47,7 +47,7 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def measure(project: Path, samples_per_class: int | None, batch_size: int, latency_images: int = 20) -> dict | str:
+def measure(project: Path, samples_per_class: int | None, batch_size: int, latency_images: int = 100) -> dict | str:
     from core.checkpoint import read_checkpoint
     from core.config import load_paths, load_section, read_params
     from core.shards import load_split
