@@ -93,3 +93,23 @@ def make_project(root: Path, params: dict | None = None, dvc_yaml: dict | None =
     git(root, "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
     git(root, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
     return root
+
+
+def run_stage_under_two_cpu_ranks(stage: str, config: dict, paths, project: Path) -> subprocess.CompletedProcess:
+    """``python -m stages.<stage>`` in a copy of the code under ``project`` whose params.yaml holds
+    ``paths`` (a core.config.Paths) and ``config`` with ``launcher: accelerate/cpu-2proc.yaml``:
+    the stage relaunches itself as two gloo ranks (one thread each, tracking off)."""
+    import dataclasses
+    import os
+    import sys
+
+    for name in ("core", "stages", "models", "accelerate"):
+        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    section = {**config, "launcher": "accelerate/cpu-2proc.yaml"}
+    params = {"paths": {k: str(Path(v).resolve()) for k, v in dataclasses.asdict(paths).items()}, stage: section}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "ARPIPE_TRACKING": "off", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ARPIPE_LAUNCHED", None)
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )

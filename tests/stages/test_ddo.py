@@ -212,29 +212,15 @@ def test_two_cpu_ranks_match_one_rank_at_the_same_global_batch(bases, tmp_path):
     same round's fakes (same seeds) and trains on its half of the real and fake rows, with the
     gradients averaged: with dropout and label nulling off the weights match a one-process run at
     the same global batch, and the reference is re-frozen from the synchronised policy each round."""
-    import os
-    import subprocess
-    import sys
-
-    import yaml
-    from helpers import REPO
+    from helpers import run_stage_under_two_cpu_ranks
 
     cfg = tiny(save_every=0, keep_dropout=False, uncond_ratio=0.0, round_trip=False)
     one = paths_for(bases, tmp_path, "gpt", "one")
     run(cfg, one, NullTracker())
 
-    project = tmp_path / "project"
-    for name in ("core", "stages", "models", "accelerate"):
-        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     two = paths_for(bases, tmp_path, "gpt", "two")
-    config = {**dataclasses.asdict(cfg), "launcher": "accelerate/cpu-2proc.yaml", "betas": list(cfg.betas)}
-    params = {"paths": {k: str(Path(v).resolve()) for k, v in dataclasses.asdict(two).items()}, "ddo": config}
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "ARPIPE_TRACKING": "off", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("ARPIPE_LAUNCHED", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.ddo"], cwd=project, env=env, capture_output=True, text=True, timeout=300
-    )
+    config = {**dataclasses.asdict(cfg), "betas": list(cfg.betas)}
+    result = run_stage_under_two_cpu_ranks("ddo", config, two, tmp_path / "project")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "relaunching under" in result.stdout
     state_one, _ = read_checkpoint(Path(one.models) / "ddo")
