@@ -297,9 +297,10 @@ def token_latency_ms(
     """Mean milliseconds to generate ONE image's tokens, one label at a time (batch 1), decode
     excluded: an AR teacher's KV-cached ``generate`` at guidance ``cfg`` (``steps`` None), or a
     student's ``sample`` in ``steps`` passes, its noise drawn inside the timed call. The decoder
-    is the same for both, so this is the part a distilled student changes; latency, not
-    throughput, is where the cut in sequential passes shows (each small pass is overhead-bound).
-    One untimed call first (warm-up)."""
+    is the same for both, so this is the part a distilled student changes. Latency rather than
+    throughput is where the cut in sequential passes shows: on a GPU each small pass is
+    latency-bound; on a CPU the FLOPs of the student's all-token pass still count. One untimed
+    call first (warm-up)."""
     import time
 
     device = next(model.parameters()).device

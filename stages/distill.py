@@ -84,7 +84,7 @@ class Config:
     """AR steps (GPT tokens, VAR scales) whose positions use the logits head, the rest the
     continuous head; 0 = GPT ⌊3L/4⌋, VAR K − 1 (only the last scale continuous). DD1: 80 of 256
     tokens, 5 of 10 scales; on digits half the steps (GPT 8 of 16, VAR 2 of 4) gave 1.3-2.4x the
-    teacher's FID and these 1.05-1.4x: the regressed codewords are the students' weak part."""
+    teacher's FID and these 1.05-1.45x: the regressed codewords are the students' weak part."""
     two_step_at: int = 0
     """AR steps kept as data between the two sampling steps (t2, ≤ split); 0 = GPT ⌊L/4⌋, VAR
     ⌈K/2⌉ (DD1: 80 of 256 tokens, 5 of 10 scales)."""
