@@ -146,3 +146,11 @@ def save_png(image_HWC: np.ndarray, path: str | Path) -> None:
     """Write a uint8 image as PNG (deterministic bytes for the same pixels)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image_HWC).save(path, format="PNG")
+
+
+def guidance_grid(images_by_scale: list[np.ndarray], per_class: int, gap: int = 8) -> np.ndarray:
+    """The stages' ``samples.png``: one ``image_grid`` of ``per_class`` columns (one row per class)
+    for each guidance scale's samples, side by side with ``gap`` white pixels between them."""
+    blocks = [image_grid(images, per_class) for images in images_by_scale]
+    spacer = np.full((blocks[0].shape[0], gap, blocks[0].shape[2]), 255, np.uint8)
+    return np.concatenate([part for block in blocks for part in (block, spacer)][:-1], axis=1)

@@ -169,6 +169,33 @@ class Resume:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def new_history(names: Iterable[str]) -> dict:
+    """A training history (JSON, part of the resume state): the logged rows and the running window
+    of the per-step values ``names``."""
+    return {"train": [], "window": {"steps": 0, **dict.fromkeys(names, 0.0)}}
+
+
+def add_to_window(history: dict, values: Mapping[str, float]) -> None:
+    """Add one step's ``values`` to the history's window."""
+    window = history["window"]
+    for name, value in values.items():
+        window[name] += value
+    window["steps"] += 1
+
+
+def log_window(history: dict, tracker, *, step: int, lr: float, grad_norm: float, **first) -> dict:
+    """Close the window into a row ``{step, **first, <window means>, lr, grad_norm}``: appended to
+    ``history["train"]`` and logged as ``train/<key>`` at ``step``; the window starts again."""
+    window = history["window"]
+    names = [name for name in window if name != "steps"]
+    row = {"step": step, **first, **{name: window[name] / window["steps"] for name in names}}
+    row.update(lr=lr, grad_norm=grad_norm)
+    history["train"].append(row)
+    tracker.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+    window.update(steps=0, **dict.fromkeys(names, 0.0))
+    return row
+
+
 def check_finite(losses: Mapping[str, torch.Tensor | float], step: int, resume: Resume | None = None) -> None:
     """Raise ``NonFiniteLossError`` naming the step and the loss terms that are NaN or inf.
 

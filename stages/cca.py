@@ -32,14 +32,17 @@ import torch
 
 from core.checkpoint import finetuned_config, read_checkpoint, write_checkpoint
 from core.config import Paths
-from core.images import image_grid, save_png
+from core.images import guidance_grid, save_png
 from core.metrics import write_rows_csv
 from core.stage import stage_main
 from core.token_store import load_tokens
 from core.training import (
     Resume,
+    add_to_window,
     build_accelerator,
     check_finite,
+    log_window,
+    new_history,
     process_state,
     resume_dir,
     seed_everything,
@@ -162,8 +165,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     inputs = [paths.tokens, paths.tokenizer, Path(paths.models) / cfg.input]
     resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, inputs), cfg.save_every)
     start, history = resume.restore()
-    history = history or {"train": [], "window": {"steps": 0, **dict.fromkeys(("loss", *MONITORS), 0.0)}}
-    window = history["window"]
+    history = history or new_history(("loss", *MONITORS))
     accelerator.print(
         f"{STAGE}: finetuning {paths.models}/{cfg.input} ({in_config['arch']}) for {steps} steps of "
         f"{cfg.batch_size} x 2 sequences, beta {cfg.beta}, lambda {cfg.lam}, {cfg.negatives} negatives"
@@ -201,18 +203,12 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        for name, value in {"loss": float(loss.detach()), **monitors}.items():
-            window[name] += value
-        window["steps"] += 1
+        add_to_window(history, {"loss": float(loss.detach()), **monitors})
 
         done = step + 1
         if done % cfg.log_every == 0 or done == steps:
-            row = {"step": done, **{k: window[k] / window["steps"] for k in ("loss", *MONITORS)}}
-            row.update(lr=lr, grad_norm=float(grad_norm))
-            history["train"].append(row)
-            tracker.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=done)
+            row = log_window(history, tracker, step=done, lr=lr, grad_norm=float(grad_norm))
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
-            window.update(steps=0, **dict.fromkeys(("loss", *MONITORS), 0.0))
         resume.step_done(done, history)
         if on_step is not None:
             on_step(done)
@@ -232,12 +228,8 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
 def sample_grid(model, tokenizer, cfg: Config) -> np.ndarray:
     """One row per class: guidance-free samples, then each other scale of ``sample_cfg``."""
     labels = torch.arange(model.num_classes).repeat_interleave(cfg.samples_per_class)
-    blocks = [
-        image_grid(sample_images(model, tokenizer, labels, cfg=scale, seed=cfg.seed).numpy(), cfg.samples_per_class)
-        for scale in cfg.sample_cfg
-    ]
-    gap = np.full((blocks[0].shape[0], 8, blocks[0].shape[2]), 255, np.uint8)
-    return np.concatenate([part for block in blocks for part in (block, gap)][:-1], axis=1)
+    samples = [sample_images(model, tokenizer, labels, cfg=scale, seed=cfg.seed).numpy() for scale in cfg.sample_cfg]
+    return guidance_grid(samples, cfg.samples_per_class)
 
 
 def _write_outputs(cfg, paths, model, in_config, tokenizer, history, steps) -> dict:

@@ -41,8 +41,11 @@ from core.stage import stage_main
 from core.training import (
     EMA,
     Resume,
+    add_to_window,
     build_accelerator,
     check_finite,
+    log_window,
+    new_history,
     process_state,
     resume_dir,
     seed_everything,
@@ -199,8 +202,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     inputs = [Path(paths.distill) / PAIRS_FILE, paths.tokenizer, teacher_dir]
     resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, inputs), cfg.save_every)
     start, history = resume.restore()
-    history = history or {"train": [], "window": {"steps": 0, **dict.fromkeys(("loss", *MONITORS), 0.0)}}
-    window = history["window"]
+    history = history or new_history(("loss", *MONITORS))
     dd = raw_model.dd
     prefix_positions = raw_model.prefix_positions(dd.two_step_at)
     accelerator.print(
@@ -229,18 +231,12 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(raw_model)
-        for name, value in {"loss": float(loss.detach()), **monitors}.items():
-            window[name] += value
-        window["steps"] += 1
+        add_to_window(history, {"loss": float(loss.detach()), **monitors})
 
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            row = {"step": done, **{k: window[k] / window["steps"] for k in ("loss", *MONITORS)}}
-            row.update(lr=lr, grad_norm=float(grad_norm))
-            history["train"].append(row)
-            tracker.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=done)
+            row = log_window(history, tracker, step=done, lr=lr, grad_norm=float(grad_norm))
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['token_acc']:.3f}", mse=f"{row['mse']:.4f}")
-            window.update(steps=0, **dict.fromkeys(("loss", *MONITORS), 0.0))
         resume.step_done(done, history)
         if on_step is not None:
             on_step(done)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from core.checkpoint import read_checkpoint, write_checkpoint
 from core.config import Paths
-from core.images import image_grid, save_png
+from core.images import guidance_grid, save_png
 from core.metrics import flatten_metrics
 from core.stage import stage_main
 from core.token_store import load_tokens
@@ -251,12 +251,8 @@ def sample_grid(model, tokenizer, num_classes: int, cfg: Config) -> np.ndarray:
     """One row per class: ``samples_per_class`` guidance-free samples, then the same for each other
     scale in ``sample_cfg``, separated by a blank column."""
     labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
-    blocks = []
-    for scale in cfg.sample_cfg:
-        images = sample_images(model, tokenizer, labels, cfg=scale, seed=cfg.seed).numpy()
-        blocks.append(image_grid(images, cfg.samples_per_class))
-    gap = np.full((blocks[0].shape[0], 8, blocks[0].shape[2]), 255, np.uint8)
-    return np.concatenate([part for block in blocks for part in (block, gap)][:-1], axis=1)
+    samples = [sample_images(model, tokenizer, labels, cfg=scale, seed=cfg.seed).numpy() for scale in cfg.sample_cfg]
+    return guidance_grid(samples, cfg.samples_per_class)
 
 
 def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
