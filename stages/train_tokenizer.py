@@ -273,8 +273,9 @@ def evaluate(model, images_NHWC: np.ndarray) -> dict:
 
 @torch.no_grad()
 def data_usage(model, images_NHWC: np.ndarray, batch_size: int = 256) -> dict:
-    """Codebook usage counted over every train image and its h-flip, the rows the token cache
-    holds, with the training EMA's rule (models/codebook.py): free of the EMA's window."""
+    """Codebook usage counted over every train image and its h-flip, the images training draws
+    from (the token cache holds the flips only with ``cache_tokens.hflip``), with the training EMA's
+    rule (models/codebook.py): free of the EMA's window."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

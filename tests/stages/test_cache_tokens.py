@@ -66,6 +66,19 @@ def test_rows_views_and_metadata(cached):
     assert decoded.shape == (3, 3, 8, 8) and list(train.labels_N[0:14:2]) == list(images.labels_N[:7])
 
 
+def test_without_hflip_each_train_image_is_one_row_as_stored(cached, tmp_path):
+    """hflip off: no mirrored rows, so the models never learn to draw a mirrored glyph."""
+    _, paths, flipped = cached
+    plain = dataclasses.replace(paths, tokens=str(tmp_path / "plain"))
+    metrics = cache_tokens.run(cache_tokens.Config(batch_size=50, hflip=False), plain, NullTracker())
+    train = load_tokens(f"{plain.tokens}/train.parquet")
+    both = load_tokens(f"{paths.tokens}/train.parquet")
+    assert metrics["train"]["rows"] == metrics["train"]["images"] == flipped["train"]["rows"] // 2
+    assert set(train.views_N) == {0} and train.keys == both.keys[0::2]
+    assert np.array_equal(train.tokens_NL, both.tokens_NL[0::2])
+    assert np.array_equal(train.labels_N, both.labels_N[0::2])
+
+
 def test_fingerprint_mismatch_names_the_stage(cached):
     _, paths, _ = cached
     with pytest.raises(ValueError, match="re-run the cache_tokens stage"):

@@ -45,7 +45,7 @@ def test_outs_rebuild_the_model_and_reproduce_encode(tmp_path, shards, kind):
     paths = paths_for(tmp_path, shards)
     metrics = run(tiny(kind), paths, NullTracker())
     assert metrics["steps"] == 6 and metrics["val_psnr"] > 0 and 0 < metrics["usage"]["overall"] <= 1
-    # Usage is also counted over the whole train set (both views, as cached), per scale for msvq.
+    # Usage is also counted over the whole train set and its flips, per scale for msvq.
     assert metrics["train_usage"].keys() == metrics["usage"].keys()
     assert all(0 < value <= 1 for value in metrics["train_usage"].values())
     state_dict, config = read_checkpoint(paths.tokenizer)
