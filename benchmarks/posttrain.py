@@ -196,11 +196,11 @@ def report(family: str, result: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     # the real train images against the same val reference: the FID floor the models are read against
-    for checkpoint, label in (("train", "*real train images (floor)*"),):
-        rows = [[lookup(result["per_seed"][s], f"{checkpoint}/real/{m}") for m in METRICS] for s in seeds]
-        if all(v is not None for row in rows for v in row):
-            cells = [mean_sd([row[i] for row in rows]) for i in range(len(METRICS))]
-            lines.append(f"| {label} | real | {' | '.join(cells)} | {' / '.join(f'{row[0]:.2f}' for row in rows)} |")
+    floor = [[lookup(result["per_seed"][s], f"train/real/{m}") for m in METRICS] for s in seeds]
+    if all(v is not None for row in floor for v in row):
+        cells = [mean_sd(list(column)) for column in zip(*floor, strict=True)]
+        per_seed = " / ".join(f"{row[0]:.2f}" for row in floor)
+        lines.append(f"| *real train images (floor)* | real | {' | '.join(cells)} | {per_seed} |")
     for checkpoint in checkpoints:
         for guidance in guidances(first, checkpoint):
             cells = []
