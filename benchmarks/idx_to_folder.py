@@ -28,7 +28,8 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     """An IDX file (optionally gzipped): uint8 images (N, H, W) for magic 2051, labels (N,) for 2049."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such IDX file")
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as file:
+        raw = file.read()
     found = int.from_bytes(raw[:4], "big")
     if found != magic:
         raise ValueError(f"{path}: IDX magic {found}, expected {magic}")
