@@ -1,0 +1,54 @@
+"""Released LlamaGen and VAR checkpoints -> arpipe checkpoints: pure state-dict mappings.
+
+One converter per released format, each a pure function of the loaded tensors (no file I/O: the
+caller, ``arpipe import``, reads the file with ``weights_only=True`` and writes the checkpoint
+folder). A converter returns the arpipe module's ``state_dict`` and the body of its
+``config.json``; names, splits, reshapes and every size come from the tensors' shapes (heads, which
+no shape holds, from the model name). Keys are accounted for exactly: a missing, unexpected or
+mis-shaped key raises ``ReleasedFormatError`` naming it; derived buffers that the arpipe module
+rebuilds (and so are not copied) are returned in ``rebuilt``.
+
+    FORMATS[name] -> "module:function"; ``converter(name)`` imports it.
+    converter(released: dict[str, Tensor], *, model: str | None, tokenizer: dict | None) -> Converted
+        ``model``: the released model's name where shapes cannot tell (GPT-B, d16, VQ-16 ...);
+        ``tokenizer``: the config.json of the imported tokenizer an AR model is paired with.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+FORMATS = {
+    "llamagen-vq": "models.released.llamagen:convert_vq",
+    "llamagen-gpt": "models.released.llamagen:convert_gpt",
+    "var-vqvae": "models.released.var:convert_vqvae",
+    "var": "models.released.var:convert_var",
+}
+
+
+class ReleasedFormatError(ValueError):
+    """The tensors are not the released format asked for; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Converted:
+    config: dict[str, Any]
+    """config.json body: a tokenizer's {"kind", "model", "token_layout", "codebook_size", "seq_len",
+    "image_size", ...} as train_tokenizer writes it, or an AR model's {"arch", "model", ...} as
+    pretrain writes it (the caller adds class names, the tokenizer fingerprint and the source)."""
+    state_dict: dict[str, torch.Tensor]
+    """Loads strictly into the arpipe module that ``config`` builds."""
+    rebuilt: tuple[str, ...] = field(default=())
+    """Released keys not copied because the arpipe module derives them (e.g. VAR's attention mask)."""
+
+
+def converter(format_name: str) -> Callable[..., Converted]:
+    if format_name not in FORMATS:
+        raise ReleasedFormatError(f"unknown released format {format_name!r}; expected one of {', '.join(FORMATS)}")
+    module, function = FORMATS[format_name].split(":")
+    return getattr(importlib.import_module(module), function)
