@@ -316,9 +316,15 @@ def compare(last: int, fmt: str) -> None:
 
 @cli.command()
 @click.option("--cron", metavar="EXPR", help='Cron schedule, e.g. "0 3 * * 1" (Mondays 03:00, server time zone).')
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=1, min_open=False),
+    metavar="SECONDS",
+    help="Instead of --cron: a run every SECONDS (e.g. 30 to try a schedule out).",
+)
 @click.option("--name", default="retrain", show_default=True, help="Deployment name (arpipe-pipeline/<name>).")
 @click.option("--until", metavar="STAGE", help="Stop each scheduled run after this stage.")
-@click.option("--list", "list_", is_flag=True, help="List the arpipe deployments and their schedules.")
+@click.option("--list", "list_", is_flag=True, help="List the arpipe deployments: schedule, last and next run.")
 @click.option("--remove", metavar="NAME", help="Delete the deployment arpipe-pipeline/NAME.")
 @click.option(
     "--durable/--no-durable",
@@ -327,21 +333,24 @@ def compare(last: int, fmt: str) -> None:
     help="After each successful scheduled run, commit dvc.lock + metrics + plots to the results branch and "
     "`dvc push` (params.yaml `durable`).",
 )
-def schedule(cron: str | None, name: str, until: str | None, list_: bool, remove: str | None, durable: bool) -> None:
+def schedule(cron: str | None, interval: float | None, name: str, until: str | None, list_: bool,
+             remove: str | None, durable: bool) -> None:  # fmt: skip
     """Scheduled retraining: serve the pipeline as a Prefect deployment with a cron schedule.
 
     Needs a running Prefect server (its temporary server cannot hold schedules): PREFECT_API_URL,
     or a local one on 127.0.0.1:4200 that this command starts when none answers (log in
-    .arpipe/prefect-server.log). With --cron the command keeps running and executes the
-    scheduled runs; Ctrl-C stops it and Prefect pauses the schedule (listed as paused until
-    served again or removed with --remove).
+    .arpipe/prefect-server.log, pid in .arpipe/prefect-server.pid). With --cron the command keeps
+    running and executes the scheduled runs, and checks that the server schedules them: if the
+    server's scheduler logs an error, or creates no run within 90 s, it stops with one line saying
+    so (exit 1). Ctrl-C stops it and Prefect pauses the schedule (listed as paused until served
+    again or removed with --remove). --list shows each deployment's last and next run.
     """
     root = _root()
     _setup_env(root)
     from flows import schedule as sched
 
-    if sum(bool(x) for x in (cron, list_, remove)) != 1:
-        raise click.UsageError("give exactly one of --cron EXPR, --list or --remove NAME")
+    if sum(bool(x) for x in (cron or interval, list_, remove)) != 1 or (cron and interval):
+        raise click.UsageError("give exactly one of --cron EXPR, --interval SECONDS, --list or --remove NAME")
     try:
         api = sched.ensure_server(root)
     except RuntimeError as exc:
@@ -351,7 +360,11 @@ def schedule(cron: str | None, name: str, until: str | None, list_: bool, remove
         if not found:
             click.echo(f"no arpipe deployments on {api}")
         for d in found:
-            click.echo(f"  {d['name']:<36} cron {', '.join(d['cron']) or '-':<16} {'paused' if d['paused'] else ''}")
+            click.echo(f"{d['name']}  {', '.join(d['cron']) or '-'}{'  (paused)' if d['paused'] else ''}")
+            for key in ("last", "next"):
+                run = d[key]
+                when = f"{run['state']:<10} {run['at']:%Y-%m-%d %H:%M:%S %Z}" if run else "none"
+                click.echo(f"  {key} run: {when}")
         return
     if remove:
         try:
@@ -361,11 +374,17 @@ def schedule(cron: str | None, name: str, until: str | None, list_: bool, remove
         click.echo(f"removed {remove}")
         return
     try:
-        sched.deployment(name, cron, root, until, durable)
+        sched.deployment(name, cron, root, until, durable, interval)
     except ValueError as exc:
         raise click.BadParameter(f"{cron!r} is not a cron expression (e.g. '0 3 * * 1')", param_hint="--cron") from exc
-    click.echo(f"serving arpipe-pipeline/{name} on {api} with cron '{cron}'; Ctrl-C to stop")
-    sched.serve(name, cron, root, until, durable)
+    own_log = root / sched.SERVER_LOG if api == sched.LOCAL_API else None
+    every = f"cron '{cron}'" if cron else f"a run every {interval:g} s"
+    click.echo(f"serving arpipe-pipeline/{name} on {api} with {every}; Ctrl-C to stop")
+    click.echo(f"check it: arpipe schedule --list (last and next run){f'; server log {own_log}' if own_log else ''}")
+    try:
+        sched.serve(name, cron, root, until, durable, interval, watchdog=sched.Watchdog(name, own_log))
+    except sched.ScheduleFailed as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @cli.command()
