@@ -198,12 +198,42 @@ def llamagen_cases(checkout: Path, official: bool):
         yield "llamagen_gptb_official", released_state(model), run_llamagen_gpt(lg, model, meta, 1, False), meta
 
 
+OFFICIAL_VQ = ("VQ-16", "VQ-8")
+OFFICIAL_GPT = ("GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-3B")
+
+
+def llamagen_official_shapes(checkout: Path) -> dict[str, dict[str, list[int]]]:
+    """Key -> shape of every official released layout, from the authors' constructors on the meta
+    device (no memory): the table the shape-only tests convert. c2i GPTs as sample_c2i.py builds
+    them (vocab 16384, 1000 classes, one class token); the 256 and 384 px files differ in no shape."""
+    from accelerate import init_empty_weights  # parameters on meta; their gpt.py calls .item() at build
+
+    lg = load_llamagen(checkout)
+    tables = {}
+    with init_empty_weights():
+        for name in OFFICIAL_VQ:
+            tables[name] = lg.vq.VQ_models[name]().state_dict()
+        for name in OFFICIAL_GPT:
+            tables[name] = lg.gpt.GPT_models[name](vocab_size=16384, block_size=256, num_classes=1000).state_dict()
+    return {name: {k: list(v.shape) for k, v in table.items()} for name, table in tables.items()}
+
+
 COMPARE = {"llamagen_vq": compare_llamagen_vq, "llamagen_gpt": compare_llamagen_gpt}
+
+
+FIXTURE_OMITS = ("quantize.codebook_used",)
+"""Not stored in fixtures: all zeros (VQModel's 65,536-slot usage ring buffer, untrained); the
+test puts the zeros back."""
 
 
 def write_fixture(out_dir: Path, name: str, released: dict, case: dict, meta: dict) -> Path:
     """Released weights stored as fp16 (they are fp16-exact), inputs and the authors' outputs."""
-    tensors = {f"released/{k}": v.half() if v.is_floating_point() else v for k, v in released.items()}
+    omitted = {k: list(released[k].shape) for k in FIXTURE_OMITS if k in released}
+    assert all(not released[k].any() for k in omitted), "only all-zero buffers may be left out"
+    meta = {**meta, "zeros": omitted}
+    tensors = {
+        f"released/{k}": v.half() if v.is_floating_point() else v for k, v in released.items() if k not in omitted
+    }
     tensors.update({k: v.contiguous() for k, v in case.items()})
     path = out_dir / f"{name}.safetensors"
     save_file(tensors, path, metadata={"meta": json.dumps(meta), "seed": str(SEED)})
@@ -223,6 +253,11 @@ def main() -> None:
         cases.append(llamagen_cases(args.llamagen, args.official))
     if not cases:
         parser.error("give --llamagen DIR")
+    if args.write_fixtures and args.llamagen:
+        args.write_fixtures.mkdir(parents=True, exist_ok=True)
+        path = args.write_fixtures / "llamagen_shapes.json"
+        path.write_text(json.dumps(llamagen_official_shapes(args.llamagen), separators=(",", ":")) + "\n")
+        print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
     results, worst = {}, 0.0
     for name, released, case, meta in (c for family in cases for c in family):
         compare = COMPARE[name.split("_official")[0].replace("_vq16", "_vq").replace("_gptb", "_gpt")]
