@@ -47,10 +47,11 @@ def load_released(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
         obj = _torch_load(path)
     except pickle.UnpicklingError as exc:
-        reason = next((line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line), "")
-        if "Weights only load failed" in str(exc) and reason:
-            raise ImportFailed(f"{path}: refused: the pickle needs more than tensors ({reason})") from None
-        raise ImportFailed(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
+        # a global the weights-only unpickler will not build (a class, a function) means code
+        needs = re.search(r"Unsupported (?:global|class):? (?:GLOBAL )?([\w.]+)", str(exc))
+        if needs:
+            raise ImportFailed(f"{path}: refused: the pickle needs more than tensors ({needs.group(1)})") from None
+        raise ImportFailed(f"{path}: not a readable PyTorch checkpoint, truncated? ({_first_line(exc)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ImportFailed(f"{path}: not a readable PyTorch checkpoint, truncated? ({_first_line(exc)})") from None
     if not isinstance(obj, dict):
