@@ -56,7 +56,9 @@ class Converted:
     state_dict: dict[str, torch.Tensor]
     """Loads strictly into the arpipe module that ``config`` builds."""
     rebuilt: tuple[str, ...] = field(default=())
-    """Released keys not copied because the arpipe module derives them (e.g. VAR's attention mask)."""
+    """Released keys not copied because the arpipe module derives them (e.g. VAR's attention mask,
+    LlamaGen's rotary table) or keeps its own kind of them (LlamaGen's usage ring buffer); each
+    converter's docstring lists its own. ``arpipe import`` records them in config.json."""
 
 
 def converter(format_name: str) -> Callable[..., Converted]:
