@@ -121,6 +121,8 @@ def compare_llamagen_vq(released: dict, case: dict, meta: dict) -> dict[str, flo
     )
     clamped = tokenizer.decode(case["output/indices"])
     return {
+        "indices_compared": tokens.numel(),
+        "decoded_reference_abs_max": float(case["output/decoded"].abs().max()),
         "index_mismatches": int((tokens != case["output/indices"]).sum()),
         "decoded_max_abs": float((decoded - case["output/decoded"]).abs().max()),
         "decoded_clamped_max_abs": float((clamped - case["output/decoded"].clamp(-1, 1)).abs().max()),
@@ -174,7 +176,10 @@ def compare_llamagen_gpt(released: dict, case: dict, meta: dict) -> dict[str, fl
     )
     model = ar_from_state(converted.state_dict, converted.config, tokenizer=None)
     logits = model(case["input/tokens"], case["input/labels"])
-    result = {"logits_max_abs": float((logits - case["output/logits"]).abs().max())}
+    result = {
+        "logits_reference_std": float(case["output/logits"].std()),
+        "logits_max_abs": float((logits - case["output/logits"]).abs().max()),
+    }
     for name, cfg in (("output/greedy", 1.0), ("output/greedy_cfg2", 2.0)):
         if name in case:
             tokens = model.generate(case["input/labels"][:-1], cfg=cfg, temperature=0.0)

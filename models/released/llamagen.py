@@ -60,6 +60,14 @@ def _count(ledger: KeyLedger, pattern: str) -> int:
     return n
 
 
+def _config(what: str, config_class: type, **values):
+    """The arpipe config the inferred sizes make; its validation errors become format errors."""
+    try:
+        return config_class(**values)
+    except ValueError as exc:
+        raise ReleasedFormatError(f"{what}: {exc}") from None
+
+
 # -- tokenizer -----------------------------------------------------------------------------------
 
 
@@ -75,10 +83,10 @@ def convert_vq(
     if tokenizer is not None or heads is not None:
         raise ReleasedFormatError("llamagen-vq is a tokenizer: it takes no tokenizer and no heads")
     ledger = KeyLedger(released, "llamagen-vq")
-    if not ledger.has("encoder.conv_in.weight"):
-        ledger.missing("encoder.conv_in.weight")
     base, image_channels = ledger.shape("encoder.conv_in.weight")[:2]
     levels = _count(ledger, "encoder.conv_blocks.{}.res.0.conv1.weight")
+    if levels == 0:
+        ledger.missing("encoder.conv_blocks.0.res.0.conv1.weight")
     multipliers = []
     for i in range(levels):
         key = f"encoder.conv_blocks.{i}.res.0.conv1.weight"
@@ -103,7 +111,9 @@ def convert_vq(
             f"'decoder.conv_blocks.0.res.{decoder_blocks - 1}.conv1.weight'), expected the encoder's {res_blocks} + 1"
         )
     codebook_size, codebook_dim = ledger.shape("quantize.embedding.weight")
-    config = VQConfig(
+    config = _config(
+        "llamagen-vq",
+        VQConfig,
         image_size=image_size or 256,
         image_channels=image_channels,
         base_channels=base,
@@ -272,7 +282,9 @@ def convert_gpt(
         )
     if width % num_heads or (width // num_heads) % 4:
         raise ReleasedFormatError(f"llamagen-gpt: width {width} / {num_heads} heads is no head_dim divisible by 4")
-    config = GPTConfig(
+    config = _config(
+        "llamagen-gpt",
+        GPTConfig,
         vocab_size=vocab_size,
         seq_len=tokenizer["seq_len"],
         num_classes=ledger.shape("cls_embedding.embedding_table.weight")[0] - 1,  # + the null class

@@ -212,3 +212,7 @@ def test_model_name_heads_and_tokenizer_are_checked(gpt_fixture, official_shapes
         ReleasedFormatError, match=r"VQ-8 has channel multipliers \(1, 2, 2, 4\), the file \(1, 1, 2, 2, 4\)"
     ):
         convert_vq(vq16, model="VQ-8")
+    with pytest.raises(
+        ReleasedFormatError, match="llamagen-vq: config key 'image_size' must be a multiple of the downsample factor 16"
+    ):
+        convert_vq(vq16, image_size=250)
