@@ -83,6 +83,32 @@ def convert_vq(
     if tokenizer is not None or heads is not None:
         raise ReleasedFormatError("llamagen-vq is a tokenizer: it takes no tokenizer and no heads")
     ledger = KeyLedger(released, "llamagen-vq")
+    config = _vq_config(ledger, model, image_size or 256)
+    out = _VQMapper(ledger, config).state_dict()
+    rebuilt = []
+    if ledger.has("quantize.codebook_used"):
+        rebuilt.append(ledger.skip("quantize.codebook_used"))
+    ledger.finish()
+    # our usage statistics start empty, as after a fresh init
+    usage = CosineVectorQuantizer(config).usage.state_dict()
+    out.update({f"quantizer.usage.{key}": value for key, value in usage.items()})
+
+    with torch.device("meta"):
+        module = VQTokenizer(config)
+    check_against_module(out, module, "llamagen-vq")
+    body = {
+        "kind": module.kind,
+        "model": module.config_dict(),
+        "token_layout": module.token_layout,
+        "codebook_size": module.codebook_size,
+        "seq_len": module.seq_len,
+        "image_size": config.image_size,
+    }
+    return Converted(config=body, state_dict=out, rebuilt=tuple(rebuilt))
+
+
+def _vq_config(ledger: KeyLedger, model: str | None, image_size: int) -> VQConfig:
+    """Sizes from the shapes (checked against ``model`` when named) + LlamaGen's fixed settings."""
     base, image_channels = ledger.shape("encoder.conv_in.weight")[:2]
     levels = _count(ledger, "encoder.conv_blocks.{}.res.0.conv1.weight")
     if levels == 0:
@@ -111,10 +137,10 @@ def convert_vq(
             f"'decoder.conv_blocks.0.res.{decoder_blocks - 1}.conv1.weight'), expected the encoder's {res_blocks} + 1"
         )
     codebook_size, codebook_dim = ledger.shape("quantize.embedding.weight")
-    config = _config(
+    return _config(
         "llamagen-vq",
         VQConfig,
-        image_size=image_size or 256,
+        image_size=image_size,
         image_channels=image_channels,
         base_channels=base,
         channel_multipliers=multipliers,
@@ -127,96 +153,87 @@ def convert_vq(
         commitment_weight=0.25,  # LlamaGen's beta
         restart_every=0,  # LlamaGen restarts no codes
     )
-    widths = config.level_channels
-    out: dict[str, torch.Tensor] = {}
 
-    def copy(ours: str, theirs: str, shape) -> None:
-        out[ours] = ledger.take(theirs, shape)
 
-    def conv(ours: str, theirs: str, cin: int, cout: int, k: int) -> None:
-        copy(f"{ours}.weight", f"{theirs}.weight", (cout, cin, k, k))
-        copy(f"{ours}.bias", f"{theirs}.bias", (cout,))
+class _VQMapper:
+    """Takes every weight of a LlamaGen VQModel from the ledger under its ``VQTokenizer`` name."""
 
-    def norm(ours: str, theirs: str, channels: int) -> None:
-        copy(f"{ours}.weight", f"{theirs}.weight", (channels,))
-        copy(f"{ours}.bias", f"{theirs}.bias", (channels,))
+    def __init__(self, ledger: KeyLedger, config: VQConfig):
+        self.ledger, self.config, self.out = ledger, config, {}
 
-    def res(ours: str, theirs: str, cin: int, cout: int) -> None:
-        norm(f"{ours}.norm1", f"{theirs}.norm1", cin)
-        conv(f"{ours}.conv1", f"{theirs}.conv1", cin, cout, 3)
-        norm(f"{ours}.norm2", f"{theirs}.norm2", cout)
-        conv(f"{ours}.conv2", f"{theirs}.conv2", cout, cout, 3)
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        config, widths = self.config, self.config.level_channels
+        last, z, dim = len(widths) - 1, config.z_channels, config.codebook_dim
+        # 1. encoder: level i is levels.{2i}, its downsample levels.{2i+1}
+        self.conv("encoder.conv_in", "encoder.conv_in", config.image_channels, widths[0], 3)
+        cin = widths[0]
+        for i, width in enumerate(widths):
+            theirs = f"encoder.conv_blocks.{i}"
+            self.level(f"encoder.levels.{2 * i}", theirs, cin, width, config.res_blocks, i == last)
+            if i != last:
+                self.conv(f"encoder.levels.{2 * i + 1}.conv", f"{theirs}.downsample.conv", width, width, 3)
+            cin = width
+        self.mid("encoder.mid", "encoder.mid", widths[-1])
+        self.norm("encoder.norm_out", "encoder.norm_out", widths[-1])
+        self.conv("encoder.conv_out", "encoder.conv_out", widths[-1], z, 3)
+        # 2. quantizer: 1×1 convs around the L2-normalised codebook
+        self.conv("quant_conv", "quant_conv", z, dim, 1)
+        self.copy("quantizer.codebook.weight", "quantize.embedding.weight", (config.codebook_size, dim))
+        self.conv("post_quant_conv", "post_quant_conv", dim, z, 1)
+        # 3. decoder: block k (lowest resolution first) is levels.{2k}, its upsample levels.{2k+1}
+        self.conv("decoder.conv_in", "decoder.conv_in", z, widths[-1], 3)
+        self.mid("decoder.mid", "decoder.mid", widths[-1])
+        cin = widths[-1]
+        for k, i in enumerate(reversed(range(len(widths)))):
+            theirs = f"decoder.conv_blocks.{k}"
+            self.level(f"decoder.levels.{2 * k}", theirs, cin, widths[i], config.res_blocks + 1, i == last)
+            if i != 0:
+                self.conv(f"decoder.levels.{2 * k + 1}.conv", f"{theirs}.upsample.conv", widths[i], widths[i], 3)
+            cin = widths[i]
+        self.norm("decoder.norm_out", "decoder.norm_out", widths[0])
+        self.conv("decoder.conv_out", "decoder.conv_out", widths[0], config.image_channels, 3)
+        return self.out
+
+    def copy(self, ours: str, theirs: str, shape) -> None:
+        self.out[ours] = self.ledger.take(theirs, shape)
+
+    def conv(self, ours: str, theirs: str, cin: int, cout: int, k: int) -> None:
+        self.copy(f"{ours}.weight", f"{theirs}.weight", (cout, cin, k, k))
+        self.copy(f"{ours}.bias", f"{theirs}.bias", (cout,))
+
+    def norm(self, ours: str, theirs: str, channels: int) -> None:
+        self.copy(f"{ours}.weight", f"{theirs}.weight", (channels,))
+        self.copy(f"{ours}.bias", f"{theirs}.bias", (channels,))
+
+    def res(self, ours: str, theirs: str, cin: int, cout: int) -> None:
+        self.norm(f"{ours}.norm1", f"{theirs}.norm1", cin)
+        self.conv(f"{ours}.conv1", f"{theirs}.conv1", cin, cout, 3)
+        self.norm(f"{ours}.norm2", f"{theirs}.norm2", cout)
+        self.conv(f"{ours}.conv2", f"{theirs}.conv2", cout, cout, 3)
         if cin != cout:
-            conv(f"{ours}.shortcut", f"{theirs}.nin_shortcut", cin, cout, 1)
+            self.conv(f"{ours}.shortcut", f"{theirs}.nin_shortcut", cin, cout, 1)
 
-    def attn(ours: str, theirs: str, channels: int) -> None:
-        norm(f"{ours}.norm", f"{theirs}.norm", channels)
+    def attn(self, ours: str, theirs: str, channels: int) -> None:
+        """Separate q, k, v 1×1 convs -> our fused qkv (rows q | k | v, as it chunks them)."""
+        self.norm(f"{ours}.norm", f"{theirs}.norm", channels)
+        take = self.ledger.take
         w_shape, b_shape = (channels, channels, 1, 1), (channels,)
-        out[f"{ours}.qkv.weight"] = torch.cat([ledger.take(f"{theirs}.{n}.weight", w_shape) for n in "qkv"])
-        out[f"{ours}.qkv.bias"] = torch.cat([ledger.take(f"{theirs}.{n}.bias", b_shape) for n in "qkv"])
-        conv(f"{ours}.proj", f"{theirs}.proj_out", channels, channels, 1)
+        self.out[f"{ours}.qkv.weight"] = torch.cat([take(f"{theirs}.{n}.weight", w_shape) for n in "qkv"])
+        self.out[f"{ours}.qkv.bias"] = torch.cat([take(f"{theirs}.{n}.bias", b_shape) for n in "qkv"])
+        self.conv(f"{ours}.proj", f"{theirs}.proj_out", channels, channels, 1)
 
-    def level(ours: str, theirs: str, cin: int, cout: int, blocks: int, attention: bool) -> None:
+    def level(self, ours: str, theirs: str, cin: int, cout: int, blocks: int, lowest: bool) -> None:
+        attention = self.config.attention and lowest
         step = 2 if attention else 1  # our level Sequential interleaves res and attention blocks
         for j in range(blocks):
-            res(f"{ours}.{j * step}", f"{theirs}.res.{j}", cin if j == 0 else cout, cout)
+            self.res(f"{ours}.{j * step}", f"{theirs}.res.{j}", cin if j == 0 else cout, cout)
             if attention:
-                attn(f"{ours}.{j * step + 1}", f"{theirs}.attn.{j}", cout)
+                self.attn(f"{ours}.{j * step + 1}", f"{theirs}.attn.{j}", cout)
 
-    def mid(ours: str, theirs: str, channels: int) -> None:
-        res(f"{ours}.0", f"{theirs}.0", channels, channels)
-        attn(f"{ours}.1", f"{theirs}.1", channels)
-        res(f"{ours}.2", f"{theirs}.2", channels, channels)
-
-    last = len(widths) - 1
-    # 1. encoder: level i is levels.{2i}, its downsample levels.{2i+1}
-    conv("encoder.conv_in", "encoder.conv_in", image_channels, widths[0], 3)
-    cin = widths[0]
-    for i, width in enumerate(widths):
-        theirs = f"encoder.conv_blocks.{i}"
-        level(f"encoder.levels.{2 * i}", theirs, cin, width, res_blocks, config.attention and i == last)
-        if i != last:
-            conv(f"encoder.levels.{2 * i + 1}.conv", f"{theirs}.downsample.conv", width, width, 3)
-        cin = width
-    mid("encoder.mid", "encoder.mid", widths[-1])
-    norm("encoder.norm_out", "encoder.norm_out", widths[-1])
-    conv("encoder.conv_out", "encoder.conv_out", widths[-1], config.z_channels, 3)
-    # 2. quantizer: 1×1 convs around the L2-normalised codebook
-    conv("quant_conv", "quant_conv", config.z_channels, codebook_dim, 1)
-    copy("quantizer.codebook.weight", "quantize.embedding.weight", (codebook_size, codebook_dim))
-    conv("post_quant_conv", "post_quant_conv", codebook_dim, config.z_channels, 1)
-    # 3. decoder: block k (lowest resolution first) is levels.{2k}, its upsample levels.{2k+1}
-    conv("decoder.conv_in", "decoder.conv_in", config.z_channels, widths[-1], 3)
-    mid("decoder.mid", "decoder.mid", widths[-1])
-    cin = widths[-1]
-    for k, i in enumerate(reversed(range(len(widths)))):
-        theirs = f"decoder.conv_blocks.{k}"
-        level(f"decoder.levels.{2 * k}", theirs, cin, widths[i], res_blocks + 1, config.attention and i == last)
-        if i != 0:
-            conv(f"decoder.levels.{2 * k + 1}.conv", f"{theirs}.upsample.conv", widths[i], widths[i], 3)
-        cin = widths[i]
-    norm("decoder.norm_out", "decoder.norm_out", widths[0])
-    conv("decoder.conv_out", "decoder.conv_out", widths[0], image_channels, 3)
-    # 4. what is not copied; our usage statistics start empty
-    rebuilt = []
-    if ledger.has("quantize.codebook_used"):
-        rebuilt.append(ledger.skip("quantize.codebook_used"))
-    ledger.finish()
-    usage = CosineVectorQuantizer(config).usage.state_dict()
-    out.update({f"quantizer.usage.{key}": value for key, value in usage.items()})
-
-    with torch.device("meta"):
-        module = VQTokenizer(config)
-    check_against_module(out, module, "llamagen-vq")
-    body = {
-        "kind": module.kind,
-        "model": module.config_dict(),
-        "token_layout": module.token_layout,
-        "codebook_size": module.codebook_size,
-        "seq_len": module.seq_len,
-        "image_size": config.image_size,
-    }
-    return Converted(config=body, state_dict=out, rebuilt=tuple(rebuilt))
+    def mid(self, ours: str, theirs: str, channels: int) -> None:
+        self.res(f"{ours}.0", f"{theirs}.0", channels, channels)
+        self.attn(f"{ours}.1", f"{theirs}.1", channels)
+        self.res(f"{ours}.2", f"{theirs}.2", channels, channels)
 
 
 # -- AR model ------------------------------------------------------------------------------------
@@ -254,6 +271,40 @@ def convert_gpt(
 ) -> Converted:
     """A LlamaGen c2i ``Transformer`` state dict + its tokenizer's config.json -> a ``gpt`` model."""
     ledger = KeyLedger(released, "llamagen-gpt")
+    config = _gpt_config(ledger, model, tokenizer, heads, image_size)
+    take, C, H = ledger.take, config.model_width, config.ffn_hidden
+    out = {
+        "class_embedding.weight": take("cls_embedding.embedding_table.weight", (config.num_classes + 1, C)),
+        "token_embedding.weight": take("tok_embeddings.weight", (config.vocab_size, C)),
+    }
+    for i in range(config.depth):
+        theirs, ours = f"layers.{i}", f"blocks.{i}"
+        out[f"{ours}.attn_norm.weight"] = take(f"{theirs}.attention_norm.weight", (C,))
+        # rows q | k | v, each head-major: the layout our qkv.view(B, L, 3, heads, head_dim) reads
+        out[f"{ours}.attn.qkv.weight"] = take(f"{theirs}.attention.wqkv.weight", (3 * C, C))
+        out[f"{ours}.attn.proj.weight"] = take(f"{theirs}.attention.wo.weight", (C, C))
+        out[f"{ours}.ffn_norm.weight"] = take(f"{theirs}.ffn_norm.weight", (C,))
+        gate = take(f"{theirs}.feed_forward.w1.weight", (H, C))
+        up = take(f"{theirs}.feed_forward.w3.weight", (H, C))
+        out[f"{ours}.ffn.gate_up.weight"] = torch.cat([gate, up])  # SwiGLU chunks gate first
+        out[f"{ours}.ffn.down.weight"] = take(f"{theirs}.feed_forward.w2.weight", (C, H))
+    out["final_norm.weight"] = take("norm.weight", (C,))
+    out["head.weight"] = take("output.weight", (config.vocab_size, C))
+    rebuilt = []
+    if ledger.has("freqs_cis"):  # 1 class row + the grid, head_dim/2 pairs, (cos, sin)
+        rebuilt.append(ledger.skip("freqs_cis", (1 + config.seq_len, config.head_dim // 2, 2)))
+    ledger.finish()
+
+    with torch.device("meta"):
+        module = GPT(config)
+    check_against_module(out, module, "llamagen-gpt")
+    return Converted(config={"arch": "gpt", "model": module.config_dict()}, state_dict=out, rebuilt=tuple(rebuilt))
+
+
+def _gpt_config(
+    ledger: KeyLedger, model: str | None, tokenizer: dict | None, heads: int | None, image_size: int | None
+) -> GPTConfig:
+    """Sizes from the shapes, the grid from the tokenizer, heads from the name + LlamaGen's settings."""
     if tokenizer is None:
         raise ReleasedFormatError("llamagen-gpt needs the config.json of its imported tokenizer (llamagen-vq)")
     if image_size is not None and image_size != tokenizer["image_size"]:
@@ -274,15 +325,16 @@ def convert_gpt(
     if depth == 0:
         ledger.missing("layers.0.attention.wqkv.weight")
     num_heads = gpt_heads(model, heads, depth, width)
-    hidden = ledger.shape("layers.0.feed_forward.w1.weight")[0]
-    if hidden != swiglu_hidden_width(width, 4.0, LLAMAGEN_MULTIPLE_OF):
+    hidden, expected = (
+        ledger.shape("layers.0.feed_forward.w1.weight")[0],
+        swiglu_hidden_width(width, 4.0, LLAMAGEN_MULTIPLE_OF),
+    )
+    if hidden != expected:
         raise ReleasedFormatError(
             f"llamagen-gpt: key 'layers.0.feed_forward.w1.weight' has {hidden} rows, LlamaGen's FFN rounding "
-            f"gives {swiglu_hidden_width(width, 4.0, LLAMAGEN_MULTIPLE_OF)} for width {width}"
+            f"gives {expected} for width {width}"
         )
-    if width % num_heads or (width // num_heads) % 4:
-        raise ReleasedFormatError(f"llamagen-gpt: width {width} / {num_heads} heads is no head_dim divisible by 4")
-    config = _config(
+    return _config(
         "llamagen-gpt",
         GPTConfig,
         vocab_size=vocab_size,
@@ -303,30 +355,3 @@ def convert_gpt(
         norm_eps=1e-5,
         prefix_rotation="zero",
     )
-    C, H = width, hidden
-    out = {
-        "class_embedding.weight": ledger.take("cls_embedding.embedding_table.weight", (config.num_classes + 1, C)),
-        "token_embedding.weight": ledger.take("tok_embeddings.weight", (vocab_size, C)),
-    }
-    for i in range(depth):
-        theirs, ours = f"layers.{i}", f"blocks.{i}"
-        out[f"{ours}.attn_norm.weight"] = ledger.take(f"{theirs}.attention_norm.weight", (C,))
-        # rows q | k | v, each head-major: the layout our qkv.view(B, L, 3, heads, head_dim) reads
-        out[f"{ours}.attn.qkv.weight"] = ledger.take(f"{theirs}.attention.wqkv.weight", (3 * C, C))
-        out[f"{ours}.attn.proj.weight"] = ledger.take(f"{theirs}.attention.wo.weight", (C, C))
-        out[f"{ours}.ffn_norm.weight"] = ledger.take(f"{theirs}.ffn_norm.weight", (C,))
-        gate = ledger.take(f"{theirs}.feed_forward.w1.weight", (H, C))
-        up = ledger.take(f"{theirs}.feed_forward.w3.weight", (H, C))
-        out[f"{ours}.ffn.gate_up.weight"] = torch.cat([gate, up])  # SwiGLU chunks gate first
-        out[f"{ours}.ffn.down.weight"] = ledger.take(f"{theirs}.feed_forward.w2.weight", (C, H))
-    out["final_norm.weight"] = ledger.take("norm.weight", (C,))
-    out["head.weight"] = ledger.take("output.weight", (vocab_size, C))
-    rebuilt = []
-    if ledger.has("freqs_cis"):  # 1 class row + the grid, head_dim/2 pairs, (cos, sin)
-        rebuilt.append(ledger.skip("freqs_cis", (1 + config.seq_len, config.head_dim // 2, 2)))
-    ledger.finish()
-
-    with torch.device("meta"):
-        module = GPT(config)
-    check_against_module(out, module, "llamagen-gpt")
-    return Converted(config={"arch": "gpt", "model": module.config_dict()}, state_dict=out, rebuilt=tuple(rebuilt))
