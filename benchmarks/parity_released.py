@@ -22,6 +22,8 @@ import importlib.util
 import json
 import sys
 import types
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +38,21 @@ from models.released import converter  # noqa: E402
 
 SEED = 0
 TOLERANCE = 1e-3
+
+
+@dataclass
+class Case:
+    name: str
+    released: dict[str, torch.Tensor]
+    """State dict in the released layout, as the authors' module holds it."""
+    outputs: dict[str, torch.Tensor]
+    """``input/*`` fed to the authors' module and ``output/*`` it computed."""
+    meta: dict
+    compare: Callable[[dict, dict, dict], dict[str, float]]
+    """(released, outputs, meta) -> differences of our converted module: ``*max_abs`` floats and
+    ``*mismatches`` counts."""
+    fixture: bool = False
+    """Written by ``--write-fixtures`` (tiny cases only)."""
 
 
 def _import_file(name: str, path: Path) -> types.ModuleType:
@@ -188,19 +205,27 @@ def compare_llamagen_gpt(released: dict, case: dict, meta: dict) -> dict[str, fl
 
 
 def llamagen_cases(checkout: Path, official: bool):
-    """(name, released state dict, authors' outputs, metadata) per case."""
+    """Case(name, released state dict, authors' inputs and outputs, metadata, our comparison) per
+    case; tiny cases become fixtures, official ones are only compared."""
     lg = load_llamagen(checkout)
     model, meta = tiny_llamagen_vq(lg)
-    yield "llamagen_vq", released_state(model), run_llamagen_vq(model, meta["image_size"], batch=2), meta
+    released = released_state(model)  # before running: their generate() adds KV-cache buffers
+    case = run_llamagen_vq(model, meta["image_size"], batch=2)
+    yield Case("llamagen_vq", released, case, meta, compare_llamagen_vq, fixture=True)
     model, meta = tiny_llamagen_gpt(lg)
-    yield "llamagen_gpt", released_state(model), run_llamagen_gpt(lg, model, meta, batch=3, generate=True), meta
+    released = released_state(model)
+    case = run_llamagen_gpt(lg, model, meta, batch=3, generate=True)
+    yield Case("llamagen_gpt", released, case, meta, compare_llamagen_gpt, fixture=True)
     if official:
         model, meta = official_llamagen_vq(lg)
+        released = released_state(model)
         case = run_llamagen_vq(model, meta["image_size"], batch=1)
-        yield "llamagen_vq16_official", released_state(model), case, meta
-        del model
+        yield Case("llamagen_vq16_official", released, case, meta, compare_llamagen_vq)
+        del model, released
         model, meta = official_llamagen_gpt(lg)
-        yield "llamagen_gptb_official", released_state(model), run_llamagen_gpt(lg, model, meta, 1, False), meta
+        released = released_state(model)
+        case = run_llamagen_gpt(lg, model, meta, batch=1, generate=False)
+        yield Case("llamagen_gptb_official", released, case, meta, compare_llamagen_gpt)
 
 
 OFFICIAL_VQ = ("VQ-16", "VQ-8")
@@ -221,9 +246,6 @@ def llamagen_official_shapes(checkout: Path) -> dict[str, dict[str, list[int]]]:
         for name in OFFICIAL_GPT:
             tables[name] = lg.gpt.GPT_models[name](vocab_size=16384, block_size=256, num_classes=1000).state_dict()
     return {name: {k: list(v.shape) for k, v in table.items()} for name, table in tables.items()}
-
-
-COMPARE = {"llamagen_vq": compare_llamagen_vq, "llamagen_gpt": compare_llamagen_gpt}
 
 
 FIXTURE_OMITS = ("quantize.codebook_used",)
@@ -264,14 +286,14 @@ def main() -> None:
         path.write_text(json.dumps(llamagen_official_shapes(args.llamagen), separators=(",", ":")) + "\n")
         print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
     results, worst = {}, 0.0
-    for name, released, case, meta in (c for family in cases for c in family):
-        compare = COMPARE[name.split("_official")[0].replace("_vq16", "_vq").replace("_gptb", "_gpt")]
-        if args.write_fixtures and not name.endswith("_official"):
+    for c in (case for family in cases for case in family):
+        name, released = c.name, c.released
+        if args.write_fixtures and c.fixture:
             args.write_fixtures.mkdir(parents=True, exist_ok=True)
-            path = write_fixture(args.write_fixtures, name, released, case, meta)
+            path = write_fixture(args.write_fixtures, name, released, c.outputs, c.meta)
             print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
             released = {k: v.half().float() if v.is_floating_point() else v for k, v in released.items()}
-        results[name] = diffs = compare(released, case, meta)
+        results[name] = diffs = c.compare(released, c.outputs, c.meta)
         print(
             f"{name:<24} " + "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in diffs.items())
         )
