@@ -116,6 +116,26 @@ def image_size_in_name(file_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _check_pairing(model: dict, tokenizer: dict | None, class_names, file: Path, tokenizer_dir) -> list[str]:
+    """An AR model against its tokenizer (whatever its converter checked): vocabulary = codebook,
+    one class name per class. Returns the class names (``--class-names``, else the tokenizer's)."""
+    if tokenizer is None:
+        raise ImportFailed(f"{file}: an AR model needs --tokenizer (the imported tokenizer it samples with)")
+    if model["vocab_size"] != tokenizer["codebook_size"]:
+        raise ImportFailed(
+            f"{file}: the model's vocabulary is {model['vocab_size']} tokens, tokenizer {tokenizer_dir} has "
+            f"{tokenizer['codebook_size']} codes"
+        )
+    given = "--class-names" if class_names else "the tokenizer"
+    class_names = class_names or tokenizer["class_names"]
+    if len(class_names) != model["num_classes"]:
+        raise ImportFailed(
+            f"{file}: the model has {model['num_classes']} classes, but {len(class_names)} class names were given "
+            f"({given}'s): pass --class-names with {model['num_classes']}"
+        )
+    return class_names
+
+
 def import_released(
     format_name: str,
     file: str | Path,
@@ -157,21 +177,7 @@ def import_released(
 
     is_ar = "arch" in converted.config
     if is_ar:
-        if tokenizer is None:  # a converter that does not need the tokenizer still must match one
-            raise ImportFailed(f"{file}: an AR model needs --tokenizer (the imported tokenizer it samples with)")
-        vocab_size = converted.config["model"]["vocab_size"]
-        if vocab_size != tokenizer["codebook_size"]:
-            raise ImportFailed(
-                f"{file}: the model's vocabulary is {vocab_size} tokens, tokenizer {tokenizer_dir} has "
-                f"{tokenizer['codebook_size']} codes"
-            )
-        class_names = class_names or tokenizer["class_names"]
-        num_classes = converted.config["model"]["num_classes"]
-        if len(class_names) != num_classes:
-            raise ImportFailed(
-                f"{file}: the model has {num_classes} classes, but {len(class_names)} class names were given "
-                f"({'--class-names' if class_names_file else 'the tokenizer'}'s): pass --class-names with {num_classes}"
-            )
+        class_names = _check_pairing(converted.config["model"], tokenizer, class_names, file, tokenizer_dir)
     class_names = class_names or IMAGENET_CLASSES
 
     source = {
