@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -101,6 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()[0]  # other processes on the machine slow every figure
     vq_file, gpt_file = args.work / "vq_ds16_c2i.pt", args.work / "c2i_B_256.pt"
     tok_dir, base_dir = args.work / "lg-tok", args.work / "lg-base"
     sizes = {"VQ-16": write_released("VQ-16", vq_file), "GPT-B": write_released("GPT-B", gpt_file)}
@@ -118,7 +120,9 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(),
             "threads": args.threads,
             "torch": torch.__version__,
-        },  # fmt: skip
+            "cores": os.cpu_count(),
+            "load_average_1min_start_end": [load_start, os.getloadavg()[0]],
+        },
         "file_mb": sizes,
         "import": imports,
         "sampling_gpt_b_256_tokens": sampling,
