@@ -146,6 +146,14 @@ def test_the_wrong_format_and_a_mismatched_tokenizer_are_refused(tmp_path, relea
     assert "'tok_embeddings.weight' holds a vocabulary of 64 tokens, the tokenizer's codebook has 128" in message
 
 
+def test_a_file_named_for_another_resolution_than_the_tokenizer_is_refused(tmp_path, released_files, imported):
+    renamed = tmp_path / "c2i_tiny_384.pt"
+    renamed.write_bytes(released_files["gpt"].read_bytes())
+    message = refused("import", "llamagen-gpt", renamed, "--tokenizer", imported["tok"], "--heads", 4,
+                      out=tmp_path / "out")  # fmt: skip
+    assert "the name says 384 px" in message and "--image-size 384" in message
+
+
 def test_class_names_must_match_the_model(tmp_path, released_files, imported):
     names = tmp_path / "names.txt"
     names.write_text("a\nb\n")
