@@ -122,6 +122,7 @@ def _vq_config(ledger: KeyLedger, model: str | None, image_size: int) -> VQConfi
         multipliers.append(width // base)
     multipliers = tuple(multipliers)
     if model is not None:
+        model = model.upper()
         if model not in VQ_MODELS:
             raise ReleasedFormatError(f"unknown llamagen-vq model {model!r}; expected one of {', '.join(VQ_MODELS)}")
         if VQ_MODELS[model] != multipliers:
