@@ -257,6 +257,59 @@ def sample(
     click.echo(f"wrote {out}: {len(images)} samples ({per_class} per class: {names}), cfg {cfg}")
 
 
+@cli.command(name="import")
+@click.argument("format_name", metavar="FORMAT")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
+@click.option("--model", "model_name", metavar="NAME", help="Released model name: GPT-B ... GPT-3B, VQ-16, d16 ...")
+@click.option(
+    "--tokenizer",
+    "tokenizer_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="AR formats: the imported tokenizer folder the model samples with.",
+)
+@click.option("--heads", type=int, help="Attention heads, where --model does not say them.")
+@click.option("--image-size", type=int, help="Tokenizer formats: image side in pixels (LlamaGen VQ: 256).")
+@click.option(
+    "--class-names",
+    "class_names_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="One class name per line (default: the tokenizer's, else ImageNet's 1000 as '0'..'999').",
+)
+def import_command(format_name, file, out, model_name, tokenizer_dir, heads, image_size, class_names_file) -> None:
+    """Convert a released checkpoint FILE into an arpipe checkpoint folder, offline.
+
+    \b
+    FORMAT: llamagen-vq, llamagen-gpt, var-vqvae, var. For example:
+      arpipe import llamagen-vq  vq_ds16_c2i.pt --out imported/lg-tok
+      arpipe import llamagen-gpt c2i_B_256.pt --model GPT-B --tokenizer imported/lg-tok --out imported/lg-base
+    The folder is what train_tokenizer / pretrain write (model.safetensors + config.json), so
+    `arpipe sample --checkpoint imported/lg-base --tokenizer imported/lg-tok` and every later stage
+    read it. Nothing is written unless every check passes.
+    """
+    from stages.import_released import ImportFailed, import_released
+
+    try:
+        config = import_released(
+            format_name,
+            file,
+            out,
+            model=model_name,
+            tokenizer_dir=tokenizer_dir,
+            heads=heads,
+            image_size=image_size,
+            class_names_file=class_names_file,
+        )
+    except ImportFailed as exc:
+        raise click.ClickException(str(exc)) from exc
+    what = f"{config['arch']} model" if "arch" in config else f"{config['kind']} tokenizer"
+    not_copied = config["source"]["not_copied"]
+    click.echo(
+        f"wrote {out}: {what} from {file.name} ({format_name}), fingerprint {config['fingerprint'][:12]}"
+        + (f"; rebuilt, not copied: {', '.join(not_copied)}" if not_copied else "")
+    )
+
+
 def _registered_uri(alias_or_uri: str) -> str:
     """'champion' -> models:/arpipe-<arch>@champion (exactly one arpipe model must carry the alias)."""
     if alias_or_uri.startswith("models:/"):
