@@ -287,7 +287,8 @@ def import_command(format_name, file, out, model_name, tokenizer_dir, heads, ima
     `arpipe sample --checkpoint imported/lg-base --tokenizer imported/lg-tok` and every later stage
     read it. Nothing is written unless every check passes.
     """
-    from stages.import_released import ImportFailed, import_released
+    from arpipe.released import import_released
+    from core.released import ImportFailed
 
     try:
         config = import_released(

@@ -4,7 +4,7 @@ Builds random-weight files in the released layouts of VQ-16 and GPT-B (key -> sh
 ``tests/assets/released/llamagen_shapes.json``, the authors' constructors) under ``--work``,
 saved as LlamaGen's scripts save them (``{"model": state_dict}``), then:
 
-1. imports each with ``stages.import_released`` in a fresh process (so peak RSS is the import's
+1. imports each with ``arpipe.released.import_released`` in a fresh process (so peak RSS is the import's
    alone): wall time and peak resident memory;
 2. samples 256 tokens from the imported GPT-B at batch 1 and 16, guidance-free and with CFG
    (cfg 2.0, which runs 2·batch rows), and decodes one image with the imported VQ-16: seconds
@@ -36,7 +36,7 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 start = time.perf_counter()
-from stages.import_released import import_released
+from arpipe.released import import_released
 import_released({fmt!r}, {file!r}, {out!r}, model={model!r}, tokenizer_dir={tokenizer!r})
 seconds = time.perf_counter() - start
 print(json.dumps({{"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))

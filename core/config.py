@@ -48,6 +48,9 @@ class Paths:
     """Distillation pairs (pairs.parquet: label, noise, tokens) written by ``distill_pairs``."""
     eval: str = "data/eval"
     """Evaluation report (report.md) and sample grid (grid.png) written by ``evaluate``."""
+    released: str = "released"
+    """Released checkpoint files (LlamaGen, VAR) that ``train_tokenizer`` / ``pretrain`` import with
+    ``init_from: released`` (see released/README.md)."""
     resume: str = ".arpipe/resume"
     """Local resume state of training stages (gitignored, never a DVC out; removed on success)."""
 

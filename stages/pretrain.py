@@ -14,6 +14,11 @@ Writes:
   (one row per class; guidance-free on the left, then each ``sample_cfg`` scale)
 - ``paths.plots/pretrain/{train,val}.csv`` and ``metrics/pretrain.json``
 
+With ``init_from: released`` the model starts from a released checkpoint file (``released.file``
+under ``paths.released``, converted by ``models.released`` and paired with the tokenizer in
+``paths.tokenizer``): ``steps: 0`` writes it as is (an import, with the val loss and sample
+grid), ``steps > 0`` fine-tunes it on the token cache.
+
 A killed run resumes from ``paths.resume`` and ends with weights byte-identical to an
 uninterrupted one (CPU). Run by DVC as ``python -m stages.pretrain``.
 """
@@ -36,6 +41,7 @@ from core.checkpoint import read_checkpoint, write_checkpoint
 from core.config import Paths
 from core.images import guidance_grid, save_png
 from core.metrics import flatten_metrics
+from core.released import ImportFailed, ReleasedFile, load_released, merge_model, source_entry
 from core.stage import stage_main
 from core.token_store import load_tokens
 from core.training import (
@@ -52,6 +58,7 @@ from core.training import (
     warmup_decay_lr,
 )
 from models.ar import build_ar, sample_images, tokenizer_from_state
+from models.released import FORMATS, ReleasedFormatError, released_checkpoint
 
 STAGE = "pretrain"
 OUT_NAME = "base"
@@ -69,6 +76,8 @@ DERIVED_KEYS = {
     "var": ("vocab_size", "scales", "embed_dim", "num_classes"),
 }
 TRAIN_COLUMNS = ("step", "loss", "token_acc", "lr", "grad_norm")  # speed goes to MLflow only
+FINETUNE_KEYS = frozenset({"class_dropout", "token_dropout", "resid_dropout", "ffn_dropout", "drop_path"})
+"""``model`` keys that may differ from a released model's when fine-tuning it (regularisation only)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,14 +124,20 @@ class Config:
     """Guidance scales of the sample grids (1.0 = guidance-free; logits = u + cfg·(c − u))."""
     launcher: str = ""
     """accelerate config file to run under (e.g. accelerate/cpu-2proc.yaml); "" = this process."""
-    init_from: Literal["scratch", "champion"] = "scratch"
-    """``scratch``: random init. ``champion``: start from the weights of the MLflow registry's
-    ``arpipe-<arch>@champion`` (or version ``init_version``), e.g. for scheduled retraining. The
-    registry is state outside DVC: moving the alias does not make DVC re-run this stage (pin
-    ``init_version`` for a start point DVC sees); the version used is recorded in config.json."""
+    init_from: Literal["scratch", "champion", "released"] = "scratch"
+    """``scratch``: random init. ``released``: the released model in ``released``, paired with the
+    tokenizer in ``paths.tokenizer`` (its architecture; ``model`` may restate it and change only
+    ``FINETUNE_KEYS``); ``steps: 0`` imports it, ``steps > 0`` fine-tunes it. ``champion``: start
+    from the weights of the MLflow registry's ``arpipe-<arch>@champion`` (or version
+    ``init_version``), e.g. for scheduled retraining. The registry is state outside DVC: moving
+    the alias does not make DVC re-run this stage (pin ``init_version`` for a start point DVC
+    sees); the version used is recorded in config.json."""
     init_version: int = 0
     """With ``init_from: champion``: the registered version of ``arpipe-<arch>`` to start from;
     0 = whichever version the champion alias points to when the stage runs."""
+    released: ReleasedFile = field(default_factory=ReleasedFile)
+    """With ``init_from: released``: ``format`` (llamagen-gpt | var), ``file`` (under
+    ``paths.released``) and ``model`` (GPT-B ... GPT-3B, d16 ... d30: heads are in no tensor)."""
 
     def __post_init__(self):
         for key in DERIVED_KEYS[self.arch]:
@@ -135,7 +150,11 @@ class Config:
                 f"model.{unknown[0]} is not a key of the {self.arch} architecture; "
                 f"valid keys: {', '.join(sorted(known))}"
             )
-        positive = ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "samples_per_class")
+        if self.steps < (0 if self.init_from == "released" else 1):
+            raise ValueError(f"steps must be >= 1 (0 = import only, with init_from: released), got {self.steps}")
+        if self.init_from == "released" and self.released.format not in FORMATS:
+            raise ValueError(f"released.format {self.released.format!r} is not a released format: {', '.join(FORMATS)}")
+        positive = ("batch_size", "grad_accum", "log_every", "eval_every", "samples_per_class")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -257,6 +276,7 @@ def sample_grid(model, tokenizer, num_classes: int, cfg: Config) -> np.ndarray:
 
 def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     """Train and write the outs; ``on_step(step)`` runs after each step (tests use it to crash)."""
+    released = cfg.released.path(paths.released, f"{STAGE}.released") if cfg.init_from == "released" else None
     accelerator = build_accelerator(cfg.mixed_precision)
     seed_everything(cfg.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -269,13 +289,19 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     tokens_dir = Path(paths.tokens)
     train = load_tokens(tokens_dir / "train.parquet", expected_fingerprint=tok_config["fingerprint"])
     val = load_tokens(tokens_dir / "val.parquet", expected_fingerprint=tok_config["fingerprint"])
-    arch_config = model_config(cfg, tok_config, train.token_layout, train.vocab_size, train.seq_len)
     tokenizer.to(accelerator.device)
-    raw_model = build_ar(cfg.arch, arch_config, tokenizer.quantizer if cfg.arch == "var" else None)
-    resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, [paths.tokens, paths.tokenizer]), cfg.save_every)
+    if released is None:
+        arch_config = model_config(cfg, tok_config, train.token_layout, train.vocab_size, train.seq_len)
+        raw_model = build_ar(cfg.arch, arch_config, tokenizer.quantizer if cfg.arch == "var" else None)
+    else:
+        raw_model, released_init = import_model(cfg, released, tok_config, tokenizer)
+        arch_config = raw_model.config_dict()
+    inputs = [paths.tokens, paths.tokenizer, *([released] if released else [])]
+    resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, inputs), cfg.save_every)
     # a resumed run keeps the start point recorded in its state (the alias may have moved since)
     fresh_champion_start = cfg.init_from == "champion" and not resume.has_state()
     init = warm_start(cfg, raw_model, tok_config["fingerprint"]) if fresh_champion_start else None
+    init = released_init if released else init
     raw_model.to(accelerator.device)
     optimizer = torch.optim.AdamW(raw_model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
@@ -296,7 +322,8 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         f"{train.seq_len} tokens, {world} process(es), measured peak {peak / 1e12:.3f} TFLOP/s per process"
     )
     tracker.log_params({"pretrain.params": params, "pretrain.processes": world})
-    tracker.set_tags({f"arpipe.init.{k}": v for k, v in (init or {"from": "scratch"}).items()})
+    tags = {k: v for k, v in (init or {"from": "scratch"}).items() if isinstance(v, (str, int, float, bool))}
+    tracker.set_tags({f"arpipe.init.{k}": v for k, v in tags.items()})
 
     bar = step_bar(STAGE, start, cfg.steps, accelerator)
     window_start, timed_steps = time.perf_counter(), 0
@@ -385,6 +412,31 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     return metrics
 
 
+def import_model(cfg: Config, file: Path, tok_config: dict, tokenizer):
+    """The released model in ``file``, paired with the tokenizer (vocabulary = codebook, one class
+    name per class), as an arpipe module, and what config.json records about it (``init``)."""
+    state, found = load_released(file)
+    try:
+        state_dict, config, rebuilt = released_checkpoint(
+            cfg.released.format,
+            state,
+            model=cfg.released.model or None,
+            heads=cfg.released.heads or None,
+            tokenizer=tok_config,
+        )
+    except ReleasedFormatError as exc:
+        raise ImportFailed(f"{STAGE}.released: {file}: {exc}") from None
+    if config.get("arch") != cfg.arch:
+        what = f"a {config['arch']} model" if "arch" in config else "a tokenizer"
+        raise ImportFailed(f"{STAGE}.arch is {cfg.arch}, but {file.name} ({cfg.released.format}) holds {what}")
+    model = merge_model(cfg.model, config["model"], FINETUNE_KEYS, f"{STAGE}.model", file)
+    raw_model = build_ar(cfg.arch, model, tokenizer.quantizer if cfg.arch == "var" else None)
+    raw_model.load_state_dict(state_dict)
+    print(f"{STAGE}: starting from {file.name} ({cfg.released.format}), {cfg.steps} fine-tuning steps")
+    return raw_model, {"from": "released", **source_entry(file, cfg.released.format, cfg.released.model or None,
+                                                          found, rebuilt)}  # fmt: skip
+
+
 def warm_start(cfg: Config, raw_model, tokenizer_fingerprint: str) -> dict:
     """Load the registered champion's (or ``init_version``'s) weights into ``raw_model``; returns
     what was loaded, recorded in config.json (``init``) and as ``arpipe.init.*`` run tags."""
@@ -457,8 +509,8 @@ def _write_outputs(cfg, paths, model, arch_config, tok_config, train, val, token
         "token_layout": train.token_layout,
         "class_names": tok_config["class_names"],
         "image_size": tok_config["image_size"],
-        "weights": "ema" if cfg.ema_decay > 0 else "final",
-        "stage_config": dataclasses.asdict(cfg),
+        "weights": "released" if not history["train"] else "ema" if cfg.ema_decay > 0 else "final",
+        "stage_config": stage_config(cfg),
         **({"init": history["init"]} if history.get("init") else {}),
     }
     write_checkpoint(out_dir, model.state_dict(), config)
@@ -471,16 +523,26 @@ def _write_outputs(cfg, paths, model, arch_config, tok_config, train, val, token
     _write_csv(plots / "train.csv", TRAIN_COLUMNS, history["train"])
     _write_csv(plots / "val.csv", ("step", "val_loss", "val_token_acc"), history["val"])
     scores = evaluate(model, val.tokens_NL, val.labels_N, val.token_layout)
-    last = history["train"][-1]
+    last = history["train"][-1] if history["train"] else None  # None: imported, not trained (steps 0)
     num_samples = arch_config["num_classes"] * cfg.samples_per_class * len(cfg.sample_cfg)
     timed = history["train"][1:] or history["train"]  # the first window includes warm-up
-    metrics = {**scores, "train_loss": last["loss"], "train_token_acc": last["token_acc"], "steps": cfg.steps}
+    trained = {"train_loss": last["loss"], "train_token_acc": last["token_acc"]} if last else {}
+    metrics = {**scores, **trained, "steps": cfg.steps}
     speed = {
-        "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in timed])),
-        "mfu": float(np.mean([r["mfu"] for r in timed])),
+        "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in timed])) if timed else 0.0,
+        "mfu": float(np.mean([r["mfu"] for r in timed])) if timed else 0.0,
         "sample_images_per_s": num_samples / sample_seconds,
     }
     return metrics, speed
+
+
+def stage_config(cfg: Config) -> dict[str, Any]:
+    """config.json's ``stage_config``. Without a released import it leaves out ``released``, so
+    the files of a scratch or champion start stay byte-identical to those from before it existed."""
+    config = dataclasses.asdict(cfg)
+    if cfg.init_from != "released":
+        del config["released"]
+    return config
 
 
 def _write_csv(path: Path, columns, rows) -> None:

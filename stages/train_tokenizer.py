@@ -12,6 +12,11 @@ step through ``update_codebook``. Writes:
 - ``paths.plots/train_tokenizer/loss.csv`` and ``metrics/train_tokenizer.json`` (val PSNR/MSE, usage:
   the training EMA and counted over the whole train set)
 
+With ``init_from: released`` the tokenizer starts from a released checkpoint file
+(``released.file`` under ``paths.released``, converted by ``models.released``; its image size is
+the shards'): ``steps: 0`` writes it as is (an import, with the same val metrics), ``steps > 0``
+fine-tunes it on the shards.
+
 Resumes from ``paths.resume`` after a crash. Run by DVC as ``python -m stages.train_tokenizer``
 (one process) or via ``accelerate launch -m stages.train_tokenizer`` (several).
 """
@@ -33,6 +38,7 @@ from safetensors.torch import load_file
 from core.checkpoint import write_checkpoint
 from core.config import Paths
 from core.metrics import flatten_metrics
+from core.released import ImportFailed, ReleasedFile, load_released, merge_model, source_entry
 from core.shards import class_names, load_split
 from core.stage import stage_main
 from core.training import (
@@ -47,6 +53,7 @@ from core.training import (
 )
 from models.discriminator import DiscriminatorConfig, PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from models.perceptual import PerceptualLoss
+from models.released import FORMATS, ReleasedFormatError, released_checkpoint
 from models.tokenizers import build_tokenizer, tokenizer_config
 
 STAGE = "train_tokenizer"
@@ -59,6 +66,11 @@ DEFAULT_MODEL = {  # for 16x16 digits: 4x4 = 16 tokens, 256 codes, ~0.26M params
     "restart_every": 25,
 }
 LOSS_TERMS = ("loss", "recon", "codebook", "commit", "entropy", "g_loss", "d_loss")
+FINETUNE_KEYS = frozenset({"commitment_weight", "entropy_weight", "entropy_temperature", "usage_momentum",
+                           "dead_code_threshold", "restart_every", "restart_max_total_share",
+                           "normalization_momentum"})  # fmt: skip
+"""``model`` keys that may differ from a released tokenizer's when fine-tuning it (no weight shape
+or computation of the imported encoder/decoder depends on them)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,11 +110,22 @@ class Config:
     """Steps between resume states (0 = never)."""
     num_grid: int = 16
     """Val images in the originals-vs-reconstructions grid."""
+    init_from: Literal["scratch", "released"] = "scratch"
+    """``scratch``: random init. ``released``: the released tokenizer in ``released`` (its
+    architecture; ``model`` may restate it, and change only ``FINETUNE_KEYS``); ``steps: 0``
+    imports it, ``steps > 0`` fine-tunes it on the shards."""
+    released: ReleasedFile = field(default_factory=ReleasedFile)
+    """With ``init_from: released``: ``format`` (llamagen-vq | var-vqvae), ``file`` (under
+    ``paths.released``) and ``model`` (e.g. VQ-16; "" = from the shapes)."""
 
     def __post_init__(self):
         tokenizer_config(self.kind, self.model)  # unknown or mistyped model keys fail here, by name
-        if min(self.steps, self.batch_size, self.log_every, self.eval_every, self.num_grid) < 1:
-            raise ValueError("steps, batch_size, log_every, eval_every and num_grid must be >= 1")
+        if min(self.batch_size, self.log_every, self.eval_every, self.num_grid) < 1:
+            raise ValueError("batch_size, log_every, eval_every and num_grid must be >= 1")
+        if self.steps < (0 if self.init_from == "released" else 1):
+            raise ValueError(f"steps must be >= 1 (0 = import only, with init_from: released), got {self.steps}")
+        if self.init_from == "released" and self.released.format not in FORMATS:
+            raise ValueError(f"released.format {self.released.format!r} is not a released format: {', '.join(FORMATS)}")
         if self.lr <= 0 or self.grad_clip < 0 or self.disc_weight < 0 or self.save_every < 0:
             raise ValueError("lr must be > 0; grad_clip, disc_weight and save_every >= 0")
         if self.perceptual_weight < 0:
@@ -111,6 +134,7 @@ class Config:
 
 def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     """Train and write the outs; ``on_step(step)`` runs after each step (tests use it to crash)."""
+    released = cfg.released.path(paths.released, f"{STAGE}.released") if cfg.init_from == "released" else None
     accelerator = build_accelerator(cfg.mixed_precision)
     # Before seeding (its construction draws from the global RNG) and before any work; frozen,
     # never prepared, optimised or saved.
@@ -119,7 +143,11 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         perceptual.to(accelerator.device)
     seed_everything(cfg.seed)
     train, val = load_split(paths.shards, "train"), load_split(paths.shards, "val")
-    raw_model = build_tokenizer(cfg.kind, cfg.model)
+    init = None
+    if released is None:
+        raw_model = build_tokenizer(cfg.kind, cfg.model)
+    else:
+        raw_model, init = import_tokenizer(cfg, released, train.images_NHWC.shape[1], class_names(paths.shards))
     if train.images_NHWC.shape[1] != raw_model.config.image_size:
         raise ValueError(
             f"shards hold {train.images_NHWC.shape[1]}px images but {STAGE}.model.image_size is "
@@ -137,6 +165,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         disc, disc_opt = accelerator.prepare(raw_disc, disc_opt)
 
     inputs = [paths.shards, *([cfg.perceptual_weights] if perceptual is not None else [])]
+    inputs += [released] if released else []
     resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, inputs), cfg.save_every)
     start, history = resume.restore()
     images_NCHW = torch.from_numpy(train.images_NHWC).permute(0, 3, 1, 2).contiguous()
@@ -193,7 +222,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     metrics = {**evaluate(raw_model, val.images_NHWC), "train_usage": data_usage(raw_model, train.images_NHWC)}
     metrics["steps"] = cfg.steps
     if accelerator.is_main_process:
-        _write_outputs(cfg, paths, raw_model, class_names(paths.shards), history)
+        _write_outputs(cfg, paths, raw_model, class_names(paths.shards), history, init)
         tracker.log_metrics(flatten_metrics(metrics))
         tracker.log_image(recon_grid(raw_model, val.images_NHWC[: cfg.num_grid]), "reconstructions.png")
         print(
@@ -202,6 +231,33 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         )
     resume.finish()
     return metrics
+
+
+def import_tokenizer(cfg: Config, file: Path, image_size: int, names: list[str]):
+    """The released tokenizer in ``file`` at the shards' image size, as an arpipe module, and what
+    config.json records about it (``init``). Fails, naming the key, before any training."""
+    state, found = load_released(file)
+    try:
+        state_dict, config, rebuilt = released_checkpoint(
+            cfg.released.format,
+            state,
+            model=cfg.released.model or None,
+            heads=cfg.released.heads or None,
+            image_size=image_size,
+            class_names=names,
+        )
+    except ReleasedFormatError as exc:
+        raise ImportFailed(f"{STAGE}.released: {file}: {exc}") from None
+    if "kind" not in config:
+        raise ImportFailed(f"{STAGE}.released.format: {cfg.released.format} is an AR model format, not a tokenizer's")
+    if config["kind"] != cfg.kind:
+        raise ImportFailed(f"{STAGE}.kind is {cfg.kind}, but {file.name} holds a {config['kind']} tokenizer")
+    model = merge_model(cfg.model, config["model"], FINETUNE_KEYS, f"{STAGE}.model", file)
+    raw_model = build_tokenizer(config["kind"], model)
+    raw_model.load_state_dict(state_dict)
+    print(f"{STAGE}: starting from {file.name} ({cfg.released.format}), {cfg.steps} fine-tuning steps")
+    return raw_model, {"from": "released", **source_entry(file, cfg.released.format, cfg.released.model or None,
+                                                          found, rebuilt)}  # fmt: skip
 
 
 def load_perceptual(path: str) -> PerceptualLoss | None:
@@ -295,7 +351,16 @@ def recon_grid(model, images_NHWC: np.ndarray) -> np.ndarray:
     return grid.repeat(scale, 0).repeat(scale, 1)
 
 
-def _write_outputs(cfg: Config, paths: Paths, model, names: list[str], history: list[dict]) -> None:
+def stage_config(cfg: Config) -> dict[str, Any]:
+    """config.json's ``stage_config``. From scratch it leaves out the keys of released imports, so
+    a scratch tokenizer's files stay byte-identical to those from before they existed."""
+    config = dataclasses.asdict(cfg)
+    if cfg.init_from == "scratch":
+        del config["init_from"], config["released"]
+    return config
+
+
+def _write_outputs(cfg: Config, paths: Paths, model, names: list[str], history: list[dict], init) -> None:
     config = {
         "kind": model.kind,
         "model": model.config_dict(),
@@ -304,7 +369,8 @@ def _write_outputs(cfg: Config, paths: Paths, model, names: list[str], history: 
         "seq_len": model.seq_len,
         "image_size": model.config.image_size,
         "class_names": names,
-        "stage_config": dataclasses.asdict(cfg),
+        "stage_config": stage_config(cfg),
+        **({"init": init} if init else {}),
     }
     write_checkpoint(paths.tokenizer, model.state_dict(), config)
     plot = Path(paths.plots) / STAGE / "loss.csv"

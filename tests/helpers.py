@@ -67,6 +67,7 @@ PROJECT_FILES = [
     "models",
     "arpipe",
     "sources",
+    "released",
 ]
 
 
@@ -113,3 +114,33 @@ def run_stage_under_two_cpu_ranks(stage: str, config: dict, paths, project: Path
     return subprocess.run(
         [sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env, capture_output=True, text=True, timeout=300
     )
+
+
+# The tiny LlamaGen golden weights (tests/assets/released): a VQ for 16 px images with a 2x
+# downsampling (8x8 = 64 tokens, 64 codes) and a 10-class GPT (4 heads) over its tokens.
+RELEASED_ASSETS = REPO / "tests" / "assets" / "released"
+
+
+def released_fixture(name: str) -> dict:
+    """The released-layout state dict of ``tests/assets/released/<name>.safetensors``."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(RELEASED_ASSETS / f"{name}.safetensors", "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+        released = {k.removeprefix("released/"): f.get_tensor(k).float() for k in f.keys() if k.startswith("released/")}  # noqa: SIM118
+    released.update({key: torch.zeros(shape) for key, shape in meta.get("zeros", {}).items()})
+    return released
+
+
+def write_released_files(root: Path) -> dict[str, Path]:
+    """The tiny VQ and GPT saved as LlamaGen's scripts save them, under ``root``."""
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    files = {"vq": root / "vq_ds2_tiny.pt", "gpt": root / "c2i_tiny.pt"}
+    torch.save({"model": released_fixture("llamagen_vq"), "steps": 7}, files["vq"])
+    torch.save(released_fixture("llamagen_gpt"), files["gpt"])
+    return files

@@ -13,9 +13,10 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from arpipe.cli import cli
+from arpipe.released import import_released
 from core.checkpoint import read_checkpoint
+from core.released import ImportFailed, image_size_in_name, load_released
 from models.ar import ar_from_state, tokenizer_from_state
-from stages.import_released import ImportFailed, image_size_in_name, import_released, load_released
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "released"
 NAMES = [f"class {i}" for i in range(10)]  # the tiny GPT has 10 classes
