@@ -19,6 +19,10 @@ Writes:
   input checkpoint's fingerprint) and ``samples.png`` (one row per class, guidance-free first)
 - ``paths.plots/ddo/train.csv`` (round, loss and the monitors) and ``metrics/ddo.json``
 
+``rounds: 0`` passes the input through unchanged (same weights; ``config.json`` marks
+``passthrough_of`` and ``skipped``, as ``sar`` does for a gpt), for a recipe without DDO (e.g.
+presets/llamagen-gpt-b-cca.yaml: CCA then DD1); evaluate does not evaluate the copy.
+
 A killed run resumes from ``paths.resume`` and ends with byte-identical weights (CPU): the
 reference and the fake buffer are part of the resume state. Run by DVC as ``python -m stages.ddo``.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -72,7 +77,7 @@ class Config:
     """Checkpoint folder under ``paths.models`` to finetune (the first round's reference)."""
     rounds: int = 2
     """Self-play rounds; each starts by freezing the current model as the reference and drawing
-    fresh fakes from it."""
+    fresh fakes from it. 0 = no DDO: the input is passed through unchanged."""
     steps_per_round: int = 0
     """Optimizer steps per round; 0 = one epoch of the train cache, ceil(rows / batch_size)."""
     batch_size: int = 64
@@ -117,7 +122,9 @@ class Config:
     """accelerate config file to run under; "" = this process."""
 
     def __post_init__(self):
-        for name in ("rounds", "batch_size", "sample_batch_size", "log_every", "samples_per_class"):
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0 (0 = pass the input through), got {self.rounds}")
+        for name in ("batch_size", "sample_batch_size", "log_every", "samples_per_class"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps_per_round < 0 or self.save_every < 0 or self.warmup_steps < 0:
@@ -201,6 +208,8 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     if cfg.batch_size % world:
         raise ValueError(f"ddo.batch_size {cfg.batch_size} must be divisible by processes ({world})")
     tokenizer, tok_config, raw_model, reference, in_config = load_models(cfg, paths)
+    if cfg.rounds == 0:
+        return _pass_through(cfg, paths, tracker, raw_model, in_config, accelerator)
     train = load_tokens(Path(paths.tokens) / "train.parquet", expected_fingerprint=tok_config["fingerprint"])
     per_round = steps_per_round(cfg, len(train.tokens_NL))
     steps = cfg.rounds * per_round
@@ -304,6 +313,24 @@ def _write_outputs(cfg, paths, model, in_config, tokenizer, history, per_round) 
         "steps": cfg.rounds * per_round,
         **{f"train_{k}": last[k] for k in ("loss", *MONITORS)},
     }
+
+
+def _pass_through(cfg, paths, tracker, raw_model, in_config, accelerator) -> dict:
+    """``rounds: 0``: write the input unchanged as ``ddo`` (marked as a pass-through, like sar's)."""
+    reason = "rounds: 0 (no DDO in this recipe)"
+    if accelerator.is_main_process:
+        out_dir = Path(paths.models) / OUT_NAME
+        config = {k: v for k, v in in_config.items() if k not in ("fingerprint", "stage_config")}
+        config.update(stage=STAGE, passthrough_of=cfg.input, skipped=reason, stage_config=dataclasses.asdict(cfg),
+                      input_checkpoint={"name": cfg.input, "fingerprint": in_config["fingerprint"]})  # fmt: skip
+        write_checkpoint(out_dir, raw_model.state_dict(), config)
+        samples = Path(paths.models) / cfg.input / "samples.png"
+        if samples.is_file():
+            shutil.copyfile(samples, out_dir / "samples.png")
+        write_rows_csv(Path(paths.plots) / STAGE / "train.csv", TRAIN_COLUMNS, [])  # a DVC plots out: no rows
+        tracker.set_tags({"arpipe.ddo.skipped": reason})
+        print(f"{STAGE}: skipped, {reason}; {paths.models}/{cfg.input} passed through unchanged -> {out_dir}")
+    return {"skipped": reason, "rounds": 0, "steps": 0}
 
 
 def main() -> None:

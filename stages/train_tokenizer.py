@@ -142,15 +142,18 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     if perceptual is not None:
         perceptual.to(accelerator.device)
     seed_everything(cfg.seed)
-    train, val = load_split(paths.shards, "train"), load_split(paths.shards, "val")
+    # an import (steps 0) reads no train images: its codebook usage is counted on the val split
+    train = load_split(paths.shards, "train") if cfg.steps else None
+    val = load_split(paths.shards, "val")
+    image_size = (val if train is None else train).images_NHWC.shape[1]
     init = None
     if released is None:
         raw_model = build_tokenizer(cfg.kind, cfg.model)
     else:
-        raw_model, init = import_tokenizer(cfg, released, train.images_NHWC.shape[1], class_names(paths.shards))
-    if train.images_NHWC.shape[1] != raw_model.config.image_size:
+        raw_model, init = import_tokenizer(cfg, released, image_size, class_names(paths.shards))
+    if image_size != raw_model.config.image_size:
         raise ValueError(
-            f"shards hold {train.images_NHWC.shape[1]}px images but {STAGE}.model.image_size is "
+            f"shards hold {image_size}px images but {STAGE}.model.image_size is "
             f"{raw_model.config.image_size}; make them equal"
         )
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -168,7 +171,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     inputs += [released] if released else []
     resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, inputs), cfg.save_every)
     start, history = resume.restore()
-    images_NCHW = torch.from_numpy(train.images_NHWC).permute(0, 3, 1, 2).contiguous()
+    images_NCHW = torch.from_numpy(train.images_NHWC).permute(0, 3, 1, 2).contiguous() if train is not None else None
     rank, world = accelerator.process_index, accelerator.num_processes
     bar = step_bar(STAGE, start, cfg.steps, accelerator)
     for step in bar:
@@ -219,7 +222,8 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         if on_step is not None:
             on_step(step + 1)
 
-    metrics = {**evaluate(raw_model, val.images_NHWC), "train_usage": data_usage(raw_model, train.images_NHWC)}
+    split, counted = ("val", val) if train is None else ("train", train)
+    metrics = {**evaluate(raw_model, val.images_NHWC), f"{split}_usage": data_usage(raw_model, counted.images_NHWC)}
     metrics["steps"] = cfg.steps
     if accelerator.is_main_process:
         _write_outputs(cfg, paths, raw_model, class_names(paths.shards), history, init)
@@ -227,7 +231,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         tracker.log_image(recon_grid(raw_model, val.images_NHWC[: cfg.num_grid]), "reconstructions.png")
         print(
             f"{STAGE}: val PSNR {metrics['val_psnr']:.2f} dB, usage {metrics['usage']} (EMA), "
-            f"{metrics['train_usage']} (train set) -> {paths.tokenizer}"
+            f"{metrics[f'{split}_usage']} ({split} set) -> {paths.tokenizer}"
         )
     resume.finish()
     return metrics

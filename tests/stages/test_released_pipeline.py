@@ -22,7 +22,7 @@ from core.checkpoint import read_checkpoint
 from core.config import ConfigError, Paths, from_dict
 from core.released import ReleasedFile
 from core.tracking import NullTracker
-from stages import cache_tokens, cca, pretrain, shard, train_tokenizer
+from stages import cache_tokens, cca, ddo, pretrain, shard, train_tokenizer
 
 VQ = ReleasedFile(format="llamagen-vq", file="vq_ds2_tiny.pt")
 GPT = ReleasedFile(format="llamagen-gpt", file="c2i_tiny.pt", heads=4)
@@ -83,7 +83,8 @@ def test_import_only_writes_the_released_weights_with_the_metrics_of_a_trained_s
     assert metrics["steps"] == 0 and metrics["val_loss"] > 0 and "train_loss" not in metrics
     assert (Path(project.models) / "base" / "samples.png").is_file()
     tok_metrics = run_metrics["train_tokenizer"]
-    assert tok_metrics["steps"] == 0 and tok_metrics["val_psnr"] > 0 and tok_metrics["train_usage"]["overall"] > 0
+    assert tok_metrics["steps"] == 0 and tok_metrics["val_psnr"] > 0
+    assert tok_metrics["val_usage"]["overall"] > 0 and "train_usage" not in tok_metrics  # no train images read
 
 
 def test_cca_and_arpipe_sample_run_on_the_imported_models(project, tmp_path):
@@ -103,6 +104,11 @@ def test_cca_and_arpipe_sample_run_on_the_imported_models(project, tmp_path):
     result = CliRunner().invoke(cli, ["sample", *args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert out.stat().st_size > 0 and "2 samples" in result.output
+    # a recipe without DDO (the GPT-B CCA preset): rounds 0 passes cca through, and evaluate skips the copy
+    metrics = ddo.run(ddo.Config(input="cca", rounds=0, samples_per_class=1), paths, NullTracker())
+    assert metrics["skipped"].startswith("rounds: 0")
+    ddo_state, ddo_config = read_checkpoint(tmp_path / "models" / "ddo")
+    assert ddo_config["passthrough_of"] == "cca" and all(torch.equal(ddo_state[k], state[k]) for k in state)
 
 
 def test_fine_tuning_a_released_tokenizer(project, tmp_path):
