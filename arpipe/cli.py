@@ -454,7 +454,8 @@ def schedule(cron: str | None, interval: float | None, name: str, until: str | N
 @click.option(
     "--num-classes",
     type=int,
-    help="Classes of the data (default: classes.json of the built shards; 10 for the digits source).",
+    help="Classes of the data (default: classes.json of the built shards; 10 for the digits source; 1000 for "
+    "a released model, pretrain.init_from: released).",
 )
 def plan(params_file: Path, gpus: int, num_classes: int | None) -> None:
     """Per trained model (tokenizer, AR model, evalnet): parameter count, training FLOPs per step
@@ -482,6 +483,8 @@ def plan(params_file: Path, gpus: int, num_classes: int | None) -> None:
             classes = Path(load_paths(params).shards) / "classes.json"
             if params.get("shard", {}).get("source") == "digits":
                 num_classes = 10
+            elif params.get("pretrain", {}).get("init_from") == "released":
+                num_classes = 1000  # the released LlamaGen / VAR models are ImageNet's (the import checks it)
             elif classes.is_file():
                 num_classes = len(json.loads(classes.read_text()))
             else:

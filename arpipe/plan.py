@@ -14,6 +14,11 @@ step and the expected GPU memory per device. Assumptions (also in ``arpipe plan 
   halved under bf16 mixed precision, without the attention score matrices (flash /
   memory-efficient attention on GPU does not store them). No activation checkpointing; CUDA
   context, allocator fragmentation and the data loader come on top (budget ~10-20%).
+
+A released tokenizer or model (``init_from: released``) is sized from the ``model`` params, which
+restate its architecture (the import refuses a file that differs); with ``steps: 0`` the stage
+only imports, and the row's per-step figures are what fine-tuning it (or a post-training step
+on it) costs.
 """
 
 from __future__ import annotations
@@ -88,6 +93,9 @@ def plan_models(params: dict[str, Any], *, gpus: int = 1, num_classes: int) -> l
     ar_cfg = load_section(params, "pretrain", pretrain.Config)
     eval_cfg = load_section(params, "train_evalnet", train_evalnet.Config)
     image_size = params["shard"]["image_size"]
+    for section, cfg in (("train_tokenizer", tok_cfg), ("pretrain", ar_cfg)):
+        if cfg.init_from == "released" and not cfg.model:
+            raise ValueError(f"{section}.model is empty: restate the released architecture there to plan it")
     rows = []
     with torch.device("meta"):
         # 1. tokenizer: encoder + decoder (the quantizer's lookups are small next to them)
@@ -99,7 +107,8 @@ def plan_models(params: dict[str, Any], *, gpus: int = 1, num_classes: int) -> l
         micro = _per_gpu(tok_cfg.batch_size, gpus)
         images = torch.zeros(micro, 3, image_size, image_size)
         saved, flops = _saved_bytes(lambda: tokenizer.decode_latent(tokenizer.encode_latent(images)).square().mean())
-        rows.append(ModelPlan(f"tokenizer ({tok_cfg.kind})", _count(tokenizer), 3 * flops * tok_cfg.batch_size / micro,
+        name = f"tokenizer ({tok_cfg.kind}{_released(tok_cfg)})"
+        rows.append(ModelPlan(name, _count(tokenizer), 3 * flops * tok_cfg.batch_size / micro,
                               micro, BYTES_PER_PARAM * _count(tokenizer),
                               saved * _precision_factor(tok_cfg.mixed_precision)))  # fmt: skip
 
@@ -120,7 +129,7 @@ def plan_models(params: dict[str, Any], *, gpus: int = 1, num_classes: int) -> l
             return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
 
         saved, _ = _saved_bytes(ar_step, skip_square=seq_len)
-        rows.append(ModelPlan(f"pretrain ({ar_cfg.arch}, L={seq_len})", _count(model),
+        rows.append(ModelPlan(f"pretrain ({ar_cfg.arch}, L={seq_len}{_released(ar_cfg)})", _count(model),
                               model.flops_per_token() * ar_cfg.batch_size * seq_len, micro,
                               BYTES_PER_PARAM * _count(model),
                               saved * _precision_factor(ar_cfg.mixed_precision)))  # fmt: skip
@@ -134,6 +143,14 @@ def plan_models(params: dict[str, Any], *, gpus: int = 1, num_classes: int) -> l
                               BYTES_PER_PARAM * _count(evalnet),
                               saved * _precision_factor(eval_cfg.mixed_precision)))  # fmt: skip
     return rows
+
+
+def _released(cfg) -> str:
+    """The row-name suffix of a released start: ``; released GPT-B, import only``."""
+    if cfg.init_from != "released":
+        return ""
+    name = cfg.released.model or cfg.released.format
+    return f"; released {name}, " + ("import only" if cfg.steps == 0 else f"fine-tuned {cfg.steps} steps")
 
 
 def _human(value: float, unit: str) -> str:

@@ -74,3 +74,18 @@ def finetuned_config(stage: str, input_name: str, in_config: dict[str, Any], mod
         "input_checkpoint": {"name": input_name, "fingerprint": in_config["fingerprint"]},
         "stage_config": stage_config,
     }
+
+
+def passthrough_config(stage: str, input_name: str, in_config: dict[str, Any], reason: str,
+                       stage_config: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """config.json of a post-training stage that did not run and passes its input on unchanged
+    (same weights): marked ``passthrough_of`` and ``skipped``, which evaluate reads to skip it."""
+    config = {k: v for k, v in in_config.items() if k not in ("fingerprint", "stage_config")}
+    config.update(
+        stage=stage,
+        passthrough_of=input_name,
+        skipped=reason,
+        input_checkpoint={"name": input_name, "fingerprint": in_config["fingerprint"]},
+        stage_config=stage_config,
+    )
+    return config

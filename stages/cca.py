@@ -14,6 +14,10 @@ Writes:
   input checkpoint's fingerprint) and ``samples.png`` (one row per class, guidance-free first)
 - ``paths.plots/cca/train.csv`` (loss and the monitors) and ``metrics/cca.json``
 
+``skip: true`` passes the input through unchanged (same weights; ``config.json`` marks
+``passthrough_of`` and ``skipped``, as ``sar`` does for a gpt), for a recipe without CCA (e.g.
+presets/var-d16-sar-ddo.yaml: SAR then DDO); evaluate does not evaluate the copy.
+
 A killed run resumes from ``paths.resume`` and ends with byte-identical weights (CPU). Run by DVC
 as ``python -m stages.cca``.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -30,7 +35,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from core.checkpoint import finetuned_config, read_checkpoint, write_checkpoint
+from core.checkpoint import finetuned_config, passthrough_config, read_checkpoint, write_checkpoint
 from core.config import Paths
 from core.images import guidance_grid, save_png
 from core.metrics import write_rows_csv
@@ -104,6 +109,9 @@ class Config:
     launcher: str = ""
     """accelerate config file to run under; "" = this process."""
 
+    skip: bool = False
+    """True: no CCA, the input is passed through unchanged (a recipe without CCA)."""
+
     def __post_init__(self):
         for name in ("batch_size", "log_every", "samples_per_class"):
             if getattr(self, name) < 1:
@@ -155,6 +163,8 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     if cfg.batch_size % world:
         raise ValueError(f"cca.batch_size {cfg.batch_size} must be divisible by processes ({world})")
     tokenizer, tok_config, raw_model, reference, in_config = load_models(cfg, paths)
+    if cfg.skip:
+        return _pass_through(cfg, paths, tracker, raw_model, in_config, accelerator)
     train = load_tokens(Path(paths.tokens) / "train.parquet", expected_fingerprint=tok_config["fingerprint"])
     steps = total_steps(cfg, len(train.tokens_NL))
     for module in (tokenizer, raw_model, reference):
@@ -234,12 +244,37 @@ def sample_grid(model, tokenizer, cfg: Config) -> np.ndarray:
 
 def _write_outputs(cfg, paths, model, in_config, tokenizer, history, steps) -> dict:
     out_dir = Path(paths.models) / OUT_NAME
-    config = finetuned_config(STAGE, cfg.input, in_config, model.config_dict(), dataclasses.asdict(cfg))
+    config = finetuned_config(STAGE, cfg.input, in_config, model.config_dict(), stage_config(cfg))
     write_checkpoint(out_dir, model.state_dict(), config)
     save_png(sample_grid(model, tokenizer, cfg), out_dir / "samples.png")
     write_rows_csv(Path(paths.plots) / STAGE / "train.csv", TRAIN_COLUMNS, history["train"])
     last = history["train"][-1]
     return {"steps": steps, **{f"train_{k}": last[k] for k in ("loss", *MONITORS)}}
+
+
+def stage_config(cfg: Config) -> dict:
+    """config.json's ``stage_config``; ``skip`` only when set, so the files of a run from before
+    the key existed stay byte-identical."""
+    config = dataclasses.asdict(cfg)
+    if not cfg.skip:
+        del config["skip"]
+    return config
+
+
+def _pass_through(cfg, paths, tracker, raw_model, in_config, accelerator) -> dict:
+    """``skip: true``: write the input unchanged as ``cca`` (marked as a pass-through, like sar's)."""
+    reason = "skip: true (no CCA in this recipe)"
+    if accelerator.is_main_process:
+        out_dir = Path(paths.models) / OUT_NAME
+        config = passthrough_config(STAGE, cfg.input, in_config, reason, stage_config(cfg))
+        write_checkpoint(out_dir, raw_model.state_dict(), config)
+        samples = Path(paths.models) / cfg.input / "samples.png"
+        if samples.is_file():
+            shutil.copyfile(samples, out_dir / "samples.png")
+        write_rows_csv(Path(paths.plots) / STAGE / "train.csv", TRAIN_COLUMNS, [])  # a DVC plots out: no rows
+        tracker.set_tags({"arpipe.cca.skipped": reason})
+        print(f"{STAGE}: skipped, {reason}; {paths.models}/{cfg.input} passed through unchanged -> {out_dir}")
+    return {"skipped": reason, "steps": 0}
 
 
 def main() -> None:

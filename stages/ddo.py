@@ -40,7 +40,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from core.checkpoint import finetuned_config, read_checkpoint, write_checkpoint
+from core.checkpoint import finetuned_config, passthrough_config, read_checkpoint, write_checkpoint
 from core.config import Paths
 from core.images import guidance_grid, save_png
 from core.metrics import write_rows_csv
@@ -320,9 +320,7 @@ def _pass_through(cfg, paths, tracker, raw_model, in_config, accelerator) -> dic
     reason = "rounds: 0 (no DDO in this recipe)"
     if accelerator.is_main_process:
         out_dir = Path(paths.models) / OUT_NAME
-        config = {k: v for k, v in in_config.items() if k not in ("fingerprint", "stage_config")}
-        config.update(stage=STAGE, passthrough_of=cfg.input, skipped=reason, stage_config=dataclasses.asdict(cfg),
-                      input_checkpoint={"name": cfg.input, "fingerprint": in_config["fingerprint"]})  # fmt: skip
+        config = passthrough_config(STAGE, cfg.input, in_config, reason, dataclasses.asdict(cfg))
         write_checkpoint(out_dir, raw_model.state_dict(), config)
         samples = Path(paths.models) / cfg.input / "samples.png"
         if samples.is_file():

@@ -16,7 +16,12 @@ SPECIAL = {"paths": Paths, "durable": DurableConfig}
 
 
 def test_there_are_both_presets():
-    assert {p.stem for p in PRESETS} == {"imagenet256-var-d16", "imagenet256-gpt-b"}
+    assert {p.stem for p in PRESETS} == {
+        "imagenet256-var-d16",
+        "imagenet256-gpt-b",
+        "llamagen-gpt-b-cca",
+        "var-d16-sar-ddo",
+    }
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
@@ -52,6 +57,39 @@ def test_var_d16_and_gpt_b_have_their_published_sizes(plans):
     # 16 bytes per parameter for weights, grads and AdamW; activations per GPU at the micro-batch
     assert gpt.state_bytes == 16 * gpt.params and (gpt.micro_batch, var.micro_batch) == (32, 96)
     assert 0 < gpt.activation_bytes < var.activation_bytes < 80 * 1024**3  # d16 at 96/GPU fits an 80 GB GPU
+
+
+def test_the_released_presets_size_the_released_architectures(plans):
+    """The papers' recipes on the released models: the plan sizes what the import will build."""
+    for stem, tokenizer_params, model_params, length in (
+        ("llamagen-gpt-b-cca", 72e6, 111e6, 256),  # LlamaGen VQ-16 + GPT-B
+        ("var-d16-sar-ddo", 109e6, 310e6, 680),  # VAR's VQVAE + VAR-d16
+    ):
+        tokenizer, model, _ = plans[stem]
+        assert tokenizer.params == pytest.approx(tokenizer_params, rel=0.02)
+        assert model.params == pytest.approx(model_params, rel=0.02)
+        assert f"L={length}; released" in model.name and "import only" in model.name
+    gpt = read_params(REPO / "presets" / "llamagen-gpt-b-cca.yaml")
+    var = read_params(REPO / "presets" / "var-d16-sar-ddo.yaml")
+    # the recipe's chain: what the preset does not run passes its input through
+    assert gpt["ddo"]["rounds"] == 0 and gpt["distill_pairs"]["teacher"] == "cca"
+    assert var["cca"]["skip"] and var["ddo"]["input"] == "sar" and var["distill_pairs"]["teacher"] == "ddo"
+    # the papers' hyperparameters (shared/reference/posttrain.md)
+    assert (gpt["cca"]["beta"], gpt["cca"]["lam"], gpt["cca"]["lr"]) == (0.02, 1000.0, 1e-5)
+    assert (var["sar"]["sigma"], var["ddo"]["beta"], var["ddo"]["rounds"]) == (0.01, 0.02, 2)
+    assert (gpt["distill"]["split"], var["distill"]["split"]) == (80, 5)
+
+
+def test_arpipe_plan_prints_a_released_preset_for_1000_classes():
+    from click.testing import CliRunner
+
+    from arpipe.cli import cli
+
+    preset = REPO / "presets" / "llamagen-gpt-b-cca.yaml"
+    result = CliRunner().invoke(cli, ["plan", "--params", str(preset), "--gpus", "8"])
+    assert result.exit_code == 0, result.output
+    assert "1000 classes, 8 GPU(s)" in result.output
+    assert "| pretrain (gpt, L=256; released GPT-B, import only) | 110.9M |" in result.output
 
 
 def test_activations_scale_with_the_per_gpu_batch():

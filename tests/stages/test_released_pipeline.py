@@ -104,6 +104,13 @@ def test_cca_and_arpipe_sample_run_on_the_imported_models(project, tmp_path):
     result = CliRunner().invoke(cli, ["sample", *args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert out.stat().st_size > 0 and "2 samples" in result.output
+    # a recipe without CCA (the VAR-d16 preset): skip passes the input through, evaluate skips the copy
+    skipped = dataclasses.replace(paths, models=str(tmp_path / "skipped"))
+    (tmp_path / "skipped").mkdir()
+    (tmp_path / "skipped" / "base").symlink_to(Path(project.models) / "base")
+    assert cca.run(cca.Config(input="base", skip=True), skipped, NullTracker())["skipped"].startswith("skip: true")
+    skipped_config = read_checkpoint(tmp_path / "skipped" / "cca")[1]
+    assert skipped_config["passthrough_of"] == "base" and skipped_config["stage_config"]["skip"] is True
     # a recipe without DDO (the GPT-B CCA preset): rounds 0 passes cca through, and evaluate skips the copy
     metrics = ddo.run(ddo.Config(input="cca", rounds=0, samples_per_class=1), paths, NullTracker())
     assert metrics["skipped"].startswith("rounds: 0")
