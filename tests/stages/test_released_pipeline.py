@@ -10,11 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from helpers import REPO, git, make_project, write_released_files
+from helpers import REPO, git, make_project, png_bytes, write_released_files
 
 from arpipe.cli import cli
 from arpipe.released import import_released
@@ -22,7 +23,19 @@ from core.checkpoint import read_checkpoint
 from core.config import ConfigError, Paths, from_dict
 from core.released import ReleasedFile
 from core.tracking import NullTracker
-from stages import cache_tokens, cca, ddo, pretrain, shard, train_tokenizer
+from stages import (
+    cache_tokens,
+    cca,
+    ddo,
+    distill,
+    distill_pairs,
+    evaluate,
+    pretrain,
+    sar,
+    shard,
+    train_evalnet,
+    train_tokenizer,
+)
 
 VQ = ReleasedFile(format="llamagen-vq", file="vq_ds2_tiny.pt")
 GPT = ReleasedFile(format="llamagen-gpt", file="c2i_tiny.pt", heads=4)
@@ -46,14 +59,15 @@ def run_metrics() -> dict:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, run_metrics) -> Paths:
-    """16 px digit shards (the tiny VQ's size), the released files under paths.released, and the
+    """8 px digit shards (the import sizes the tiny 2x VQ for them: 4x4 = 16 tokens, which the GPT's
+    rotary positions follow), the released files under paths.released, and the
     imported tokenizer, token cache and base model, each written by its stage's run()."""
     root = tmp_path_factory.mktemp("released-pipeline")
     paths = Paths(shards=str(root / "shards"), metrics=str(root / "metrics"), plots=str(root / "plots"),
                   tokenizer=str(root / "tokenizer"), tokens=str(root / "tokens"), models=str(root / "models"),
                   released=str(root / "released"), resume=str(root / "resume"))  # fmt: skip
     write_released_files(Path(paths.released))
-    shard.run(shard.Config(image_size=16, num_workers=0), paths, NullTracker())
+    shard.run(shard.Config(image_size=8, num_workers=0), paths, NullTracker())
     run_metrics["train_tokenizer"] = train_tokenizer.run(imported_tokenizer(), paths, NullTracker())
     cache_tokens.run(cache_tokens.Config(batch_size=256, hflip=False), paths, NullTracker())
     run_metrics["pretrain"] = pretrain.run(imported_gpt(), paths, NullTracker())
@@ -65,7 +79,7 @@ def test_import_only_writes_the_released_weights_with_the_metrics_of_a_trained_s
     state, config = read_checkpoint(Path(project.models) / "base")
     # the same weights `arpipe import` writes, with the shards' class names and image size
     released = Path(project.released)
-    by_hand = import_released("llamagen-vq", released / VQ.file, tmp_path / "tok", image_size=16)
+    by_hand = import_released("llamagen-vq", released / VQ.file, tmp_path / "tok", image_size=8)
     by_hand_state, _ = read_checkpoint(tmp_path / "tok")
     assert tok_state.keys() == by_hand_state.keys()
     assert all(torch.equal(tok_state[k], by_hand_state[k]) for k in tok_state)
@@ -116,6 +130,28 @@ def test_cca_and_arpipe_sample_run_on_the_imported_models(project, tmp_path):
     assert metrics["skipped"].startswith("rounds: 0")
     ddo_state, ddo_config = read_checkpoint(tmp_path / "models" / "ddo")
     assert ddo_config["passthrough_of"] == "cca" and all(torch.equal(ddo_state[k], state[k]) for k in state)
+
+
+def test_the_rest_of_the_chain_runs_on_the_imported_gpt(project, tmp_path):
+    """sar (a gpt passes through), ddo, distill_pairs, distill, train_evalnet and evaluate, tiny."""
+    outs = {name: str(tmp_path / name) for name in ("models", "distill", "evalnet", "eval", "metrics", "plots")}
+    paths = dataclasses.replace(project, resume=str(tmp_path / "resume"), **outs)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "base").symlink_to(Path(project.models) / "base")
+    assert "skipped" in sar.run(sar.Config(samples_per_class=1, sample_cfg=[1.0]), paths, NullTracker())
+    ddo_cfg = ddo.Config(input="sar", rounds=1, steps_per_round=2, batch_size=8, sample_batch_size=16, log_every=1,
+                         save_every=0, samples_per_class=1, sample_cfg=[1.0])  # fmt: skip
+    assert ddo.run(ddo_cfg, paths, NullTracker())["steps"] == 2
+    pairs = distill_pairs.Config(teacher="ddo", count=32, batch_size=16, ode_steps=4, t_min=0.05)
+    distill_pairs.run(pairs, paths, NullTracker())
+    student = distill.Config(steps=2, batch_size=8, warmup_steps=1, log_every=1, val_count=8, save_every=0,
+                             samples_per_class=1)  # fmt: skip
+    distill.run(student, paths, NullTracker())
+    train_evalnet.run(train_evalnet.Config(steps=4, batch_size=32, log_every=2, eval_every=4, save_every=0), paths,
+                      NullTracker())  # fmt: skip
+    scores = evaluate.run(evaluate.Config(samples_per_class=2, cfg_scales=[1.0], batch_size=20, grid_per_class=1,
+                                          register=False), paths, NullTracker())  # fmt: skip
+    assert {"base", "ddo", "distilled"} <= set(scores) and "sar" not in scores  # sar: a pass-through
 
 
 def test_fine_tuning_a_released_tokenizer(project, tmp_path):
@@ -174,14 +210,20 @@ def stale_stages(root) -> set[str]:
     return set(yaml.safe_load(out.stdout or "{}"))
 
 
+@pytest.mark.slow
 def test_replacing_the_released_file_makes_dvc_rerun_the_stage(tmp_path):
     """Through dvc.yaml: the tokenizer's released file is its dependency; the GPT's file is not."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["shard"].update(image_size=16, num_workers=0)
+    params["shard"].update(source="imagefolder", source_path="sources/tiny", image_size=8, num_workers=0)
     params["train_tokenizer"].update(init_from="released", model={}, steps=0, num_grid=2,
                                      released={"format": "llamagen-vq", "file": VQ.file, "model": ""})  # fmt: skip
     params["pretrain"].update(init_from="released", released={"format": "llamagen-gpt", "file": GPT.file, "heads": 4})
     project = make_project(tmp_path / "project", params=params)
+    for c in range(2):
+        for i in range(4):
+            image = np.random.default_rng(10 * c + i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            (project / "sources" / "tiny" / f"class{c}").mkdir(parents=True, exist_ok=True)
+            (project / "sources" / "tiny" / f"class{c}" / f"{i}.png").write_bytes(png_bytes(image))
     files = write_released_files(project / "released")
     env = {**os.environ, "ARPIPE_TRACKING": "off", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}  # fmt: skip
