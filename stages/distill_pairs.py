@@ -41,7 +41,7 @@ PAIRS_FILE = "pairs.parquet"
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    teacher: str = "cca"
+    teacher: str = "ddo"
     """Checkpoint folder under ``paths.models`` to distil (the chain's last: base -> sar -> cca -> ddo)."""
     count: int = 10000
     """Pairs N to generate (DD1's FID keeps improving with N; each costs one teacher sampling)."""
