@@ -45,10 +45,11 @@ def _authors(var_dir: str, out_dir: str) -> None:
     dist.get_device = lambda: torch.device("cpu")
     dist.initialized = lambda: False
     sys.modules["dist"] = dist
+    from safetensors.torch import save_file
+
     from models.basic_vae import Decoder, Encoder  # the authors' package, not ours
     from models.var import VAR
     from models.vqvae import VQVAE
-    from safetensors.torch import save_file
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -60,7 +61,8 @@ def _authors(var_dir: str, out_dir: str) -> None:
     vae.eval()
     model = VAR(vae_local=vae, num_classes=TINY["classes"], depth=TINY["depth"], embed_dim=TINY["width"],
                 num_heads=TINY["depth"], drop_path_rate=0.0, norm_eps=1e-6, shared_aln=False, cond_drop_rate=0.0,
-                attn_l2_norm=True, patch_nums=SCALES, flash_if_available=False, fused_if_available=False).eval()  # fmt: skip
+                attn_l2_norm=True, patch_nums=SCALES, flash_if_available=False, fused_if_available=False)  # fmt: skip
+    model.eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # random weights of a sensible size, exactly representable in fp16
         for name, param in [*vae.named_parameters(), *model.named_parameters()]:
@@ -83,7 +85,9 @@ def _authors(var_dir: str, out_dir: str) -> None:
         idx = vae.img_to_idxBl(images)
         recon = vae.img_to_reconstructed_img(images, last_one=True)
         decoded = vae.idxBl_to_img(idx, same_shape=True, last_one=True)
-        tokens = torch.cat([torch.cat(idx, 1), torch.randint(TINY["vocab"], (2, sum(s * s for s in SCALES)), generator=generator)])
+        tokens = torch.cat(
+            [torch.cat(idx, 1), torch.randint(TINY["vocab"], (2, sum(s * s for s in SCALES)), generator=generator)]
+        )
         labels = torch.tensor([3, 7, 0, TINY["classes"]])
         per_scale = list(tokens.split([s * s for s in SCALES], dim=1))
         logits = model(labels, vae.quantize.idxBl_to_var_input(per_scale))

@@ -61,7 +61,9 @@ class _Keys:
 
     def __init__(self, released: dict, format_name: str):
         if not isinstance(released, dict) or not released:
-            raise ReleasedFormatError(f"{format_name}: expected a non-empty dict of tensors, got {type(released).__name__}")
+            raise ReleasedFormatError(
+                f"{format_name}: expected a non-empty dict of tensors, got {type(released).__name__}"
+            )
         for key, value in released.items():
             if not isinstance(value, torch.Tensor):
                 raise ReleasedFormatError(f"{format_name}: key {key!r} holds a {type(value).__name__}, not a tensor")
@@ -120,7 +122,8 @@ class _Keys:
     def _looks_like(self) -> str:
         if self.looks_like in (None, self.format_name):
             return ""
-        return f"; this looks like a {self.looks_like} checkpoint (keys {SIGNATURES[self.looks_like]}*), not {self.format_name}"
+        prefix = SIGNATURES[self.looks_like]
+        return f"; this looks like a {self.looks_like} checkpoint (keys {prefix}*), not {self.format_name}"
 
 
 # -- var-vqvae ---------------------------------------------------------------------------------
@@ -195,7 +198,9 @@ def convert_vqvae(released: dict, *, model: str | None = None, tokenizer: dict |
     for i in range(levels):
         width = keys.shape(f"encoder.down.{i}.block.0.conv1.weight")[0]
         if width % base:
-            raise ReleasedFormatError(f"var-vqvae: key 'encoder.down.{i}.block.0.conv1.weight' width {width} is not a multiple of {base}")
+            raise ReleasedFormatError(
+                f"var-vqvae: key 'encoder.down.{i}.block.0.conv1.weight' width {width} is not a multiple of {base}"
+            )
         multipliers.append(width // base)
     res_blocks = keys.count("encoder.down.0.block.{}.")
     attention = keys.has(f"encoder.down.{levels - 1}.attn.0.norm.weight")
@@ -210,7 +215,9 @@ def convert_vqvae(released: dict, *, model: str | None = None, tokenizer: dict |
         _take_level(keys, out, f"encoder.down.{i}", f"encoder.levels.{seq}", c_in, width, res_blocks, has_attention)
         seq += 1
         if i != levels - 1:
-            _take_conv(keys, out, f"encoder.down.{i}.downsample.conv", f"encoder.levels.{seq}.conv", (width, width, 3, 3))
+            _take_conv(
+                keys, out, f"encoder.down.{i}.downsample.conv", f"encoder.levels.{seq}.conv", (width, width, 3, 3)
+            )
             seq += 1
         c_in = width
     _take_mid(keys, out, "encoder.mid", "encoder.mid", widths[-1])
@@ -231,7 +238,9 @@ def convert_vqvae(released: dict, *, model: str | None = None, tokenizer: dict |
         _take_conv(keys, out, src, f"quantizer.phis.{k}.conv", phi_shape)
     hits = keys.take_float("quantize.ema_vocab_hit_SV")
     if hits.ndim != 2 or hits.shape[1] != vocab:
-        raise ReleasedFormatError(f"var-vqvae: key 'quantize.ema_vocab_hit_SV' has shape {tuple(hits.shape)}, expected (S, {vocab})")
+        raise ReleasedFormatError(
+            f"var-vqvae: key 'quantize.ema_vocab_hit_SV' has shape {tuple(hits.shape)}, expected (S, {vocab})"
+        )
     if hits.shape[0] != len(scales):  # another schedule's monitor: VAR resets it too
         keys.rebuilt.append("quantize.ema_vocab_hit_SV")
         hits = torch.zeros(len(scales), vocab, device=hits.device)
@@ -312,15 +321,19 @@ def _depth_from_name(model: str) -> int:
 def _check_tokenizer(tokenizer: dict, vocab: int, code_width: int) -> tuple[int, ...]:
     if not isinstance(tokenizer, dict) or tokenizer.get("kind") != "msvq":
         kind = tokenizer.get("kind") if isinstance(tokenizer, dict) else type(tokenizer).__name__
-        raise ReleasedFormatError(f"var: the tokenizer must be a multi-scale (msvq) one such as an imported var-vqvae, got kind {kind!r}")
+        raise ReleasedFormatError(
+            f"var: the tokenizer must be a multi-scale (msvq) one such as an imported var-vqvae, got kind {kind!r}"
+        )
     scales = tuple(tokenizer["token_layout"]["scales"])
     if tokenizer["codebook_size"] != vocab:
         raise ReleasedFormatError(
-            f"var: key 'head.weight' predicts {vocab} tokens but the tokenizer's codebook has {tokenizer['codebook_size']}"
+            f"var: key 'head.weight' predicts {vocab} tokens "
+            f"but the tokenizer's codebook has {tokenizer['codebook_size']}"
         )
     if tokenizer["model"]["z_channels"] != code_width:
         raise ReleasedFormatError(
-            f"var: key 'word_embed.weight' reads {code_width}-wide codes but the tokenizer's are {tokenizer['model']['z_channels']}"
+            f"var: key 'word_embed.weight' reads {code_width}-wide codes "
+            f"but the tokenizer's are {tokenizer['model']['z_channels']}"
         )
     return scales
 
@@ -332,7 +345,9 @@ def convert_var(released: dict, *, model: str, tokenizer: dict) -> Converted:
     keys = _Keys(released, "var")
     depth = _depth_from_name(model)
     if keys.has("shared_ada_lin.1.weight") or keys.has("blocks.0.ada_gss"):
-        raise ReleasedFormatError("var: key 'shared_ada_lin.1.weight': shared AdaLN (VAR's --saln, d36-s) is not supported")
+        raise ReleasedFormatError(
+            "var: key 'shared_ada_lin.1.weight': shared AdaLN (VAR's --saln, d36-s) is not supported"
+        )
     # 1. sizes from shapes, checked against the name and the tokenizer
     rows, width = keys.shape("class_emb.weight")
     vocab = keys.shape("head.weight")[0]
@@ -341,10 +356,14 @@ def convert_var(released: dict, *, model: str, tokenizer: dict) -> Converted:
     seq_len, first = sum(side * side for side in scales), scales[0] ** 2
     blocks = keys.count("blocks.{}.")
     if blocks != depth:
-        raise ReleasedFormatError(f"var: model {model!r} has {depth} blocks but the file has {blocks} (key 'blocks.{blocks - 1}.*')")
+        raise ReleasedFormatError(
+            f"var: model {model!r} has {depth} blocks but the file has {blocks} (key 'blocks.{blocks - 1}.*')"
+        )
     heads = depth
     if width % heads:
-        raise ReleasedFormatError(f"var: key 'class_emb.weight' width {width} is not divisible by {heads} heads ({model})")
+        raise ReleasedFormatError(
+            f"var: key 'class_emb.weight' width {width} is not divisible by {heads} heads ({model})"
+        )
     l2_norm = keys.has("blocks.0.attn.scale_mul_1H11")
     hidden = keys.shape("blocks.0.ffn.fc1.weight")[0]
     # 2. inputs
@@ -368,7 +387,9 @@ def convert_var(released: dict, *, model: str, tokenizer: dict) -> Converted:
         out[f"{dst}.attn.value_bias"] = keys.take_float(f"{src}.attn.v_bias", (width,))
         keys.rebuild(f"{src}.attn.zero_k_bias", (width,), lambda t: not t.any())
         if l2_norm:
-            out[f"{dst}.attn.log_temperature"] = keys.take_float(f"{src}.attn.scale_mul_1H11", (1, heads, 1, 1)).view(heads)
+            out[f"{dst}.attn.log_temperature"] = keys.take_float(f"{src}.attn.scale_mul_1H11", (1, heads, 1, 1)).view(
+                heads
+            )
         out[f"{dst}.attn.proj.weight"] = keys.take_float(f"{src}.attn.proj.weight", (width, width))
         out[f"{dst}.attn.proj.bias"] = keys.take_float(f"{src}.attn.proj.bias", (width,))
         out[f"{dst}.ffn.fc1.weight"] = keys.take_float(f"{src}.ffn.fc1.weight", (hidden, width))
