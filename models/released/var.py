@@ -204,7 +204,8 @@ def convert_vqvae(released: dict, *, model: str | None = None, tokenizer: dict |
         multipliers.append(width // base)
     res_blocks = keys.count("encoder.down.0.block.{}.")
     attention = keys.has(f"encoder.down.{levels - 1}.attn.0.norm.weight")
-    vocab, z_channels = keys.shape("quantize.embedding.weight")
+    z_channels = keys.shape("quant_conv.weight")[0]
+    vocab = keys.shape("quantize.embedding.weight")[0]
     widths = [base * m for m in multipliers]
     # 2. encoder
     out: dict[str, torch.Tensor] = {}

@@ -1,0 +1,313 @@
+"""VAR's released checkpoints (models/released/var.py): parity with the authors' code on golden
+fixtures, round trips in the released layouts at a tiny size, the official sizes by shape, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from models.ar import ar_from_state, build_ar, tokenizer_from_state
+from models.released import ReleasedFormatError, converter
+from models.released.var import PATCH_NUMS, convert_var, convert_vqvae
+from models.sampling import linear_guidance_ramp
+from models.tokenizers import build_tokenizer
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "released"
+
+
+# -- the released layouts, as the authors' constructors define them (models/vqvae.py, quant.py,
+#    basic_vae.py, var.py, basic_var.py) -------------------------------------------------------
+
+
+def vqvae_shapes(*, ch=160, ch_mult=(1, 1, 2, 2, 4), res_blocks=2, z=32, vocab=4096, scales=10, phis=4) -> dict:
+    shapes: dict[str, tuple] = {}
+
+    def conv(name, c_out, c_in, k):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c_out, c_in, k, k), (c_out,)
+
+    def norm(name, c):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c,), (c,)
+
+    def resblock(name, c_in, c_out):
+        norm(f"{name}.norm1", c_in), conv(f"{name}.conv1", c_out, c_in, 3)
+        norm(f"{name}.norm2", c_out), conv(f"{name}.conv2", c_out, c_out, 3)
+        if c_in != c_out:
+            conv(f"{name}.nin_shortcut", c_out, c_in, 1)
+
+    def attn(name, c):
+        norm(f"{name}.norm", c), conv(f"{name}.qkv", 3 * c, c, 1), conv(f"{name}.proj_out", c, c, 1)
+
+    def mid(name, c):
+        resblock(f"{name}.block_1", c, c), attn(f"{name}.attn_1", c), resblock(f"{name}.block_2", c, c)
+
+    last = len(ch_mult) - 1
+    conv("encoder.conv_in", ch, 3, 3)
+    c_in = ch
+    for i, m in enumerate(ch_mult):
+        for j in range(res_blocks):
+            resblock(f"encoder.down.{i}.block.{j}", c_in, ch * m)
+            c_in = ch * m
+            if i == last:
+                attn(f"encoder.down.{i}.attn.{j}", c_in)
+        if i != last:
+            conv(f"encoder.down.{i}.downsample.conv", c_in, c_in, 3)
+    mid("encoder.mid", c_in), norm("encoder.norm_out", c_in), conv("encoder.conv_out", z, c_in, 3)
+    conv("decoder.conv_in", c_in, z, 3), mid("decoder.mid", c_in)
+    for i in reversed(range(len(ch_mult))):
+        for j in range(res_blocks + 1):
+            resblock(f"decoder.up.{i}.block.{j}", c_in, ch * ch_mult[i])
+            c_in = ch * ch_mult[i]
+            if i == last:
+                attn(f"decoder.up.{i}.attn.{j}", c_in)
+        if i != 0:
+            conv(f"decoder.up.{i}.upsample.conv", c_in, c_in, 3)
+    norm("decoder.norm_out", c_in), conv("decoder.conv_out", 3, c_in, 3)
+    conv("quant_conv", z, z, 3), conv("post_quant_conv", z, z, 3)
+    shapes["quantize.embedding.weight"] = (vocab, z)
+    shapes["quantize.ema_vocab_hit_SV"] = (scales, vocab)
+    for k in range(phis):
+        conv(f"quantize.quant_resi.qresi_ls.{k}", z, z, 3)
+    return shapes
+
+
+def var_shapes(*, depth=16, width=None, vocab=4096, z=32, classes=1000, scales=PATCH_NUMS["256"]) -> dict:
+    width = width or 64 * depth
+    seq_len = sum(side * side for side in scales)
+    shapes = {
+        "word_embed.weight": (width, z), "word_embed.bias": (width,), "class_emb.weight": (classes + 1, width),
+        "pos_start": (1, scales[0] ** 2, width), "pos_1LC": (1, seq_len, width),
+        "lvl_embed.weight": (len(scales), width),
+        "lvl_1L": (1, seq_len), "attn_bias_for_masking": (1, 1, seq_len, seq_len),
+        "head_nm.ada_lin.1.weight": (2 * width, width), "head_nm.ada_lin.1.bias": (2 * width,),
+        "head.weight": (vocab, width), "head.bias": (vocab,),
+    }  # fmt: skip
+    for i in range(depth):
+        shapes |= {
+            f"blocks.{i}.attn.scale_mul_1H11": (1, depth, 1, 1), f"blocks.{i}.attn.q_bias": (width,),
+            f"blocks.{i}.attn.v_bias": (width,), f"blocks.{i}.attn.zero_k_bias": (width,),
+            f"blocks.{i}.attn.mat_qkv.weight": (3 * width, width),
+            f"blocks.{i}.attn.proj.weight": (width, width), f"blocks.{i}.attn.proj.bias": (width,),
+            f"blocks.{i}.ffn.fc1.weight": (4 * width, width), f"blocks.{i}.ffn.fc1.bias": (4 * width,),
+            f"blocks.{i}.ffn.fc2.weight": (width, 4 * width), f"blocks.{i}.ffn.fc2.bias": (width,),
+            f"blocks.{i}.ada_lin.1.weight": (6 * width, width), f"blocks.{i}.ada_lin.1.bias": (6 * width,),
+        }  # fmt: skip
+    return shapes
+
+
+def derived(name: str, shape: tuple, scales: tuple[int, ...], device=None) -> torch.Tensor | None:
+    """VAR's derived buffers at their true values (None for a weight)."""
+    levels = torch.tensor([k for k, side in enumerate(scales) for _ in range(side * side)], device=device)
+    if name == "lvl_1L":
+        return levels[None]
+    if name == "attn_bias_for_masking":
+        return torch.where(levels[:, None] >= levels[None, :], 0.0, -torch.inf)[None, None]
+    if name.endswith("zero_k_bias"):
+        return torch.zeros(shape, device=device)
+    return None
+
+
+def released(shapes: dict, scales: tuple[int, ...], *, device=None, seed=0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        value = derived(name, shape, scales, device)
+        if value is None:
+            value = (
+                torch.empty(shape, device=device) if device == "meta" else torch.randn(shape, generator=generator) * 0.2
+            )
+        out[name] = value
+    return out
+
+
+TINY_SCALES = (1, 2, 3, 4)
+TINY_VQVAE = dict(ch=32, ch_mult=(1, 2), res_blocks=1, z=8, vocab=64, scales=4, phis=4)
+TINY_VAR = dict(depth=2, width=32, vocab=64, z=8, classes=10, scales=TINY_SCALES)
+
+
+def tiny_pair(seed: int = 0):
+    tok = convert_vqvae(released(vqvae_shapes(**TINY_VQVAE), TINY_SCALES, seed=seed), model="1_2_3_4")
+    var = convert_var(released(var_shapes(**TINY_VAR), TINY_SCALES, seed=seed + 1), model="d2", tokenizer=tok.config)
+    return tok, var
+
+
+# -- parity with the authors' code (fixtures from benchmarks/parity_released_var.py) ------------
+
+
+def load_fixture(name: str) -> tuple[dict, dict, dict]:
+    with safe_open(str(ASSETS / name), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    weights = {k.removeprefix("released."): v for k, v in tensors.items() if k.startswith("released.")}
+    weights = {k: v.float() if v.dtype == torch.float16 else v for k, v in weights.items()}
+    return weights, {k: v for k, v in tensors.items() if not k.startswith("released.")}, meta
+
+
+def test_golden_fixtures_are_the_layouts_this_file_builds():
+    vqvae, _, _ = load_fixture("var_vqvae.safetensors")
+    var, _, _ = load_fixture("var_var.safetensors")
+    assert {k: tuple(v.shape) for k, v in vqvae.items()} == vqvae_shapes(**TINY_VQVAE)
+    assert {k: tuple(v.shape) for k, v in var.items()} == var_shapes(**TINY_VAR)
+
+
+def test_imported_models_compute_what_the_authors_code_computes():
+    vqvae, data, meta = load_fixture("var_vqvae.safetensors")
+    tok = convert_vqvae(vqvae, model=meta["scales"])
+    tokenizer = tokenizer_from_state(tok.state_dict, tok.config)
+    var, var_data, _ = load_fixture("var_var.safetensors")
+    converted = convert_var(var, model=meta["model"], tokenizer=tok.config)
+    model = ar_from_state(converted.state_dict, converted.config, tokenizer)
+    sampling = json.loads(meta["sampling"])
+    with torch.no_grad():
+        indices = tokenizer.encode(data["in.images"])
+        assert torch.equal(indices, data["out.indices"])  # every scale's VQ indices
+        assert (tokenizer.decode(indices) - data["out.recon"]).abs().max() < 1e-3
+        logits = model(var_data["in.tokens"], var_data["in.labels"], label_dropout=False)
+        assert (logits - var_data["out.logits"]).abs().max() < 1e-3
+        # VAR's sampler at cfg 1.5 (its ramp t = 1.5·k/(K−1)) is ours at linear_guidance_ramp(2.5)
+        tokens = model.generate(
+            var_data["in.sample_labels"], cfg=linear_guidance_ramp(1 + sampling["cfg"], model.steps),
+            top_k=sampling["top_k"], top_p=sampling["top_p"],
+            generator=torch.Generator().manual_seed(sampling["seed"]),
+        )  # fmt: skip
+        assert ((tokenizer.decode(tokens) + 1) / 2 - var_data["out.sampled"]).abs().max() < 1e-3
+    assert set(converted.rebuilt) == {"lvl_1L", "attn_bias_for_masking"} | {
+        f"blocks.{i}.attn.zero_k_bias" for i in range(2)
+    }
+
+
+# -- round trips and official sizes -----------------------------------------------------------
+
+
+def test_tiny_round_trip_loads_strictly_and_runs():
+    tok, var = tiny_pair()
+    assert converter("var-vqvae") is convert_vqvae and converter("var") is convert_var
+    tokenizer = tokenizer_from_state(tok.state_dict, tok.config)
+    model = ar_from_state(var.state_dict, var.config, tokenizer)
+    assert tok.config["token_layout"] == {"kind": "msvq", "scales": [1, 2, 3, 4]}
+    assert (tok.config["seq_len"], tok.config["image_size"], tok.config["codebook_size"]) == (30, 8, 64)
+    assert tok.config["model"]["scale_normalization"] is False and tok.config["model"]["norm_groups"] == 32
+    assert var.config["model"]["attn_l2_norm"] and var.config["model"]["num_classes"] == 10
+    assert model.config.num_heads == 2 and model.config.model_width == 32
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        tokens = tokenizer.encode(images)
+        assert tokenizer.decode(tokens).shape == images.shape
+        assert model(tokens, torch.tensor([0, 10]), label_dropout=False).shape == (2, 30, 64)
+    assert json.loads(json.dumps(tok.config)) == tok.config and json.loads(json.dumps(var.config)) == var.config
+
+
+@pytest.mark.parametrize("resolution", [None, "512"])
+def test_official_vqvae_by_shape(resolution):
+    scales = PATCH_NUMS[resolution or "256"]
+    tok = convert_vqvae(released(vqvae_shapes(), scales, device="meta"), model=resolution)
+    assert tok.config["model"]["channel_multipliers"] == [1, 1, 2, 2, 4] and tok.config["model"]["base_channels"] == 160
+    assert tok.config["seq_len"] == sum(s * s for s in scales) and tok.config["image_size"] == 16 * scales[-1]
+    with torch.device("meta"):
+        expected = build_tokenizer("msvq", tok.config["model"]).state_dict()
+    assert {k: tuple(v.shape) for k, v in tok.state_dict.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+
+
+@pytest.mark.parametrize("depth", [16, 20, 24, 30])
+def test_official_var_by_shape(depth):
+    scales = PATCH_NUMS["256"]
+    tok = convert_vqvae(released(vqvae_shapes(), scales, device="meta"))
+    var = convert_var(released(var_shapes(depth=depth), scales, device="meta"), model=f"d{depth}", tokenizer=tok.config)
+    assert var.config["model"]["width"] is None and var.config["model"]["depth"] == depth  # 64·depth, depth heads
+    with torch.device("meta"):
+        quantizer = build_tokenizer("msvq", tok.config["model"]).quantizer
+        expected = build_ar("var", var.config["model"], quantizer).state_dict()
+    assert {k: tuple(v.shape) for k, v in var.state_dict.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+
+
+# -- bad input: each fails naming the key --------------------------------------------------------
+
+
+def tiny_released():
+    return (
+        released(vqvae_shapes(**TINY_VQVAE), TINY_SCALES),
+        released(var_shapes(**TINY_VAR), TINY_SCALES, seed=1),
+        tiny_pair()[0].config,
+    )
+
+
+def llamagen_gpt_keys() -> dict[str, torch.Tensor]:
+    """A few keys of LlamaGen's GPT (autoregressive/models/gpt.py)."""
+    return {
+        "tok_embeddings.weight": torch.zeros(16384, 8),
+        "cls_embedding.embedding_table.weight": torch.zeros(1001, 8),
+        "layers.0.attention.wqkv.weight": torch.zeros(24, 8),
+        "norm.weight": torch.zeros(8),
+        "output.weight": torch.zeros(16384, 8),
+    }
+
+
+@pytest.mark.parametrize(
+    "case, key",
+    [
+        ("vqvae missing", "decoder.up.1.upsample.conv.weight"),
+        ("vqvae unexpected", "quantize.extra"),
+        ("vqvae misshaped", "quantize.embedding.weight"),
+        ("vqvae not a tensor", "quant_conv.bias"),
+        ("var missing", "blocks.1.ffn.fc2.bias"),
+        ("var unexpected", "blocks.0.attn.extra"),
+        ("var misshaped", "pos_1LC"),
+        ("var heads", "blocks.0.attn.scale_mul_1H11"),
+        ("var mask", "attn_bias_for_masking"),
+        ("var zero k bias", "blocks.1.attn.zero_k_bias"),
+        ("var depth", "blocks.1"),
+        ("gpt as var", "class_emb.weight"),
+        ("vqvae as var", "class_emb.weight"),
+        ("var as vqvae", "encoder.conv_in.weight"),
+        ("codebook", "head.weight"),
+        ("code width", "word_embed.weight"),
+    ],
+)
+def test_bad_input_is_refused_naming_the_key(case, key):
+    vqvae, var, tok_config = tiny_released()
+    run_var = lambda sd, model="d2", tok=tok_config: convert_var(sd, model=model, tokenizer=tok)  # noqa: E731
+    attempts = {
+        "vqvae missing": lambda: convert_vqvae({k: v for k, v in vqvae.items() if k != key}, model="1_2_3_4"),
+        "vqvae unexpected": lambda: convert_vqvae(vqvae | {key: torch.zeros(1)}, model="1_2_3_4"),
+        "vqvae misshaped": lambda: convert_vqvae(vqvae | {key: torch.zeros(64, 9)}, model="1_2_3_4"),
+        "vqvae not a tensor": lambda: convert_vqvae(vqvae | {key: [0.0]}, model="1_2_3_4"),
+        "var missing": lambda: run_var({k: v for k, v in var.items() if k != key}),
+        "var unexpected": lambda: run_var(var | {key: torch.zeros(1)}),
+        "var misshaped": lambda: run_var(var | {key: torch.zeros(1, 29, 32)}),
+        "var heads": lambda: run_var(var | {key: torch.zeros(1, 4, 1, 1)}),
+        "var mask": lambda: run_var(var | {key: torch.zeros(1, 1, 30, 30)}),  # no causal structure
+        "var zero k bias": lambda: run_var(var | {key: torch.ones(32)}),
+        "var depth": lambda: run_var(var, model="d4"),
+        "gpt as var": lambda: run_var(llamagen_gpt_keys()),
+        "vqvae as var": lambda: run_var(vqvae),
+        "var as vqvae": lambda: convert_vqvae(var),
+        "codebook": lambda: run_var(var, tok=tok_config | {"codebook_size": 4096}),
+        "code width": lambda: run_var(var, tok=tok_config | {"model": tok_config["model"] | {"z_channels": 32}}),
+    }
+    with pytest.raises(ReleasedFormatError, match=key.replace(".", r"\.")):
+        attempts[case]()
+
+
+def test_wrong_format_names_what_the_file_looks_like():
+    vqvae, var, tok_config = tiny_released()
+    with pytest.raises(ReleasedFormatError, match="looks like a llamagen-gpt"):
+        convert_var(llamagen_gpt_keys(), model="d2", tokenizer=tok_config)
+    with pytest.raises(ReleasedFormatError, match="looks like a var-vqvae"):
+        convert_var(vqvae, model="d2", tokenizer=tok_config)
+    with pytest.raises(ReleasedFormatError, match="looks like a var checkpoint"):
+        convert_vqvae(var)
+    with pytest.raises(ReleasedFormatError, match="unknown model"):
+        convert_var(var, model="VAR-16", tokenizer=tok_config)
+    with pytest.raises(ReleasedFormatError, match="msvq"):
+        convert_var(var, model="d2", tokenizer=tok_config | {"kind": "vq"})
+
+
+def test_usage_monitor_of_another_schedule_is_rebuilt_and_listed():
+    vqvae, _, _ = tiny_released()
+    tok = convert_vqvae(vqvae, model="1_2_4")  # 3 scales, the monitor has 4 rows
+    assert tok.rebuilt == ("quantize.ema_vocab_hit_SV",)
+    assert not tok.state_dict["quantizer.usage.hits_ema_KV"].any()
+    assert torch.equal(convert_vqvae(vqvae, model="1_2_3_4").state_dict["quantizer.usage.hits_ema_KV"],
+                       vqvae["quantize.ema_vocab_hit_SV"])  # fmt: skip
