@@ -13,7 +13,8 @@ from safetensors import safe_open
 from models.ar import ar_from_state, build_ar, tokenizer_from_state
 from models.released import ReleasedFormatError, converter
 from models.released.var import PATCH_NUMS, convert_var, convert_vqvae
-from models.sampling import linear_guidance_ramp
+from models.sampling import classifier_free_guidance, family_filters, guidance_per_step, linear_guidance_ramp
+from models.sar import guided_rollout_logits
 from models.tokenizers import build_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "released"
@@ -311,3 +312,54 @@ def test_usage_monitor_of_another_schedule_is_rebuilt_and_listed():
     assert not tok.state_dict["quantizer.usage.hits_ema_KV"].any()
     assert torch.equal(convert_vqvae(vqvae, model="1_2_3_4").state_dict["quantizer.usage.hits_ema_KV"],
                        vqvae["quantize.ema_vocab_hit_SV"])  # fmt: skip
+
+
+# -- each family samples the way its authors do (models/sampling.py) -----------------------------
+
+
+def test_guidance_schedule_is_vars_ramp_for_var_and_constant_for_gpt():
+    # VAR's cfg x: t = x·k/(K−1), logits (1 + t)·c − t·u; ours: u + s_k·(c − u) with s = ramp to 1 + x
+    ramp = guidance_per_step(2.5, "auto", arch="var", steps=10)
+    assert ramp == linear_guidance_ramp(2.5, 10) and ramp[0] == 1.0 and ramp[-1] == 2.5
+    cond, uncond = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(0))
+    for k, scale in enumerate(ramp):
+        t = 1.5 * k / 9
+        assert torch.allclose(classifier_free_guidance(cond, uncond, scale), (1 + t) * cond - t * uncond, atol=1e-6)
+    # gpt (and any guidance-free run) keeps a plain float: generate's constant path, unchanged
+    assert guidance_per_step(2.0, "auto", arch="gpt", steps=256) == 2.0
+    assert guidance_per_step(1.0, "linear", arch="gpt", steps=256) == 1.0
+    assert guidance_per_step(2.0, "constant", arch="var", steps=10) == 2.0
+    assert guidance_per_step(2.0, "linear", arch="gpt", steps=3) == [1.0, 1.5, 2.0]
+    with pytest.raises(ValueError, match="guidance schedule"):
+        guidance_per_step(2.0, "cosine", arch="var", steps=10)
+    # the authors' filters: VAR 900 (capped at the vocabulary) / 0.96, LlamaGen off; explicit values kept
+    assert family_filters("auto", "auto", arch="var", vocab_size=4096) == (900, 0.96)
+    assert family_filters("auto", "auto", arch="var", vocab_size=64) == (64, 0.96)
+    assert family_filters("auto", "auto", arch="gpt", vocab_size=16384) == (0, 1.0)
+    assert family_filters(5, 0.5, arch="var", vocab_size=64) == (5, 0.5)
+
+
+def test_imported_var_samples_with_the_ramp():
+    tok, var = tiny_pair()
+    tokenizer = tokenizer_from_state(tok.state_dict, tok.config)
+    model = ar_from_state(var.state_dict, var.config, tokenizer)
+    labels = torch.tensor([0, 5, 9])
+
+    def sample(cfg):
+        return model.generate(labels, cfg=cfg, top_k=32, top_p=0.9, generator=torch.Generator().manual_seed(3))
+
+    ramped = sample(guidance_per_step(4.0, "auto", arch="var", steps=model.steps))
+    assert torch.equal(ramped, sample([1.0, 2.0, 3.0, 4.0]))
+    # the first scale is guidance-free under the ramp, so it matches the unguided draw there
+    assert torch.equal(ramped[:, :1], sample(1.0)[:, :1])
+    assert not torch.equal(ramped, sample(4.0))
+
+
+def test_sar_rollout_guidance_schedules():
+    cond, uncond = torch.randn(2, 1, 30, 8, generator=torch.Generator().manual_seed(0))
+    levels = [0] + [1] * 4 + [2] * 9 + [3] * 16
+    ramps = {"sar": lambda k: 0.6 * (1 + k / 3), "linear": lambda k: 1.2 * k / 3, "constant": lambda k: 1.2}
+    for schedule, t_of in ramps.items():
+        guided = guided_rollout_logits(cond, uncond, TINY_SCALES, 1.2, schedule)
+        t_L1 = torch.tensor([t_of(k) for k in levels])[:, None]
+        assert torch.allclose(guided, (1 + t_L1) * cond - t_L1 * uncond, atol=1e-5), schedule
