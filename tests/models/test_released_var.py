@@ -13,115 +13,12 @@ from safetensors import safe_open
 from models.ar import ar_from_state, build_ar, tokenizer_from_state
 from models.released import ReleasedFormatError, converter
 from models.released.var import PATCH_NUMS, convert_var, convert_vqvae
+from models.released.var_layout import random_released, var_layout, vqvae_layout
 from models.sampling import classifier_free_guidance, family_filters, guidance_per_step, linear_guidance_ramp
 from models.sar import guided_rollout_logits
 from models.tokenizers import build_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "released"
-
-
-# -- the released layouts, as the authors' constructors define them (models/vqvae.py, quant.py,
-#    basic_vae.py, var.py, basic_var.py) -------------------------------------------------------
-
-
-def vqvae_shapes(*, ch=160, ch_mult=(1, 1, 2, 2, 4), res_blocks=2, z=32, vocab=4096, scales=10, phis=4) -> dict:
-    shapes: dict[str, tuple] = {}
-
-    def conv(name, c_out, c_in, k):
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c_out, c_in, k, k), (c_out,)
-
-    def norm(name, c):
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c,), (c,)
-
-    def resblock(name, c_in, c_out):
-        norm(f"{name}.norm1", c_in), conv(f"{name}.conv1", c_out, c_in, 3)
-        norm(f"{name}.norm2", c_out), conv(f"{name}.conv2", c_out, c_out, 3)
-        if c_in != c_out:
-            conv(f"{name}.nin_shortcut", c_out, c_in, 1)
-
-    def attn(name, c):
-        norm(f"{name}.norm", c), conv(f"{name}.qkv", 3 * c, c, 1), conv(f"{name}.proj_out", c, c, 1)
-
-    def mid(name, c):
-        resblock(f"{name}.block_1", c, c), attn(f"{name}.attn_1", c), resblock(f"{name}.block_2", c, c)
-
-    last = len(ch_mult) - 1
-    conv("encoder.conv_in", ch, 3, 3)
-    c_in = ch
-    for i, m in enumerate(ch_mult):
-        for j in range(res_blocks):
-            resblock(f"encoder.down.{i}.block.{j}", c_in, ch * m)
-            c_in = ch * m
-            if i == last:
-                attn(f"encoder.down.{i}.attn.{j}", c_in)
-        if i != last:
-            conv(f"encoder.down.{i}.downsample.conv", c_in, c_in, 3)
-    mid("encoder.mid", c_in), norm("encoder.norm_out", c_in), conv("encoder.conv_out", z, c_in, 3)
-    conv("decoder.conv_in", c_in, z, 3), mid("decoder.mid", c_in)
-    for i in reversed(range(len(ch_mult))):
-        for j in range(res_blocks + 1):
-            resblock(f"decoder.up.{i}.block.{j}", c_in, ch * ch_mult[i])
-            c_in = ch * ch_mult[i]
-            if i == last:
-                attn(f"decoder.up.{i}.attn.{j}", c_in)
-        if i != 0:
-            conv(f"decoder.up.{i}.upsample.conv", c_in, c_in, 3)
-    norm("decoder.norm_out", c_in), conv("decoder.conv_out", 3, c_in, 3)
-    conv("quant_conv", z, z, 3), conv("post_quant_conv", z, z, 3)
-    shapes["quantize.embedding.weight"] = (vocab, z)
-    shapes["quantize.ema_vocab_hit_SV"] = (scales, vocab)
-    for k in range(phis):
-        conv(f"quantize.quant_resi.qresi_ls.{k}", z, z, 3)
-    return shapes
-
-
-def var_shapes(*, depth=16, width=None, vocab=4096, z=32, classes=1000, scales=PATCH_NUMS["256"]) -> dict:
-    width = width or 64 * depth
-    seq_len = sum(side * side for side in scales)
-    shapes = {
-        "word_embed.weight": (width, z), "word_embed.bias": (width,), "class_emb.weight": (classes + 1, width),
-        "pos_start": (1, scales[0] ** 2, width), "pos_1LC": (1, seq_len, width),
-        "lvl_embed.weight": (len(scales), width),
-        "lvl_1L": (1, seq_len), "attn_bias_for_masking": (1, 1, seq_len, seq_len),
-        "head_nm.ada_lin.1.weight": (2 * width, width), "head_nm.ada_lin.1.bias": (2 * width,),
-        "head.weight": (vocab, width), "head.bias": (vocab,),
-    }  # fmt: skip
-    for i in range(depth):
-        shapes |= {
-            f"blocks.{i}.attn.scale_mul_1H11": (1, depth, 1, 1), f"blocks.{i}.attn.q_bias": (width,),
-            f"blocks.{i}.attn.v_bias": (width,), f"blocks.{i}.attn.zero_k_bias": (width,),
-            f"blocks.{i}.attn.mat_qkv.weight": (3 * width, width),
-            f"blocks.{i}.attn.proj.weight": (width, width), f"blocks.{i}.attn.proj.bias": (width,),
-            f"blocks.{i}.ffn.fc1.weight": (4 * width, width), f"blocks.{i}.ffn.fc1.bias": (4 * width,),
-            f"blocks.{i}.ffn.fc2.weight": (width, 4 * width), f"blocks.{i}.ffn.fc2.bias": (width,),
-            f"blocks.{i}.ada_lin.1.weight": (6 * width, width), f"blocks.{i}.ada_lin.1.bias": (6 * width,),
-        }  # fmt: skip
-    return shapes
-
-
-def derived(name: str, shape: tuple, scales: tuple[int, ...], device=None) -> torch.Tensor | None:
-    """VAR's derived buffers at their true values (None for a weight)."""
-    levels = torch.tensor([k for k, side in enumerate(scales) for _ in range(side * side)], device=device)
-    if name == "lvl_1L":
-        return levels[None]
-    if name == "attn_bias_for_masking":
-        return torch.where(levels[:, None] >= levels[None, :], 0.0, -torch.inf)[None, None]
-    if name.endswith("zero_k_bias"):
-        return torch.zeros(shape, device=device)
-    return None
-
-
-def released(shapes: dict, scales: tuple[int, ...], *, device=None, seed=0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, shape in shapes.items():
-        value = derived(name, shape, scales, device)
-        if value is None:
-            value = (
-                torch.empty(shape, device=device) if device == "meta" else torch.randn(shape, generator=generator) * 0.2
-            )
-        out[name] = value
-    return out
 
 
 TINY_SCALES = (1, 2, 3, 4)
@@ -130,8 +27,10 @@ TINY_VAR = dict(depth=2, width=32, vocab=64, z=8, classes=10, scales=TINY_SCALES
 
 
 def tiny_pair(seed: int = 0):
-    tok = convert_vqvae(released(vqvae_shapes(**TINY_VQVAE), TINY_SCALES, seed=seed), model="1_2_3_4")
-    var = convert_var(released(var_shapes(**TINY_VAR), TINY_SCALES, seed=seed + 1), model="d2", tokenizer=tok.config)
+    tok = convert_vqvae(random_released(vqvae_layout(**TINY_VQVAE), TINY_SCALES, seed=seed), model="1_2_3_4")
+    var = convert_var(
+        random_released(var_layout(**TINY_VAR), TINY_SCALES, seed=seed + 1), model="d2", tokenizer=tok.config
+    )
     return tok, var
 
 
@@ -149,8 +48,8 @@ def load_fixture(name: str) -> tuple[dict, dict, dict]:
 def test_golden_fixtures_are_the_layouts_this_file_builds():
     vqvae, _, _ = load_fixture("var_vqvae.safetensors")
     var, _, _ = load_fixture("var_var.safetensors")
-    assert {k: tuple(v.shape) for k, v in vqvae.items()} == vqvae_shapes(**TINY_VQVAE)
-    assert {k: tuple(v.shape) for k, v in var.items()} == var_shapes(**TINY_VAR)
+    assert {k: tuple(v.shape) for k, v in vqvae.items()} == vqvae_layout(**TINY_VQVAE)
+    assert {k: tuple(v.shape) for k, v in var.items()} == var_layout(**TINY_VAR)
 
 
 def test_imported_models_compute_what_the_authors_code_computes():
@@ -203,7 +102,7 @@ def test_tiny_round_trip_loads_strictly_and_runs():
 @pytest.mark.parametrize("resolution", [None, "512"])
 def test_official_vqvae_by_shape(resolution):
     scales = PATCH_NUMS[resolution or "256"]
-    tok = convert_vqvae(released(vqvae_shapes(), scales, device="meta"), model=resolution)
+    tok = convert_vqvae(random_released(vqvae_layout(), scales, device="meta"), model=resolution)
     assert tok.config["model"]["channel_multipliers"] == [1, 1, 2, 2, 4] and tok.config["model"]["base_channels"] == 160
     assert tok.config["seq_len"] == sum(s * s for s in scales) and tok.config["image_size"] == 16 * scales[-1]
     with torch.device("meta"):
@@ -214,8 +113,10 @@ def test_official_vqvae_by_shape(resolution):
 @pytest.mark.parametrize("depth", [16, 20, 24, 30])
 def test_official_var_by_shape(depth):
     scales = PATCH_NUMS["256"]
-    tok = convert_vqvae(released(vqvae_shapes(), scales, device="meta"))
-    var = convert_var(released(var_shapes(depth=depth), scales, device="meta"), model=f"d{depth}", tokenizer=tok.config)
+    tok = convert_vqvae(random_released(vqvae_layout(), scales, device="meta"))
+    var = convert_var(
+        random_released(var_layout(depth=depth), scales, device="meta"), model=f"d{depth}", tokenizer=tok.config
+    )
     assert var.config["model"]["width"] is None and var.config["model"]["depth"] == depth  # 64·depth, depth heads
     with torch.device("meta"):
         quantizer = build_tokenizer("msvq", tok.config["model"]).quantizer
@@ -228,8 +129,8 @@ def test_official_var_by_shape(depth):
 
 def tiny_released():
     return (
-        released(vqvae_shapes(**TINY_VQVAE), TINY_SCALES),
-        released(var_shapes(**TINY_VAR), TINY_SCALES, seed=1),
+        random_released(vqvae_layout(**TINY_VQVAE), TINY_SCALES),
+        random_released(var_layout(**TINY_VAR), TINY_SCALES, seed=1),
         tiny_pair()[0].config,
     )
 
