@@ -264,3 +264,21 @@ def test_sar_rollout_guidance_schedules():
         guided = guided_rollout_logits(cond, uncond, TINY_SCALES, 1.2, schedule)
         t_L1 = torch.tensor([t_of(k) for k in levels])[:, None]
         assert torch.allclose(guided, (1 + t_L1) * cond - t_L1 * uncond, atol=1e-5), schedule
+
+
+@pytest.mark.parametrize("share", [0, 1])
+def test_non_shared_and_fully_shared_phi_layouts(share):
+    """VAR's share_quant_resi 0 (PhiNonShared: ``quant_resi.k``) and 1 (PhiShared: ``quant_resi.qresi``)."""
+    vqvae, _, _ = tiny_released()
+    phis = {k: v for k, v in vqvae.items() if ".qresi_ls." in k}
+    rest = {k: v for k, v in vqvae.items() if k not in phis}
+    if share == 0:
+        renamed = {k.replace("qresi_ls.", ""): v for k, v in phis.items()}
+    else:
+        renamed = {k.replace("qresi_ls.0", "qresi"): v for k, v in phis.items() if ".qresi_ls.0." in k}
+    tok = convert_vqvae(rest | renamed, model="1_2_3_4")
+    assert tok.config["model"]["share_quant_resi"] == share
+    tokenizer = tokenizer_from_state(tok.state_dict, tok.config)
+    assert len(tokenizer.quantizer.phis) == (4 if share == 0 else 1)
+    source = "quantize.quant_resi.3.weight" if share == 0 else "quantize.quant_resi.qresi.weight"
+    assert torch.equal(tokenizer.quantizer.phis[-1].conv.weight, renamed[source])
