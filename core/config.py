@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-import yaml
+from ruamel.yaml import YAML
 
 T = TypeVar("T")
 
@@ -56,8 +56,10 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: parameters file not found (run from the repository root)")
+    # YAML 1.2, as DVC reads and writes params.yaml: `dvc exp run -S` rewrites `"no"` as `no`,
+    # which a YAML 1.1 reader (PyYAML) would turn into False
     with path.open() as f:
-        params = yaml.safe_load(f) or {}
+        params = YAML(typ="safe", pure=True).load(f) or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return params

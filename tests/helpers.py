@@ -25,7 +25,6 @@ def random_rgb(seed: int, size: int = 24) -> np.ndarray:
 
 # Tiny tokenizer configs for stage tests: 8x8 images, 32 codes, a few seconds of training.
 TINY_MSVQ = {
-    "image_size": 8,
     "base_channels": 8,
     "channel_multipliers": [1, 2],
     "attention": False,
