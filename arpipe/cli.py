@@ -184,6 +184,14 @@ def _class_ids(spec: str, class_names: list[str]) -> list[int]:
 @click.option("--classes", default=None, help="Comma-separated class names or indices (default: every class).")
 @click.option("--n", "per_class", default=8, show_default=True, help="Samples per class (one grid row per class).")
 @click.option("--cfg", default=1.0, show_default=True, help="Guidance scale: logits = u + cfg*(c - u); 1 = none.")
+@click.option(
+    "--guidance-schedule",
+    type=click.Choice(["auto", "constant", "linear"]),
+    default="auto",
+    show_default=True,
+    help="Spread of --cfg over the sampling steps: constant, or linear from 1 at the first step to --cfg at the "
+    "last (VAR's ramp: its cfg 1.5 is --cfg 2.5); auto = the family's authors' (gpt constant, var linear).",
+)
 @click.option("--temperature", default=1.0, show_default=True, help="Softmax temperature (0 = greedy).")
 @click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0 = off).")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus mass to keep (1.0 = off).")
@@ -204,8 +212,9 @@ def _class_ids(spec: str, class_names: list[str]) -> list[int]:
     help="PNG file to write.",
 )
 def sample(
-    checkpoint, registered, tokenizer_dir, classes, per_class, cfg, temperature, top_k, top_p, seed, steps, out
-) -> None:
+    checkpoint, registered, tokenizer_dir, classes, per_class, cfg, guidance_schedule, temperature, top_k, top_p,
+    seed, steps, out,
+) -> None:  # fmt: skip
     """Sample a grid of images from a trained AR model: one row per class, offline, on CPU or GPU."""
     import torch
 
@@ -250,8 +259,11 @@ def sample(
     model = ar_from_state(state, config, tokenizer)
     if torch.cuda.is_available():
         model, tokenizer = model.cuda(), tokenizer.cuda()
+    from models.sampling import guidance_per_step
+
+    guidance = guidance_per_step(cfg, guidance_schedule, arch=config["arch"], steps=model.steps)
     images = sample_images(
-        model, tokenizer, labels, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        model, tokenizer, labels, cfg=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
     ).numpy()
     save_png(image_grid(images, per_class), out)
     click.echo(f"wrote {out}: {len(images)} samples ({per_class} per class: {names}), cfg {cfg}")

@@ -48,8 +48,6 @@ class ReleasedFile:
     the stage and what follows)."""
     model: str = ""
     """The released model's name where shapes cannot tell (GPT-B, d16, VQ-16); "" = from shapes."""
-    heads: int = 0
-    """AR formats: attention heads, where ``model`` does not name them; 0 = from ``model``."""
 
     def path(self, root: str | Path, key: str) -> Path:
         """The file under ``root``; fails, naming ``key`` and the path, when it is not there."""
@@ -60,6 +58,14 @@ class ReleasedFile:
                 f"{root!s}, e.g. with `dvc add`, or fix the name)"
             )
         return path
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReleasedModel(ReleasedFile):
+    """params.yaml ``pretrain.released``: a released AR model file."""
+
+    heads: int = 0
+    """Attention heads, where ``model`` does not name them (heads are in no tensor); 0 = from ``model``."""
 
 
 def load_released(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -41,7 +41,7 @@ from core.checkpoint import read_checkpoint, write_checkpoint
 from core.config import Paths
 from core.images import guidance_grid, save_png
 from core.metrics import flatten_metrics
-from core.released import ImportFailed, ReleasedFile, load_released, merge_model, source_entry
+from core.released import ImportFailed, ReleasedModel, load_released, merge_model, source_entry
 from core.stage import stage_main
 from core.token_store import load_tokens
 from core.training import (
@@ -62,13 +62,11 @@ from models.released import FORMATS, ReleasedFormatError, released_checkpoint
 
 STAGE = "pretrain"
 OUT_NAME = "base"
-DEFAULT_MODEL = {  # ~1.4M params at 16 tokens: ~1.5 min on 2 CPU cores; dropout 0.25 against overfitting
-    "depth": 3,
-    "width": 192,
-    "heads": 3,
-    "token_dropout": 0.25,
-    "resid_dropout": 0.25,
-    "ffn_dropout": 0.25,
+DEFAULT_MODEL = {  # ~1.4M params at 16 tokens: ~1.5 min on 2 CPU cores; dropout 0.4 against overfitting
+    "depth": 3,  # width 64·depth and depth heads follow unless set
+    "token_dropout": 0.4,
+    "resid_dropout": 0.4,
+    "ffn_dropout": 0.4,
 }
 # Model keys the stage takes from the token cache and the tokenizer, never from params.yaml.
 DERIVED_KEYS = {
@@ -135,7 +133,7 @@ class Config:
     init_version: int = 0
     """With ``init_from: champion``: the registered version of ``arpipe-<arch>`` to start from;
     0 = whichever version the champion alias points to when the stage runs."""
-    released: ReleasedFile = field(default_factory=ReleasedFile)
+    released: ReleasedModel = field(default_factory=ReleasedModel)
     """With ``init_from: released``: ``format`` (llamagen-gpt | var), ``file`` (under
     ``paths.released``) and ``model`` (GPT-B ... GPT-3B, d16 ... d30: heads are in no tensor)."""
 

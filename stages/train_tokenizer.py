@@ -71,6 +71,8 @@ FINETUNE_KEYS = frozenset({"commitment_weight", "entropy_weight", "entropy_tempe
                            "normalization_momentum"})  # fmt: skip
 """``model`` keys that may differ from a released tokenizer's when fine-tuning it (no weight shape
 or computation of the imported encoder/decoder depends on them)."""
+# Model keys the stage takes from the shards, never from params.yaml (as train_evalnet does).
+DERIVED_KEYS = ("image_size", "image_channels")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,7 +80,8 @@ class Config:
     kind: Literal["vq", "msvq"] = "vq"
     """``vq``: single-scale LlamaGen-style; ``msvq``: multi-scale residual VAR-style."""
     model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
-    """Keys of the kind's config (models/vq.py VQConfig, models/msvq.py MSVQConfig), checked strictly."""
+    """Keys of the kind's config (models/vq.py VQConfig, models/msvq.py MSVQConfig), checked strictly;
+    image_size and image_channels come from the shards."""
     steps: int = 500
     """Optimizer steps."""
     batch_size: int = 64
@@ -119,7 +122,11 @@ class Config:
     ``paths.released``) and ``model`` (e.g. VQ-16; "" = from the shapes)."""
 
     def __post_init__(self):
-        tokenizer_config(self.kind, self.model)  # unknown or mistyped model keys fail here, by name
+        for key in DERIVED_KEYS:
+            if key in self.model:
+                raise ValueError(f"model.{key} is set from the shards; remove it from params.yaml")
+        # unknown or mistyped model keys fail here, by name; the size checks run again at the shards' size
+        tokenizer_config(self.kind, {**self.model, "image_size": fitting_image_size(self.kind, self.model)})
         if min(self.batch_size, self.log_every, self.eval_every, self.num_grid) < 1:
             raise ValueError("batch_size, log_every, eval_every and num_grid must be >= 1")
         if self.steps < (0 if self.init_from == "released" else 1):
@@ -130,6 +137,15 @@ class Config:
             raise ValueError("lr must be > 0; grad_clip, disc_weight and save_every >= 0")
         if self.perceptual_weight < 0:
             raise ValueError("perceptual_weight must be >= 0")
+
+
+def fitting_image_size(kind: str, model: dict[str, Any]) -> int:
+    """An image side the model keys fit (the last scale x the downsample factor), to check the keys
+    before the shards are read; the real side comes from the shards."""
+    fields = {f.name: f.default for f in dataclasses.fields(type(tokenizer_config(kind, {})))}
+    multipliers = model.get("channel_multipliers", fields["channel_multipliers"])
+    scales = model.get("scales", fields.get("scales")) or (1,)
+    return int(list(scales)[-1]) * 2 ** (len(multipliers) - 1)
 
 
 def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
@@ -145,17 +161,12 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     # an import (steps 0) reads no train images: its codebook usage is counted on the val split
     train = load_split(paths.shards, "train") if cfg.steps else None
     val = load_split(paths.shards, "val")
-    image_size = (val if train is None else train).images_NHWC.shape[1]
+    _, side, _, channels = (val if train is None else train).images_NHWC.shape
     init = None
     if released is None:
-        raw_model = build_tokenizer(cfg.kind, cfg.model)
-    else:
-        raw_model, init = import_tokenizer(cfg, released, image_size, class_names(paths.shards))
-    if image_size != raw_model.config.image_size:
-        raise ValueError(
-            f"shards hold {image_size}px images but {STAGE}.model.image_size is "
-            f"{raw_model.config.image_size}; make them equal"
-        )
+        raw_model = build_tokenizer(cfg.kind, {**cfg.model, "image_size": side, "image_channels": channels})
+    else:  # the released architecture at the shards' image size
+        raw_model, init = import_tokenizer(cfg, released, side, class_names(paths.shards))
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
     disc = disc_opt = None
@@ -246,7 +257,6 @@ def import_tokenizer(cfg: Config, file: Path, image_size: int, names: list[str])
             cfg.released.format,
             state,
             model=cfg.released.model or None,
-            heads=cfg.released.heads or None,
             image_size=image_size,
             class_names=names,
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import check_golden_losses
 
 from core.checkpoint import read_checkpoint
 from core.config import Paths
@@ -38,7 +39,7 @@ def bases(tiny_caches, tmp_path_factory):
 
 
 def tiny(**overrides) -> Config:
-    values = dict(steps=6, batch_size=16, lr=1e-3, beta=0.5, lam=2.0, log_every=2, save_every=2,
+    values = dict(input="base", steps=6, batch_size=16, lr=1e-3, beta=0.5, lam=2.0, log_every=2, save_every=2,
                   samples_per_class=1, sample_cfg=[1.0, 2.0])  # fmt: skip
     return Config(**{**values, **overrides})
 
@@ -156,3 +157,10 @@ def test_config_refusals():
         Config(uncond_ratio=1.0)
     with pytest.raises(ValueError, match="beta"):
         Config(beta=0.0)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "var"])
+def test_first_losses_match_the_golden_file(bases, tmp_path, arch):
+    paths = paths_for(bases, tmp_path, arch)
+    run(tiny(steps=8, log_every=1, save_every=0), paths, NullTracker())
+    check_golden_losses(f"cca/{arch}", [float(r["loss"]) for r in train_rows(paths)])

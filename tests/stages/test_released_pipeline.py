@@ -21,7 +21,7 @@ from arpipe.cli import cli
 from arpipe.released import import_released
 from core.checkpoint import read_checkpoint
 from core.config import ConfigError, Paths, from_dict
-from core.released import ReleasedFile
+from core.released import ReleasedFile, ReleasedModel
 from core.tracking import NullTracker
 from stages import (
     cache_tokens,
@@ -38,7 +38,7 @@ from stages import (
 )
 
 VQ = ReleasedFile(format="llamagen-vq", file="vq_ds2_tiny.pt")
-GPT = ReleasedFile(format="llamagen-gpt", file="c2i_tiny.pt", heads=4)
+GPT = ReleasedModel(format="llamagen-gpt", file="c2i_tiny.pt", heads=4)
 
 
 def imported_tokenizer(**overrides) -> train_tokenizer.Config:
