@@ -3,6 +3,7 @@ sizes them (and the default params) correctly: published parameter counts, FLOPs
 
 import importlib
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -126,3 +127,41 @@ def test_arpipe_plan_names_a_bad_preset_key(tmp_path):
     bad.write_text(yaml.safe_dump(params))
     result = CliRunner().invoke(cli, ["plan", "--params", str(bad), "--num-classes", "1000"])
     assert result.exit_code == 1 and "model.depht is not a key of the" in result.output
+
+
+def test_the_released_presets_restate_exactly_the_released_architectures():
+    """What `arpipe plan` sizes is what the import builds: each preset's ``model`` passes the
+    import's check against the official-size released layouts (shapes only, on the meta device)."""
+    import torch
+
+    from core.released import merge_model
+    from models.released import converter
+    from models.released.var_layout import random_released, var_layout, vqvae_layout
+    from stages import pretrain, train_tokenizer
+
+    def meta(shapes: dict) -> dict:
+        return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+
+    llamagen = json.loads((REPO / "tests" / "assets" / "released" / "llamagen_shapes.json").read_text())
+    scales = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    with torch.device("meta"):
+        var_files = (random_released(vqvae_layout(), scales, device="meta"),
+                     random_released(var_layout(depth=16), scales, device="meta"))  # fmt: skip
+    for stem, (tokenizer_file, model_file) in {
+        "llamagen-gpt-b-cca": (meta(llamagen["VQ-16"]), meta(llamagen["GPT-B"])),
+        "var-d16-sar-ddo": var_files,
+    }.items():
+        params = read_params(REPO / "presets" / f"{stem}.yaml")
+        tok, ar = params["train_tokenizer"], params["pretrain"]
+        tok_body = converter(tok["released"]["format"])(
+            tokenizer_file, model=tok["released"]["model"] or None, image_size=params["shard"]["image_size"]
+        ).config
+        merge_model(tok["model"], tok_body["model"], train_tokenizer.FINETUNE_KEYS, "train_tokenizer.model",
+                    Path(tok["released"]["file"]))  # fmt: skip
+        ar_body = converter(ar["released"]["format"])(
+            model_file, model=ar["released"]["model"], tokenizer=tok_body
+        ).config
+        merge_model(
+            ar["model"], ar_body["model"], pretrain.FINETUNE_KEYS, "pretrain.model", Path(ar["released"]["file"])
+        )
+        assert ar_body["arch"] == ar["arch"] and tok_body["kind"] == tok["kind"]

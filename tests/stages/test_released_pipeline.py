@@ -239,3 +239,36 @@ def test_replacing_the_released_file_makes_dvc_rerun_the_stage(tmp_path):
     torch.save(vq, files["vq"])
     assert stale_stages(project) & {"shard", "train_tokenizer"} == {"train_tokenizer"}
     git(project, "status")  # the released files are plain files in a git + DVC project
+
+
+def test_the_var_recipe_runs_on_imported_var_files(project, tmp_path):
+    """The var-d16-sar-ddo chain at toy size: VAR's VQVAE and a VAR imported by the stages, then SAR,
+    cca skipped (a pass-through), DDO from sar, and `arpipe sample` with VAR's ramp."""
+    from models.released.var_layout import random_released, var_layout, vqvae_layout
+
+    scales = (1, 2, 3, 4)  # 8 px images, a 2x VQVAE: the last scale is the 4x4 latent
+    released = tmp_path / "released"
+    released.mkdir()
+    vqvae = random_released(vqvae_layout(ch=32, ch_mult=(1, 2), res_blocks=1, z=8, vocab=64, scales=4), scales)
+    var = random_released(var_layout(depth=2, width=32, vocab=64, z=8, classes=10, scales=scales), scales, seed=1)
+    torch.save(vqvae, released / "vae_tiny.pth")
+    torch.save({"model": var}, released / "var_d2.pth")
+    outs = {name: str(tmp_path / name) for name in ("tokenizer", "tokens", "models", "metrics", "plots", "resume")}
+    paths = dataclasses.replace(project, released=str(released), **outs)
+    vq = ReleasedFile(format="var-vqvae", file="vae_tiny.pth", model="1_2_3_4")
+    train_tokenizer.run(imported_tokenizer(kind="msvq", released=vq), paths, NullTracker())
+    cache_tokens.run(cache_tokens.Config(batch_size=256, hflip=False), paths, NullTracker())
+    model = ReleasedModel(format="var", file="var_d2.pth", model="d2")
+    pretrain.run(imported_gpt(arch="var", released=model, model={"depth": 2}), paths, NullTracker())
+    assert read_checkpoint(Path(paths.models) / "base")[1]["model"]["attn_l2_norm"] is True
+    refine = sar.Config(steps=2, batch_size=8, log_every=1, save_every=0, rollout="sample", rollout_guidance=1.2,
+                        rollout_top_k=900, samples_per_class=1, sample_cfg=[1.0])  # fmt: skip
+    assert sar.run(refine, paths, NullTracker())["steps"] == 2
+    assert cca.run(cca.Config(input="sar", skip=True), paths, NullTracker())["skipped"]
+    ddo_cfg = ddo.Config(input="sar", rounds=1, steps_per_round=2, batch_size=8, sample_batch_size=16, log_every=1,
+                         save_every=0, samples_per_class=1, sample_cfg=[1.0])  # fmt: skip
+    assert ddo.run(ddo_cfg, paths, NullTracker())["steps"] == 2
+    out = tmp_path / "grid.png"
+    args = ["--checkpoint", str(Path(paths.models) / "ddo"), "--tokenizer", paths.tokenizer, "--n", "1", "--cfg", "2.5"]
+    result = CliRunner().invoke(cli, ["sample", *args, "--classes", "1,7", "--out", str(out)])
+    assert result.exit_code == 0, result.output
