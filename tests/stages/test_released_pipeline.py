@@ -101,11 +101,14 @@ def test_import_only_writes_the_released_weights_with_the_metrics_of_a_trained_s
     assert tok_metrics["val_usage"]["overall"] > 0 and "train_usage" not in tok_metrics  # no train images read
 
 
-def test_cca_and_arpipe_sample_run_on_the_imported_models(project, tmp_path):
+def test_cca_and_arpipe_sample_run_on_a_model_imported_by_hand(project, tmp_path):
     paths = dataclasses.replace(project, models=str(tmp_path / "models"), metrics=str(tmp_path / "m"),
                                 plots=str(tmp_path / "p"), resume=str(tmp_path / "resume"))  # fmt: skip
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "base").symlink_to(Path(project.models) / "base")
+    # the base `arpipe import` writes (stage "import": no stage_config, a `source` entry) reads like the stage's
+    released = Path(project.released) / GPT.file
+    config = import_released("llamagen-gpt", released, tmp_path / "models" / "base", tokenizer_dir=project.tokenizer,
+                             heads=4)  # fmt: skip
+    assert config["stage"] == "import" and "stage_config" not in config
     cfg = cca.Config(input="base", steps=2, batch_size=8, lr=1e-4, log_every=1, save_every=0, samples_per_class=1,
                      sample_cfg=[1.0])  # fmt: skip
     metrics = cca.run(cfg, paths, NullTracker())
