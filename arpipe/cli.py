@@ -39,12 +39,40 @@ def _setup_env(root: Path) -> None:
 
 
 @click.group(name="arpipe", context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.option(
+    "--debug", is_flag=True, help="Show tracebacks of errors (also for the stages it runs; or ARPIPE_DEBUG=1)."
+)
+def cli(debug: bool) -> None:
     """arpipe: raw images to an evaluated autoregressive image generator.
 
     Every stage is a DVC stage (see dvc.yaml; parameters in params.yaml), chained by a Prefect
     flow and tracked in MLflow. Run commands from the repository root.
     """
+    if debug:
+        from core.errors import DEBUG_ENV
+
+        os.environ[DEBUG_ENV] = "1"
+
+
+def _check_params(root: Path, stages: list[str]) -> None:
+    """Load the params file's section of every stage about to run, strictly, before Prefect starts:
+    a mistyped key fails in a second, in one line, instead of after the stages before it."""
+    import importlib
+
+    from core.config import ConfigError, load_paths, load_section, read_params
+
+    path = root / "params.yaml"
+    params = read_params(path)
+    try:
+        load_paths(params)
+        for stage in stages:
+            try:
+                config = importlib.import_module(f"stages.{stage}").Config
+            except (ImportError, AttributeError):  # a stage of a custom dvc.yaml: DVC checks it
+                continue
+            load_section(params, stage, config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path.name}: {exc}") from None
 
 
 @cli.command()
@@ -77,9 +105,10 @@ def run(until: str | None, stage_timeout: float, wait: bool, durable: bool) -> N
     from flows.pipeline import StageFailed, pipeline, select_stages, stage_names
 
     try:
-        select_stages(stage_names(root), until)
+        stages = select_stages(stage_names(root), until)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--until") from exc
+    _check_params(root, stages)
     try:
         with pipeline_lock(root, wait=wait):
             results = pipeline(until=until, root=str(root), stage_timeout_s=stage_timeout, durable=durable)
@@ -127,9 +156,25 @@ def ui(port: int, host: str) -> None:
     ]
     if uri.startswith("sqlite:"):
         cmd += ["--artifacts-destination", str(root / ".arpipe" / "mlartifacts")]
+    _check_port_free(host, port)
     click.echo(f"MLflow UI on http://{host}:{port} (store {uri})")
     click.echo(f"  runs: {_runs_url(host, port, root)}")
     raise SystemExit(subprocess.call(cmd))
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before printing a URL that would lead to someone else's server (or to nothing)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}): another `arpipe ui` or program holds "
+                f"the port; pass --port {port + 1} (or stop the other one)"
+            ) from None
 
 
 def _runs_url(host: str, port: int, root: Path) -> str:
@@ -226,11 +271,18 @@ def sample(
         tok_state, tok_config = read_checkpoint(tokenizer_dir, stage="train_tokenizer")
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if "token_layout" in config and "codebook_size" in config and "arch" not in config:
+        raise click.BadParameter(
+            f"{checkpoint} is a tokenizer (written by train_tokenizer), not an AR model: pass an AR model folder "
+            f"(e.g. data/models/base) as --checkpoint, and this folder as --tokenizer",
+            param_hint="--checkpoint",
+        )
     if config.get("tokenizer_fingerprint") != tok_config["fingerprint"]:
         raise click.ClickException(
             f"{checkpoint} was trained on tokenizer {str(config.get('tokenizer_fingerprint'))[:12]}, but "
             f"{tokenizer_dir} holds {tok_config['fingerprint'][:12]}: pass the matching --tokenizer"
         )
+    _refuse_unusable_options(checkpoint, config)
     ids = _class_ids(classes, config["class_names"]) if classes else list(range(len(config["class_names"])))
     tokenizer = tokenizer_from_state(tok_state, tok_config)
     labels = torch.tensor(ids).repeat_interleave(per_class)
@@ -255,6 +307,36 @@ def sample(
     ).numpy()
     save_png(image_grid(images, per_class), out)
     click.echo(f"wrote {out}: {len(images)} samples ({per_class} per class: {names}), cfg {cfg}")
+
+
+def _refuse_unusable_options(checkpoint: Path, config: dict) -> None:
+    """Options given on the command line that this checkpoint cannot use fail instead of being ignored:
+    the distilled student has its teacher's guidance and sampling baked in; only it has --steps."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = {
+        name
+        for name in ("cfg", "temperature", "top_k", "top_p", "steps")
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+    }
+    if config.get("distilled"):
+        defaults = {"cfg": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        unusable = [name for name in defaults if name in given and ctx.params[name] != defaults[name]]
+        if unusable:
+            teacher = config.get("teacher", {})
+            flags = ", ".join("--" + name.replace("_", "-") for name in unusable)
+            raise click.BadParameter(
+                f"{checkpoint} is a distilled student: its teacher's guidance (cfg {teacher.get('cfg', '?')}) and "
+                f"sampling are baked in, so {flags} cannot apply; drop {flags} (choose --steps 1 or 2)",
+                param_hint=flags,
+            )
+    elif "steps" in given:
+        raise click.BadParameter(
+            f"{checkpoint} is not a distilled student: --steps applies only to data/models/distilled "
+            f"(this model takes {config.get('arch', 'its')} sampling options --cfg, --temperature, --top-k, --top-p)",
+            param_hint="--steps",
+        )
 
 
 def _registered_uri(alias_or_uri: str) -> str:
@@ -490,8 +572,24 @@ def tokens(tokens_dir: Path | None, show_unused: int) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
-def main() -> None:
-    cli(prog_name="arpipe")
+def main(argv: list[str] | None = None) -> None:
+    """The console script: click's own errors as click prints them; a user error (bad param, file)
+    as one line and Ctrl-C as ``arpipe: interrupted`` (exit 130), tracebacks only with --debug."""
+    from core.errors import EXIT_INTERRUPTED, reported_errors
+
+    with reported_errors("arpipe"):
+        try:
+            code = cli.main(args=argv, prog_name="arpipe", standalone_mode=False)
+        except click.exceptions.Abort as exc:
+            if isinstance(exc.__cause__, KeyboardInterrupt):
+                click.echo("arpipe: interrupted", err=True)
+                raise SystemExit(EXIT_INTERRUPTED) from None
+            click.echo("Aborted!", err=True)
+            raise SystemExit(1) from None
+        except click.exceptions.ClickException as exc:
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

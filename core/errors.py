@@ -51,7 +51,6 @@ def reported_errors(who: str, *, debug: bool = False, params_file: str | None = 
     """Turn a user error, Ctrl-C or SIGTERM inside the block into one line on stderr and an exit code.
 
     ``params_file`` is prefixed to a ``ConfigError`` that does not name its file already."""
-    debug = debug_enabled(debug)
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread: leave SIGTERM alone
@@ -59,11 +58,13 @@ def reported_errors(who: str, *, debug: bool = False, params_file: str | None = 
     try:
         yield
     except (KeyboardInterrupt, Terminated) as exc:
+        debug = debug_enabled(debug)  # read now: a CLI's --debug sets the variable inside the block
         if debug:
             traceback.print_exc()
         print(f"{who}: {'interrupted' if isinstance(exc, KeyboardInterrupt) else 'terminated'}", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM) from None
     except USER_ERRORS as exc:
+        debug = debug_enabled(debug)
         if debug:
             traceback.print_exc()
         message = one_line(exc)

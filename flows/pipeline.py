@@ -132,6 +132,10 @@ def run_stage(stage: str, root: str, env: dict[str, str], timeout_s: float, metr
         raise StageFailed(f"stage '{stage}' ran past its timeout of {timeout_s:.0f} s and was killed")
     if code != 0:
         error = TransientStageError if any(m in output for m in TRANSIENT_MARKERS) else StageFailed
+        # a stage reports a bad param or input as one line `<stage>: error: ...` (core/errors.py)
+        reason = next((line for line in reversed(lines) if line.startswith(f"{stage}: error: ")), None)
+        if reason is not None:
+            raise error(f"stage '{stage}' failed: {reason.removeprefix(f'{stage}: error: ')}")
         tail = "\n".join(lines[-15:])
         raise error(f"stage '{stage}' failed (dvc repro exit code {code}):\n{tail}")
     if f"Stage '{stage}' didn't change, skipping" in output:

@@ -64,6 +64,15 @@ def test_a_failing_stage_reports_its_exit_code_and_output(dvc_project):
     assert "stage 'work' failed" in str(info.value) and "bad input in foo.png" in str(info.value)
 
 
+def test_a_stage_error_line_is_the_whole_failure_message(dvc_project):
+    """A stage's one-line error (core/errors.py) becomes the message, without DVC's lines around it."""
+    line = "work: error: params.yaml: work.x: unknown key"
+    root = dvc_project(f"python -c \"import sys; print('{line}', file=sys.stderr); sys.exit(2)\"")
+    with pytest.raises(StageFailed) as info:
+        run_stage.fn("work", str(root), {}, 60.0)
+    assert str(info.value) == "stage 'work' failed: params.yaml: work.x: unknown key"
+
+
 @pytest.mark.slow
 def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflow_store, prefect_harness, monkeypatch):
     from flows.pipeline import pipeline
