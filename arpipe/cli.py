@@ -99,7 +99,6 @@ def run(until: str | None, stage_timeout: float, wait: bool, durable: bool) -> N
     a second one fails at once naming the running one (or waits, with --wait).
     """
     root = _root()
-    _setup_env(root)
     from core.durable import DurableError
     from core.runlock import PipelineBusy, pipeline_lock
     from flows.pipeline import StageFailed, pipeline, select_stages, stage_names
@@ -109,6 +108,7 @@ def run(until: str | None, stage_timeout: float, wait: bool, durable: bool) -> N
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--until") from exc
     _check_params(root, stages)
+    _setup_env(root)
     try:
         with pipeline_lock(root, wait=wait):
             results = pipeline(until=until, root=str(root), stage_timeout_s=stage_timeout, durable=durable)

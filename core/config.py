@@ -53,6 +53,11 @@ class Paths:
     """Evaluation report (report.md) and sample grid (grid.png) written by ``evaluate``."""
     resume: str = ".arpipe/resume"
     """Local resume state of training stages (gitignored, never a DVC out; removed on success)."""
+    last_run: str = ".arpipe/last_run"
+    """What the last run measured or decided that changes from run to run: ``evaluate_speed.json``
+    (images/s, latencies, speed-ups) and ``evaluate_registry.json`` (registered version, champion
+    move). Gitignored and never a DVC out or metric (its md5 in dvc.lock would change on every
+    run); MLflow holds the same figures (``speed/*``, ``arpipe.registry.*``)."""
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
