@@ -463,7 +463,8 @@ def schedule(cron: str | None, name: str, until: str | None, list_: bool, remove
 @click.option(
     "--num-classes",
     type=int,
-    help="Classes of the data (default: classes.json of the built shards; 10 for the digits source).",
+    help="Classes of the data (default: params shard.num_classes; else 10 for the digits source, else "
+    "classes.json of the built shards).",
 )
 def plan(params_file: Path, gpus: int, num_classes: int | None) -> None:
     """Per trained model (tokenizer, AR model, evalnet): parameter count, training FLOPs per step
@@ -480,26 +481,37 @@ def plan(params_file: Path, gpus: int, num_classes: int | None) -> None:
     - Not counted: CUDA context, allocator slack, data loading (budget 10-20% more), the
       tokenizer's discriminator and perceptual network.
     """
-    import json
-
     from arpipe.plan import format_plan, plan_models
-    from core.config import ConfigError, load_paths, read_params
+    from core.config import ConfigError, read_params
 
     try:
         params = read_params(params_file)
-        if num_classes is None:
-            classes = Path(load_paths(params).shards) / "classes.json"
-            if params.get("shard", {}).get("source") == "digits":
-                num_classes = 10
-            elif classes.is_file():
-                num_classes = len(json.loads(classes.read_text()))
-            else:
-                raise click.UsageError(f"{classes} does not exist yet: pass --num-classes")
+        num_classes, origin = _plan_classes(params, num_classes)
         rows = plan_models(params, gpus=gpus, num_classes=num_classes)
     except (ConfigError, ValueError) as exc:
         raise click.ClickException(f"{params_file}: {exc}") from exc
-    click.echo(f"{params_file}: {num_classes} classes, {gpus} GPU(s)\n")
+    click.echo(f"{params_file}: {num_classes} classes ({origin}), {gpus} GPU(s)\n")
     click.echo(format_plan(rows, gpus), nl=False)
+
+
+def _plan_classes(params: dict, given: int | None) -> tuple[int, str]:
+    """(class count, where it came from): the flag, the params' shard.num_classes, the digits
+    source's 10, or the built shards' classes.json."""
+    import json
+
+    from core.config import load_paths
+
+    if given is not None:
+        return given, "--num-classes"
+    shard = params.get("shard") or {}
+    if isinstance(shard.get("num_classes"), int) and shard["num_classes"] > 0:
+        return shard["num_classes"], "shard.num_classes"
+    if shard.get("source", "digits") == "digits":
+        return 10, "the digits source"
+    classes = Path(load_paths(params).shards) / "classes.json"
+    if classes.is_file():
+        return len(json.loads(classes.read_text())), str(classes)
+    raise click.UsageError(f"{classes} does not exist yet: set shard.num_classes in the params or pass --num-classes")
 
 
 @cli.group()

@@ -88,3 +88,20 @@ def test_arpipe_plan_names_a_bad_preset_key(tmp_path):
     bad.write_text(yaml.safe_dump(params))
     result = CliRunner().invoke(cli, ["plan", "--params", str(bad), "--num-classes", "1000"])
     assert result.exit_code == 1 and "model.depht is not a key of the" in result.output
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_plan_takes_the_class_count_from_the_preset_not_the_local_shards(preset, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "data" / "shards").mkdir(parents=True)  # digits shards in the cwd must not count
+    (tmp_path / "data" / "shards" / "classes.json").write_text(json.dumps([str(i) for i in range(10)]))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "arpipe.cli", "plan", "--params", str(preset), "--gpus", "8"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"{preset}: 1000 classes (shard.num_classes), 8 GPU(s)"

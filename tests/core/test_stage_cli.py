@@ -201,3 +201,10 @@ def test_a_run_left_running_by_a_dead_stage_is_closed_as_killed(tmp_path, mlflow
     assert client.get_run(alive).info.status == "RUNNING"
     runs = client.search_runs([experiment], "tags.`arpipe.stage` = 'shard'")
     assert [r.info.status for r in runs] == ["FINISHED"] and runs[0].data.tags["arpipe.pid"].isdigit()
+
+
+def test_shard_checks_the_declared_class_count_before_decoding(tmp_path):
+    result = stage_cli("shard", "--params", str(tiny_shard_params(tmp_path, num_classes=1000)), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "shard.num_classes is 1000 but source 'digits' holds 10 classes" in result.stderr
+    assert "seen" not in result.stdout  # nothing decoded
