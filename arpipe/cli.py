@@ -101,7 +101,7 @@ def run(until: str | None, stage_timeout: float, wait: bool, durable: bool) -> N
     root = _root()
     from core.durable import DurableError
     from core.runlock import PipelineBusy, pipeline_lock
-    from flows.pipeline import StageFailed, pipeline, select_stages, stage_names
+    from flows.pipeline import StageFailed, pipeline, run_summary, select_stages, stage_names
 
     try:
         stages = select_stages(stage_names(root), until)
@@ -118,6 +118,10 @@ def run(until: str | None, stage_timeout: float, wait: bool, durable: bool) -> N
     for r in results:
         word = {"ran": "ran", "skipped": "up to date, skipped", "restored": "restored from run-cache"}
         click.echo(f"  {r['stage']:<16} {word[r['status']]:<26} {r['seconds']:>8.1f} s")
+    summary = run_summary(root, results)
+    click.echo(
+        "\n" + (summary or "Results: evaluate did not run (see --until); `arpipe ui` shows the stage runs.\n"), nl=False
+    )
 
 
 @cli.command()
