@@ -30,7 +30,8 @@ at a time, decode excluded), with the sequential forward passes, 1 or 2 against 
 reported, not registered: the champion is chosen among the AR checkpoints.
 
 Writes ``paths.eval/report.md`` (one side-by-side table) and ``grid.png`` (one row per
-checkpoint and guidance, a column per class), ``metrics/evaluate.json`` keyed
+checkpoint and guidance, labelled on the left; ``grid_per_class`` columns per class, the class name
+above them), ``metrics/evaluate.json`` keyed
 ``<checkpoint>/<guidance>/<metric>`` (guidance ``cfg1`` is guidance-free), and
 ``paths.last_run/evaluate_registry.json`` (the registry's decision). The measured speed
 (images/s; sequential forward passes per image) changes on every run, so it stays out of the DVC
@@ -55,7 +56,7 @@ import torch
 
 from core.checkpoint import read_checkpoint
 from core.config import Paths
-from core.images import image_grid, save_png
+from core.images import labelled_grid, save_png
 from core.metrics import flatten_metrics
 from core.shards import load_split
 from core.stage import stage_main
@@ -314,7 +315,9 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     eval_dir.mkdir(parents=True, exist_ok=True)
     report = report_markdown(results, names, cfg, best, evalnet_config, inception_identity, skipped, speed)
     (eval_dir / "report.md").write_text(report)
-    grid = image_grid(np.concatenate(grid_rows), num_classes * cfg.grid_per_class)
+    grid = labelled_grid(  # rows: val, then checkpoint x guidance; a class name over its columns
+        np.concatenate(grid_rows), num_classes * cfg.grid_per_class, row_names, list(tok_config["class_names"])
+    )
     save_png(grid, eval_dir / "grid.png")
     write_last_run(paths, "evaluate_speed.json", speed)  # timings: not a DVC out (see Paths.last_run)
     metrics = {**results, "best_value": _value(results, best, cfg)}

@@ -75,11 +75,21 @@ def test_scores_every_checkpoint_and_the_bounds_side_by_side(chain, tmp_path):
     assert not (tmp_path / "metrics" / "evaluate_speed.json").exists()  # timings: not a tracked metric
     speed = json.loads((tmp_path / "last_run" / "evaluate_speed.json").read_text())
     assert speed["base"]["steps_per_image"] == 16 and speed["base"]["cfg1_images_per_s"] > 0
-    assert (tmp_path / "eval" / "grid.png").is_file()
+    from PIL import Image
+
+    from core.images import image_grid
+
+    grid = np.asarray(Image.open(tmp_path / "eval" / "grid.png").convert("RGB"))
+    bare = image_grid(np.zeros((3 * 10, 8, 8, 3), np.uint8), 10)  # rows val, base cfg1, base cfg2; 10 classes
+    top, left = grid.shape[0] - bare.shape[0], grid.shape[1] - bare.shape[1]
+    assert top > 0 and left > 0
+    assert (grid[top:, :left] < 128).any(), "row labels (checkpoint and guidance) left of the rows"
+    assert (grid[:top, left:] < 128).any(), "class names above the columns"
     # deterministic: the same report and metrics again
     again = dataclasses.replace(paths, eval=str(tmp_path / "again"))
     assert run(tiny(register=False), again, NullTracker()) == metrics
     assert (tmp_path / "again" / "report.md").read_text() == report
+    assert (tmp_path / "again" / "grid.png").read_bytes() == (tmp_path / "eval" / "grid.png").read_bytes()
 
 
 def test_a_pass_through_checkpoint_is_named_in_the_report_but_not_evaluated(chain, tmp_path):
