@@ -30,11 +30,11 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from core.config import Paths
 from core.images import Item, Prepared, Rejected, decode_png, prepare_image
 from core.metrics import flatten_metrics
+from core.progress import progress
 from core.sources import open_source
 from core.stage import stage_main
 
@@ -109,7 +109,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     prepare = partial(prepare_image, size=cfg.image_size, max_pixels=cfg.max_pixels)
 
     with _results(source.entries, prepare, cfg.num_workers) as results:
-        bar = tqdm(results, total=source.total, desc="shard", unit="img", mininterval=1.0)
+        bar = progress(results, total=source.total, desc="shard", unit="img", mininterval=1.0)
         for result in bar:
             seen += 1
             if isinstance(result, Rejected):

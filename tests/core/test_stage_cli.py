@@ -208,3 +208,12 @@ def test_shard_checks_the_declared_class_count_before_decoding(tmp_path):
     assert result.returncode == 1
     assert "shard.num_classes is 1000 but source 'digits' holds 10 classes" in result.stderr
     assert "seen" not in result.stdout  # nothing decoded
+
+
+def test_off_a_terminal_progress_is_plain_lines_not_bar_fragments(tmp_path):
+    env = {"TQDM_DISABLE": "", "TQDM_MININTERVAL": "0.5"}
+    result = stage_cli("shard", "--params", str(tiny_shard_params(tmp_path)), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "█" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("shard: ")]
+    assert lines and lines[-1].startswith("shard: 1797/1797 img (100%) in "), result.stderr
