@@ -2,8 +2,9 @@
 
 A *user error* is one whose message says what to change: a bad parameter (``ConfigError``, which
 names the file and key), a missing or unreadable input file, a value a stage refuses
-(``ValueError`` with its reason), a NaN loss. It prints as one line, ``<who>: error: <message>``,
-and exits 2 (parameters) or 1 (the rest). Anything else is a bug and keeps its traceback.
+(``ValueError`` with its reason), a NaN loss, raised by arpipe's own code. It prints as one line,
+``<who>: error: <message>``, and exits 2 (parameters) or 1 (the rest). Anything else, including a
+``ValueError`` raised inside a library (numpy, torch), is a bug and keeps its traceback.
 ``--debug`` or ``ARPIPE_DEBUG=1`` shows the traceback of a user error too. Ctrl-C prints one
 line and exits 130, the shell's code for an interrupt.
 """
@@ -24,6 +25,20 @@ EXIT_ERROR, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError)
 """Exceptions whose message is the whole story (ConfigError is a ValueError; core.training's
 NonFiniteLossError is a FloatingPointError)."""
+
+
+OUR_PACKAGES = {"core", "stages", "models", "arpipe", "flows"}
+
+
+def raised_by_arpipe(exc: BaseException) -> bool:
+    """Whether the innermost Python frame of the traceback is arpipe's (its message was written
+    for a person) rather than a library's."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return True
+    return tb.tb_frame.f_globals.get("__name__", "").split(".")[0] in OUR_PACKAGES
 
 
 def debug_enabled(flag: bool = False) -> bool:
@@ -64,6 +79,8 @@ def reported_errors(who: str, *, debug: bool = False, params_file: str | None = 
         print(f"{who}: {'interrupted' if isinstance(exc, KeyboardInterrupt) else 'terminated'}", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM) from None
     except USER_ERRORS as exc:
+        if not isinstance(exc, ConfigError) and not raised_by_arpipe(exc):
+            raise  # a library's error: the traceback is the useful part
         debug = debug_enabled(debug)
         if debug:
             traceback.print_exc()
