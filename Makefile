@@ -8,6 +8,8 @@ TORCH_VARIANT ?= cpu
 TORCH_VERSION := 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(TORCH_VARIANT)
+# The versions of the whole stack that CI tested (pip freeze of a passing venv); `make lock` refreshes it.
+CONSTRAINTS := constraints.txt
 
 ifeq ($(TORCH_VARIANT),cpu)
 TORCH_SPEC := torch==$(TORCH_VERSION)+cpu
@@ -17,14 +19,14 @@ TORCH_SPEC := torch==$(TORCH_VERSION)
 TORCH_INDEX := --extra-index-url https://download.pytorch.org/whl/$(TORCH_VARIANT)
 endif
 
-.PHONY: install run test lint bench bench-posttrain browser-deps clean
+.PHONY: install run test lint lock bench bench-posttrain browser-deps clean
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	# A wheel already on this machine (pip's find-links) is used first; the index is the fallback.
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" || $(BIN)/pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev]"
 	# torch-fidelity for Inception-space metrics (evaluate.inception_weights), without the
 	# torchvision it declares: PyPI's torchvision is a CUDA build that fails to import next to CPU
 	# torch, and models/inception.py uses only torch-fidelity's InceptionV3 module (torch only).
@@ -62,6 +64,23 @@ browser-deps:
 		$(APT_GET) install -y chromium chromium-driver \
 			|| { $(APT_GET) update && $(APT_GET) install -y chromium chromium-driver; }; \
 	fi
+
+# Refresh constraints.txt: the newest releases pyproject.toml allows, resolved in a scratch venv
+# (no constraints), then frozen. Then `make clean test` runs the suite against the refresh; commit
+# constraints.txt only when it passes.
+LOCK_VENV := .arpipe/lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet "torch==$(TORCH_VERSION)" || \
+		$(LOCK_VENV)/bin/pip install --quiet --extra-index-url https://download.pytorch.org/whl/cpu "torch==$(TORCH_VERSION)+cpu"
+	$(LOCK_VENV)/bin/pip install --quiet -e ".[dev]"
+	{ echo "# The tested stack: \`make install\` installs exactly these (pip -c). Made by \`make lock\` on $$(date -u +%F)"; \
+	  echo "# from pyproject.toml's ranges; torch and torch-fidelity are pinned in the Makefile."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch|torch-fidelity|torch_fidelity)==' | LC_ALL=C sort -f; \
+	} > $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
+	@echo "wrote $(CONSTRAINTS); now: make clean test"
 
 clean:
 	rm -rf $(VENV) .arpipe

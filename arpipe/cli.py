@@ -233,6 +233,14 @@ def _class_ids(spec: str, class_names: list[str]) -> list[int]:
 @click.option("--classes", default=None, help="Comma-separated class names or indices (default: every class).")
 @click.option("--n", "per_class", default=8, show_default=True, help="Samples per class (one grid row per class).")
 @click.option("--cfg", default=1.0, show_default=True, help="Guidance scale: logits = u + cfg*(c - u); 1 = none.")
+@click.option(
+    "--guidance-schedule",
+    type=click.Choice(["auto", "constant", "linear"]),
+    default="auto",
+    show_default=True,
+    help="Spread of --cfg over the sampling steps: constant, or linear from 1 at the first step to --cfg at the "
+    "last (VAR's ramp: its cfg 1.5 is --cfg 2.5); auto = the family's authors' (gpt constant, var linear).",
+)
 @click.option("--temperature", default=1.0, show_default=True, help="Softmax temperature (0 = greedy).")
 @click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0 = off).")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus mass to keep (1.0 = off).")
@@ -253,8 +261,9 @@ def _class_ids(spec: str, class_names: list[str]) -> list[int]:
     help="PNG file to write.",
 )
 def sample(
-    checkpoint, registered, tokenizer_dir, classes, per_class, cfg, temperature, top_k, top_p, seed, steps, out
-) -> None:
+    checkpoint, registered, tokenizer_dir, classes, per_class, cfg, guidance_schedule, temperature, top_k, top_p,
+    seed, steps, out,
+) -> None:  # fmt: skip
     """Sample a grid of images from a trained AR model: one row per class, offline, on CPU or GPU."""
     import torch
 
@@ -306,8 +315,11 @@ def sample(
     model = ar_from_state(state, config, tokenizer)
     if torch.cuda.is_available():
         model, tokenizer = model.cuda(), tokenizer.cuda()
+    from models.sampling import guidance_per_step
+
+    guidance = guidance_per_step(cfg, guidance_schedule, arch=config["arch"], steps=model.steps)
     images = sample_images(
-        model, tokenizer, labels, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        model, tokenizer, labels, cfg=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
     ).numpy()
     save_png(image_grid(images, per_class), out)
     click.echo(f"wrote {out}: {len(images)} samples ({per_class} per class: {names}), cfg {cfg}")
@@ -321,11 +333,11 @@ def _refuse_unusable_options(checkpoint: Path, config: dict) -> None:
     ctx = click.get_current_context()
     given = {
         name
-        for name in ("cfg", "temperature", "top_k", "top_p", "steps")
+        for name in ("cfg", "guidance_schedule", "temperature", "top_k", "top_p", "steps")
         if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
     }
     if config.get("distilled"):
-        defaults = {"cfg": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        defaults = {"cfg": 1.0, "guidance_schedule": "auto", "temperature": 1.0, "top_k": 0, "top_p": 1.0}
         unusable = [name for name in defaults if name in given and ctx.params[name] != defaults[name]]
         if unusable:
             teacher = config.get("teacher", {})
@@ -341,6 +353,59 @@ def _refuse_unusable_options(checkpoint: Path, config: dict) -> None:
             f"(this model takes {config.get('arch', 'its')} sampling options --cfg, --temperature, --top-k, --top-p)",
             param_hint="--steps",
         )
+
+
+@cli.command(name="import")
+@click.argument("format_name", metavar="FORMAT")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
+@click.option("--model", "model_name", metavar="NAME", help="Released model name: GPT-B ... GPT-3B, VQ-16, d16 ...")
+@click.option(
+    "--tokenizer",
+    "tokenizer_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="AR formats: the imported tokenizer folder the model samples with.",
+)
+@click.option("--heads", type=int, help="Attention heads, where --model does not say them.")
+@click.option("--image-size", type=int, help="Tokenizer formats: image side in pixels (LlamaGen VQ: 256).")
+@click.option(
+    "--class-names",
+    "class_names_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="One class name per line (default: the tokenizer's, else ImageNet's 1000 as '0'..'999').",
+)
+def import_command(format_name, file, out, model_name, tokenizer_dir, heads, image_size, class_names_file) -> None:
+    """Convert a released checkpoint FILE into an arpipe checkpoint folder, offline.
+
+    \b
+    FORMAT: llamagen-vq, llamagen-gpt, var-vqvae, var. For example:
+      arpipe import llamagen-vq  vq_ds16_c2i.pt --out imported/lg-tok
+      arpipe import llamagen-gpt c2i_B_256.pt --model GPT-B --tokenizer imported/lg-tok --out imported/lg-base
+    The folder is what train_tokenizer / pretrain write (model.safetensors + config.json), so
+    `arpipe sample --checkpoint imported/lg-base --tokenizer imported/lg-tok` and every later stage
+    read it. Nothing is written unless every check passes.
+    """
+    from stages.import_released import ImportFailed, import_released
+
+    try:
+        config = import_released(
+            format_name,
+            file,
+            out,
+            model=model_name,
+            tokenizer_dir=tokenizer_dir,
+            heads=heads,
+            image_size=image_size,
+            class_names_file=class_names_file,
+        )
+    except ImportFailed as exc:
+        raise click.ClickException(str(exc)) from exc
+    what = f"{config['arch']} model" if "arch" in config else f"{config['kind']} tokenizer"
+    not_copied = config["source"]["not_copied"]
+    click.echo(
+        f"wrote {out}: {what} from {file.name} ({format_name}), fingerprint {config['fingerprint'][:12]}"
+        + (f"; rebuilt, not copied: {', '.join(not_copied)}" if not_copied else "")
+    )
 
 
 def _registered_uri(alias_or_uri: str) -> str:
@@ -402,9 +467,15 @@ def compare(last: int, fmt: str) -> None:
 
 @cli.command()
 @click.option("--cron", metavar="EXPR", help='Cron schedule, e.g. "0 3 * * 1" (Mondays 03:00, server time zone).')
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=1, min_open=False),
+    metavar="SECONDS",
+    help="Instead of --cron: a run every SECONDS (e.g. 30 to try a schedule out).",
+)
 @click.option("--name", default="retrain", show_default=True, help="Deployment name (arpipe-pipeline/<name>).")
 @click.option("--until", metavar="STAGE", help="Stop each scheduled run after this stage.")
-@click.option("--list", "list_", is_flag=True, help="List the arpipe deployments and their schedules.")
+@click.option("--list", "list_", is_flag=True, help="List the arpipe deployments: schedule, last and next run.")
 @click.option("--remove", metavar="NAME", help="Delete the deployment arpipe-pipeline/NAME.")
 @click.option(
     "--durable/--no-durable",
@@ -413,21 +484,24 @@ def compare(last: int, fmt: str) -> None:
     help="After each successful scheduled run, commit dvc.lock + metrics + plots to the results branch and "
     "`dvc push` (params.yaml `durable`).",
 )
-def schedule(cron: str | None, name: str, until: str | None, list_: bool, remove: str | None, durable: bool) -> None:
+def schedule(cron: str | None, interval: float | None, name: str, until: str | None, list_: bool,
+             remove: str | None, durable: bool) -> None:  # fmt: skip
     """Scheduled retraining: serve the pipeline as a Prefect deployment with a cron schedule.
 
     Needs a running Prefect server (its temporary server cannot hold schedules): PREFECT_API_URL,
     or a local one on 127.0.0.1:4200 that this command starts when none answers (log in
-    .arpipe/prefect-server.log). With --cron the command keeps running and executes the
-    scheduled runs; Ctrl-C stops it and Prefect pauses the schedule (listed as paused until
-    served again or removed with --remove).
+    .arpipe/prefect-server.log, pid in .arpipe/prefect-server.pid). With --cron the command keeps
+    running and executes the scheduled runs, and checks that the server schedules them: if the
+    server's scheduler logs an error, or creates no run within 90 s, it stops with one line saying
+    so (exit 1). Ctrl-C stops it and Prefect pauses the schedule (listed as paused until served
+    again or removed with --remove). --list shows each deployment's last and next run.
     """
     root = _root()
     _setup_env(root)
     from flows import schedule as sched
 
-    if sum(bool(x) for x in (cron, list_, remove)) != 1:
-        raise click.UsageError("give exactly one of --cron EXPR, --list or --remove NAME")
+    if sum(bool(x) for x in (cron or interval, list_, remove)) != 1 or (cron and interval):
+        raise click.UsageError("give exactly one of --cron EXPR, --interval SECONDS, --list or --remove NAME")
     try:
         api = sched.ensure_server(root)
     except RuntimeError as exc:
@@ -437,7 +511,11 @@ def schedule(cron: str | None, name: str, until: str | None, list_: bool, remove
         if not found:
             click.echo(f"no arpipe deployments on {api}")
         for d in found:
-            click.echo(f"  {d['name']:<36} cron {', '.join(d['cron']) or '-':<16} {'paused' if d['paused'] else ''}")
+            click.echo(f"{d['name']}  {', '.join(d['cron']) or '-'}{'  (paused)' if d['paused'] else ''}")
+            for key in ("last", "next"):
+                run = d[key]
+                when = f"{run['state']:<10} {run['at']:%Y-%m-%d %H:%M:%S %Z}" if run else "none"
+                click.echo(f"  {key} run: {when}")
         return
     if remove:
         try:
@@ -447,11 +525,17 @@ def schedule(cron: str | None, name: str, until: str | None, list_: bool, remove
         click.echo(f"removed {remove}")
         return
     try:
-        sched.deployment(name, cron, root, until, durable)
+        sched.deployment(name, cron, root, until, durable, interval)
     except ValueError as exc:
         raise click.BadParameter(f"{cron!r} is not a cron expression (e.g. '0 3 * * 1')", param_hint="--cron") from exc
-    click.echo(f"serving arpipe-pipeline/{name} on {api} with cron '{cron}'; Ctrl-C to stop")
-    sched.serve(name, cron, root, until, durable)
+    own_log = root / sched.SERVER_LOG if api == sched.LOCAL_API else None
+    every = f"cron '{cron}'" if cron else f"a run every {interval:g} s"
+    click.echo(f"serving arpipe-pipeline/{name} on {api} with {every}; Ctrl-C to stop")
+    click.echo(f"check it: arpipe schedule --list (last and next run){f'; server log {own_log}' if own_log else ''}")
+    try:
+        sched.serve(name, cron, root, until, durable, interval, watchdog=sched.Watchdog(name, own_log))
+    except sched.ScheduleFailed as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @cli.command()

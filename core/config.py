@@ -78,18 +78,23 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     return params
 
 
-def load_section(params: dict[str, Any], section: str, cls: type[T]) -> T:
-    """Build ``cls`` from ``params[section]``, checking every key and type."""
+def load_section(params: dict[str, Any], section: str, cls: type[T], *, complete: bool = True) -> T:
+    """Build ``cls`` from ``params[section]``, checking every key and type. ``complete``: every
+    field must be in the section, so a key deleted from params.yaml fails by name instead of
+    silently taking the dataclass default (tests build partial Configs directly)."""
     if section not in params:
         raise ConfigError(f"no section '{section}' (add it, or run with the params file that has it)")
-    return from_dict(cls, params[section], prefix=section)
+    return from_dict(cls, params[section], prefix=section, complete=complete)
 
 
 def load_paths(params: dict[str, Any]) -> Paths:
-    return load_section(params, "paths", Paths) if "paths" in params else Paths()
+    """``paths``: a key left out keeps its default (dvc.yaml reads the same keys from params.yaml)."""
+    return load_section(params, "paths", Paths, complete=False) if "paths" in params else Paths()
 
 
-def from_dict(cls: type[T], data: Any, *, prefix: str) -> T:
+def from_dict(cls: type[T], data: Any, *, prefix: str, complete: bool = False) -> T:
+    """``cls`` from a mapping: unknown keys and wrong types fail first, naming the key, then missing
+    keys (those without a default, or every one with ``complete``, nested dataclasses included)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix}: expected a mapping, got {_describe(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -97,15 +102,15 @@ def from_dict(cls: type[T], data: Any, *, prefix: str) -> T:
     if unknown:
         raise ConfigError(f"{prefix}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(fields))})")
     hints = get_type_hints(cls)
-    values = {}
+    values = {name: _check(hints[name], data[name], f"{prefix}.{name}", complete) for name in fields if name in data}
     for name, field in fields.items():
-        key = f"{prefix}.{name}"
-        if name not in data:
-            has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
-            if has_default:
-                continue
-            raise ConfigError(f"{key}: missing required key")
-        values[name] = _check(hints[name], data[name], key)
+        if name in data:
+            continue
+        has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+        if complete:
+            raise ConfigError(f"{prefix}.{name}: missing key (every key of the section must be in the params file)")
+        if not has_default:
+            raise ConfigError(f"{prefix}.{name}: missing required key")
     try:
         return cls(**values)
     except ConfigError:
@@ -114,7 +119,19 @@ def from_dict(cls: type[T], data: Any, *, prefix: str) -> T:
         raise ConfigError(f"{prefix}: {exc}") from exc
 
 
-def _check(tp: Any, value: Any, key: str) -> Any:
+def as_params(obj: Any) -> Any:
+    """A Config (or any value in one) as plain YAML data: the inverse of ``from_dict``, so
+    ``from_dict(cls, as_params(cfg), complete=True) == cfg``."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: as_params(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, (list, tuple)):
+        return [as_params(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: as_params(v) for k, v in obj.items()}
+    return obj
+
+
+def _check(tp: Any, value: Any, key: str, complete: bool = False) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -122,7 +139,7 @@ def _check(tp: Any, value: Any, key: str) -> Any:
         errors = []
         for option in get_args(tp):
             try:
-                return _check(option, value, key)
+                return _check(option, value, key, complete)
             except ConfigError as exc:
                 errors.append(exc)
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
@@ -136,7 +153,7 @@ def _check(tp: Any, value: Any, key: str) -> Any:
         choices = ", ".join(repr(a) for a in get_args(tp))
         raise ConfigError(f"{key}: expected one of {choices}, got {_describe(value)}")
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, prefix=key)
+        return from_dict(tp, value, prefix=key, complete=complete)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {_describe(value)}")

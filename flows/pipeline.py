@@ -16,6 +16,7 @@ No torch, models or stages are imported here: a flow worker only needs Prefect, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -128,6 +129,10 @@ def run_stage(stage: str, root: str, env: dict[str, str], timeout_s: float, metr
                 lines.append(line)
                 logger.info(line)
         code = process.wait()
+    except BaseException:  # Ctrl-C or a kill of the flow: its own process group would outlive it
+        timer.cancel()
+        _stop_group(process)
+        raise
     finally:
         timer.cancel()
     output = "\n".join(lines[-200:])
@@ -152,6 +157,19 @@ def run_stage(stage: str, root: str, env: dict[str, str], timeout_s: float, metr
     seconds = time.perf_counter() - started
     logger.info("%s: %s in %.1f s", stage, _STATUS_WORDS[status], seconds)
     return {"stage": stage, "status": status, "seconds": round(seconds, 2), "metrics": metrics}
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the stage's process group (the stage closes its MLflow run as KILLED), SIGKILL it
+    if it has not exited after ``grace_s``."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace_s)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 _STATUS_WORDS = {

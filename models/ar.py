@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.sampling import GuidanceSchedule
+
 ARCHS = ("gpt", "var")
 
 
@@ -55,7 +57,7 @@ def sample_images(
     tokenizer: nn.Module,
     labels_N: torch.Tensor,
     *,
-    cfg: float = 1.0,
+    cfg: GuidanceSchedule = 1.0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -65,7 +67,8 @@ def sample_images(
     """Sample one image per label: uint8 (N, H, W, C) on the CPU.
 
     Batch b draws from its own generator seeded ``seed·1_000_003 + b``, so samples are not
-    repeated across batches and a batch's images do not depend on how many batches come after."""
+    repeated across batches and a batch's images do not depend on how many batches come after.
+    ``cfg``: a guidance scale or one per step (``sampling.guidance_per_step``)."""
     device = next(model.parameters()).device
     images = []
     for b, start in enumerate(range(0, len(labels_N), batch_size)):

@@ -292,7 +292,12 @@ def sample_distilled_images(
 
 @torch.no_grad()
 def token_latency_ms(
-    model: nn.Module, labels_N: torch.Tensor, *, steps: int | None = None, cfg: float = 1.0, seed: int = 0
+    model: nn.Module,
+    labels_N: torch.Tensor,
+    *,
+    steps: int | None = None,
+    cfg: float | list[float] = 1.0,
+    seed: int = 0,
 ) -> float:
     """Mean milliseconds to generate ONE image's tokens, one label at a time (batch 1), decode
     excluded: an AR teacher's KV-cached ``generate`` at guidance ``cfg`` (``steps`` None), or a

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.sampling import GuidanceSchedule
+
 
 def ddo_labels(
     real_labels_B: torch.Tensor,
@@ -109,16 +111,18 @@ def sample_fakes(
     seed: int,
     batch_size: int = 256,
     tokenizer=None,
+    cfg: GuidanceSchedule = 1.0,
 ) -> torch.Tensor:
     """Fake sequences (N, L) int64 from the reference, one per label, on the reference's device:
-    plain sampling (no guidance, temperature 1, no top-k/top-p), then ``tokenizer_round_trip`` when
-    a tokenizer is given. Batch b draws from its own generator seeded ``seed·1_000_003 + b``, so
-    the fakes are a function of the reference's weights, the labels and the seed."""
+    plain sampling (no guidance unless ``cfg``, temperature 1, no top-k/top-p), then
+    ``tokenizer_round_trip`` when a tokenizer is given. Batch b draws from its own generator seeded
+    ``seed·1_000_003 + b``, so the fakes are a function of the reference's weights, the labels and
+    the seed."""
     device = next(reference.parameters()).device
     out = []
     for b, start in enumerate(range(0, len(labels_N), batch_size)):
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
         labels_B = labels_N[start : start + batch_size].to(device)
-        tokens_BL = reference.generate(labels_B, cfg=1.0, temperature=1.0, top_k=0, top_p=1.0, generator=generator)
+        tokens_BL = reference.generate(labels_B, cfg=cfg, temperature=1.0, top_k=0, top_p=1.0, generator=generator)
         out.append(tokenizer_round_trip(tokenizer, tokens_BL) if tokenizer is not None else tokens_BL)
     return torch.cat(out)

@@ -3,7 +3,8 @@
 The sequence is ``[class, t_0, …, t_{L-2}]`` and position i predicts token ``t_i`` (raster order
 over the h×w token grid). Pre-norm blocks with RMSNorm, SwiGLU, fused qkv and causal
 ``scaled_dot_product_attention``; 2D rotary positions over the grid (half of each head's dims
-rotate with the row, half with the column; the class prefix is not rotated); N(0, init_std) init
+rotate with the row, half with the column; the class prefix is not rotated, or with
+``prefix_rotation="zero"`` has its queries and keys zeroed as in LlamaGen); N(0, init_std) init
 with a zero output head, so an untrained model predicts the uniform distribution.
 
 Label ``num_classes`` is the null (unconditional) class. In training mode labels are replaced by
@@ -44,6 +45,11 @@ from models.transformer_blocks import (
     swiglu_hidden_width,
 )
 
+PREFIX_ROTATIONS = ("identity", "zero")
+# fields added after checkpoints existed: left out of config_dict() at their default, so the
+# config.json (and the fingerprint) of a model that does not use them is what it always was
+_OMITTED_AT_DEFAULT = {"prefix_rotation": "identity"}
+
 
 @dataclass(frozen=True)
 class GPTConfig(DepthScaled):
@@ -81,6 +87,9 @@ class GPTConfig(DepthScaled):
     """Std of the normal init of every Linear and Embedding (the output head starts at zero)."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
+    prefix_rotation: str = "identity"
+    """Rotary table row of the class prefix: "identity" (not rotated) or "zero" (LlamaGen's
+    released models: cos = sin = 0 zeroes the class token's queries and keys)."""
 
     def __post_init__(self):
         if self.grid is None:
@@ -100,6 +109,8 @@ class GPTConfig(DepthScaled):
                 f"width {self.model_width} / heads {self.num_heads} must give a head_dim divisible by 4 "
                 "(2D rotary positions rotate pairs along two axes)"
             )
+        if self.prefix_rotation not in PREFIX_ROTATIONS:
+            raise ValueError(f"prefix_rotation must be one of {PREFIX_ROTATIONS}, got {self.prefix_rotation!r}")
         for name in ("class_dropout", "token_dropout", "resid_dropout", "ffn_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -153,13 +164,19 @@ class GPT(ClassConditionalAR, nn.Module):
         """JSON-serialisable architecture; ``GPT(GPTConfig(**d))`` rebuilds this model."""
         d = dataclasses.asdict(self.config)
         d["grid"] = list(self.config.grid)
+        for name, default in _OMITTED_AT_DEFAULT.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     def _rotation(self, length: int, device: torch.device) -> torch.Tensor:
         # rebuilt per call (a few tiny ops) rather than kept as a buffer: a complex buffer would be
         # truncated to real by model.to(dtype)
         config = self.config
-        return grid_rotation(config.grid, config.head_dim, config.rope_base, prefix=1, device=device)[:length]
+        zero_prefix = config.prefix_rotation == "zero"
+        return grid_rotation(
+            config.grid, config.head_dim, config.rope_base, prefix=1, device=device, zero_prefix=zero_prefix
+        )[:length]
 
     # -- training phase ---------------------------------------------------------------------------
 

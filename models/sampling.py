@@ -11,11 +11,17 @@ scale at the last.
 Filtering order, as in LlamaGen: divide by the temperature, keep the top-k, keep the top-p
 nucleus, softmax, draw with ``torch.multinomial`` (reproducible with a ``torch.Generator``).
 The "off" values are ``top_k = 0`` and ``top_p = 1.0``.
+
+Each family samples the way its authors do (``FAMILY_SAMPLING``): LlamaGen (``gpt``) guides with
+a constant scale and reports FID without top-k/top-p; VAR (``var``) ramps the guidance linearly
+over the scales and filters with top-k 900 / top-p 0.96. Stages take ``guidance_schedule``
+("auto" = the family's), ``top_k`` and ``top_p`` ("auto" = the family's) and resolve them here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 
@@ -51,6 +57,41 @@ def linear_guidance_ramp(final_scale: float, steps: int) -> list[float]:
     if steps == 1:
         return [float(final_scale)]
     return [1.0 + (final_scale - 1.0) * step / (steps - 1) for step in range(steps)]
+
+
+GuidanceScheduleName = Literal["auto", "constant", "linear"]
+"""How a run's guidance scale is spread over its sampling steps: ``constant`` (LlamaGen: the scale at
+every step), ``linear`` (VAR: ``linear_guidance_ramp``, 1.0 at the first step rising to the scale
+at the last, so VAR's ``cfg = x`` is scale ``1 + x``), ``auto`` (the model family's, below)."""
+
+FAMILY_SAMPLING = {
+    "gpt": {"guidance_schedule": "constant", "top_k": 0, "top_p": 1.0},
+    "var": {"guidance_schedule": "linear", "top_k": 900, "top_p": 0.96},
+}
+"""The authors' sampling protocol per family (LlamaGen's FID settings; VAR's README FID settings)."""
+
+
+def guidance_per_step(scale: float, schedule: str, *, arch: str, steps: int) -> float | list[float]:
+    """The ``cfg`` to give ``generate`` for a run at guidance ``scale`` (its strongest step) under
+    ``schedule``: a float for a constant scale (the per-step path is then not taken at all), else
+    one scale per step. ``arch`` ("gpt" / "var") picks the schedule for ``auto``."""
+    if schedule == "auto":
+        schedule = FAMILY_SAMPLING[arch]["guidance_schedule"]
+    if schedule == "constant" or scale == 1.0:
+        return float(scale)
+    if schedule == "linear":
+        return linear_guidance_ramp(scale, steps)
+    raise ValueError(f"unknown guidance schedule {schedule!r}: expected auto, constant or linear")
+
+
+def family_filters(top_k: int | str, top_p: float | str, *, arch: str, vocab_size: int) -> tuple[int, float]:
+    """(top_k, top_p) with ``"auto"`` replaced by the family's (VAR: 900 / 0.96, top-k capped at the
+    vocabulary; GPT: both off)."""
+    if top_k == "auto":
+        top_k = min(FAMILY_SAMPLING[arch]["top_k"], vocab_size)
+    if top_p == "auto":
+        top_p = FAMILY_SAMPLING[arch]["top_p"]
+    return int(top_k), float(top_p)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -77,20 +77,34 @@ def rollout_tokens(
     raise ValueError(f"unknown rollout mode {mode!r}: expected 'argmax' or 'sample'")
 
 
+ROLLOUT_SCHEDULES = {
+    "sar": lambda ratio: 0.5 * (1 + ratio),
+    "linear": lambda ratio: ratio,
+    "constant": lambda ratio: torch.ones_like(ratio),
+}
+"""t_k / strength at scale position ratio k/(K−1): the SAR trainer's ramp from half to full, VAR's
+sampler's ramp from 0, or no ramp."""
+
+
 @torch.no_grad()
 def guided_rollout_logits(
-    cond_BLV: torch.Tensor, uncond_BLV: torch.Tensor, scales: tuple[int, ...] | list[int], strength: float
+    cond_BLV: torch.Tensor,
+    uncond_BLV: torch.Tensor,
+    scales: tuple[int, ...] | list[int],
+    strength: float,
+    schedule: Literal["sar", "linear", "constant"] = "sar",
 ) -> torch.Tensor:
     """The authors' rollout guidance: at scale k of K, ``(1 + t_k)·cond − t_k·uncond`` with
-    ``t_k = strength · 0.5 · (1 + k/(K−1))`` (their ``sf_cfg_scale`` 1.2 ramps t from 0.6 to 1.2,
-    i.e. guidance 1.6 → 2.2 in the ``u + s·(c − u)`` convention). ``strength`` 0 returns ``cond``.
-    fp32, detached: the guided logits only choose the rolled-out tokens."""
+    ``t_k = strength · 0.5 · (1 + k/(K−1))`` (``schedule`` "sar": their ``sf_cfg_scale`` 1.2 ramps t
+    from 0.6 to 1.2, i.e. guidance 1.6 → 2.2 in the ``u + s·(c − u)`` convention); "linear":
+    ``t_k = strength · k/(K−1)``, VAR's sampler; "constant": ``t_k = strength``. ``strength`` 0
+    returns ``cond``. fp32, detached: the guided logits only choose the rolled-out tokens."""
     cond, uncond = cond_BLV.detach().float(), uncond_BLV.detach().float()
     if strength == 0:
         return cond
     K = len(scales)
     levels_L = torch.cat([torch.full((side * side,), k, dtype=torch.float32) for k, side in enumerate(scales)])
-    t_L1 = (strength * 0.5 * (1 + levels_L / max(K - 1, 1)))[:, None].to(cond.device)
+    t_L1 = (strength * ROLLOUT_SCHEDULES[schedule](levels_L / max(K - 1, 1)))[:, None].to(cond.device)
     return cond + t_L1 * (cond - uncond)
 
 

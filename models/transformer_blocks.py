@@ -176,13 +176,21 @@ def rotary_frequencies(num_pairs: int, base: float) -> torch.Tensor:
 
 
 def grid_rotation(
-    grid: tuple[int, int], head_dim: int, base: float, prefix: int = 1, device: torch.device | None = None
+    grid: tuple[int, int],
+    head_dim: int,
+    base: float,
+    prefix: int = 1,
+    device: torch.device | None = None,
+    *,
+    zero_prefix: bool = False,
 ) -> torch.Tensor:
     """2D rotary table for ``prefix`` non-grid positions followed by an h×w grid in raster order.
 
     Returns complex64 of shape (prefix + h·w, head_dim/2). The first half of each head's pairs
     rotates with the row index, the second half with the column index, each half with frequencies
-    ``base^(-2j/(head_dim/2))``. Prefix positions (e.g. a class token) get the identity rotation.
+    ``base^(-2j/(head_dim/2))``. Prefix positions (e.g. a class token) get the identity rotation,
+    or with ``zero_prefix`` the zero "rotation" of LlamaGen's table (cos = sin = 0), which zeroes
+    the prefix's queries and keys: its attention logit is always 0 while its value still flows.
     """
     if head_dim % 4:
         raise ValueError(f"2D rotary positions need head_dim divisible by 4, got {head_dim}")
@@ -192,7 +200,10 @@ def grid_rotation(
     cols = torch.arange(width, device=device, dtype=torch.float32).repeat(height)
     angles = torch.cat([torch.outer(rows, freqs), torch.outer(cols, freqs)], dim=1)
     angles = torch.cat([angles.new_zeros(prefix, angles.shape[1]), angles], dim=0)
-    return torch.polar(torch.ones_like(angles), angles)
+    magnitude = torch.ones_like(angles)
+    if zero_prefix:
+        magnitude[:prefix] = 0.0
+    return torch.polar(magnitude, angles)
 
 
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:

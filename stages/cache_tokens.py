@@ -41,11 +41,12 @@ STAGE = "cache_tokens"
 class Config:
     batch_size: int = 256
     """Images encoded per forward pass; outs do not depend on it."""
-    hflip: bool = True
+    hflip: bool = False
     """Add each train image's horizontal mirror as a second row (view 1). Right where a mirrored image
     is still an image of its class (natural photos: LlamaGen and VAR train with flips); for digits and
-    text the models then learn to draw mirrored glyphs that evaluate's real images never show, so the
-    digits project's params.yaml turns it off (README, *cache_tokens*: the GPT's FID ~11.5 -> ~3.7)."""
+    text the models then learn to draw mirrored glyphs that evaluate's real images never show, so it is
+    off for the digits default (README, *cache_tokens*: the GPT's FID ~11.5 -> ~3.7); presets for
+    photos turn it on."""
 
     def views(self) -> dict[str, tuple[int, ...]]:
         """The views encoded per split: 0 = as stored, 1 = horizontally flipped."""

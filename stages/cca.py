@@ -61,7 +61,7 @@ TRAIN_COLUMNS = ("step", "loss", *MONITORS, "lr", "grad_norm")
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    input: Literal["base", "sar"] = "base"
+    input: Literal["base", "sar"] = "sar"
     """Checkpoint folder under ``paths.models`` to finetune (and to copy as the frozen reference)."""
     steps: int = 0
     """Optimizer steps; 0 = one epoch of the train cache, ceil(rows / batch_size)."""
@@ -83,7 +83,7 @@ class Config:
     """Inverse temperature of the reward β·(log p_θ − log p_ref). The optimum tilts the reference by
     PMI/β, as CFG at scale s tilts by (s − 1)·PMI: 0.5 aims at cfg 3 (the paper's 0.02 on 576-680
     tokens is far from its optimum after one epoch; 16-21 tokens get there faster)."""
-    lam: float = 10.0
+    lam: float = 30.0
     """λ: weight of the negative term, the guidance-strength knob (the loss is divided by max(λ, 1))."""
     uncond_ratio: float = 0.1
     """ρ: fraction of rows whose label and negative are both the null class (keeps CFG working)."""

@@ -58,6 +58,7 @@ from core.training import (
 from models.ar import ar_from_state, sample_images, tokenizer_from_state
 from models.cca import sequence_log_prob
 from models.ddo import ddo_labels, ddo_loss, sample_fakes
+from models.sampling import GuidanceScheduleName, guidance_per_step
 
 STAGE = "ddo"
 OUT_NAME = "ddo"
@@ -99,6 +100,12 @@ class Config:
     """ρ: fraction of rows, real and fake, whose label is nulled; nulled fakes get no fake term."""
     round_trip: bool = True
     """Decode the fakes to pixels and encode them again, as the real tokens were made."""
+    fake_cfg: float = 1.0
+    """Guidance of the fakes (logits = u + cfg·(c − u)); 1.0 = none, the DDO protocol: the fakes are
+    samples of the reference itself, which the loss's optimum assumes."""
+    fake_guidance_schedule: GuidanceScheduleName = "auto"
+    """How ``fake_cfg`` spreads over the sampling steps: ``constant``, ``linear`` (VAR's ramp) or
+    ``auto``, the family's (gpt: constant, var: linear)."""
     keep_dropout: bool = False
     """Train the policy with its dropout / drop-path on (the reference is always deterministic)."""
     sample_batch_size: int = 256
@@ -170,13 +177,16 @@ def fake_labels(cfg: Config, num_classes: int, count: int, round_index: int) -> 
     return labels[torch.randperm(count, generator=step_generator(cfg.seed, round_index, purpose=7))]
 
 
-def begin_round(cfg: Config, round_index: int, policy, reference, tokenizer, buffer: FakeBuffer, count: int) -> None:
-    """Freeze the policy's current weights as the reference and fill the buffer with its fakes."""
+def begin_round(
+    cfg: Config, round_index: int, policy, reference, tokenizer, buffer: FakeBuffer, count: int, guidance=1.0
+) -> None:
+    """Freeze the policy's current weights as the reference and fill the buffer with its fakes
+    (``guidance``: ``generate``'s cfg, a scale or one per step)."""
     reference.load_state_dict(policy.state_dict())
     labels_N = fake_labels(cfg, policy.num_classes, count, round_index)
     tokens_NL = sample_fakes(
         reference, labels_N, seed=cfg.seed * 1_000 + round_index, batch_size=cfg.sample_batch_size,
-        tokenizer=tokenizer if cfg.round_trip else None,
+        tokenizer=tokenizer if cfg.round_trip else None, cfg=guidance,
     )  # fmt: skip
     buffer.round, buffer.tokens_NL, buffer.labels_N = round_index, tokens_NL.cpu(), labels_N
 
@@ -201,6 +211,8 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     if cfg.batch_size % world:
         raise ValueError(f"ddo.batch_size {cfg.batch_size} must be divisible by processes ({world})")
     tokenizer, tok_config, raw_model, reference, in_config = load_models(cfg, paths)
+    fake_guidance = guidance_per_step(cfg.fake_cfg, cfg.fake_guidance_schedule, arch=in_config["arch"],
+                                      steps=raw_model.steps)  # fmt: skip
     train = load_tokens(Path(paths.tokens) / "train.parquet", expected_fingerprint=tok_config["fingerprint"])
     per_round = steps_per_round(cfg, len(train.tokens_NL))
     steps = cfg.rounds * per_round
@@ -227,7 +239,8 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         round_index, within = divmod(step, per_round)
         if buffer.round != round_index:
             bar.set_description(f"{STAGE}: round {round_index + 1}/{cfg.rounds}, sampling fakes")
-            begin_round(cfg, round_index, raw_model, reference, tokenizer, buffer, per_round * cfg.batch_size)
+            begin_round(cfg, round_index, raw_model, reference, tokenizer, buffer, per_round * cfg.batch_size,
+                        fake_guidance)  # fmt: skip
             bar.set_description(f"{STAGE}: round {round_index + 1}/{cfg.rounds}")
         lr = warmup_decay_lr(within, steps=per_round, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                              min_lr_ratio=cfg.min_lr_ratio, decay=cfg.decay)  # fmt: skip

@@ -314,6 +314,7 @@ def _write_outputs(cfg, paths, student, pairs, teacher_config, tok_config, token
             "fingerprint": teacher_config["fingerprint"],
             "steps": len(student.step_sizes),
             "cfg": meta["stage_config"]["cfg"],
+            "guidance_schedule": meta["stage_config"].get("guidance_schedule", "constant"),
         },  # fmt: skip
         "pairs": {"count": len(pairs.labels_N), **meta["stage_config"]},
         "stage_config": dataclasses.asdict(cfg),

@@ -34,6 +34,7 @@ from core.stage import stage_main
 from core.training import process_state, use_cpu
 from models.ar import ar_from_state, tokenizer_from_state
 from models.dd import code_space, map_teacher, ode_grid
+from models.sampling import GuidanceScheduleName, family_filters, guidance_per_step
 
 STAGE = "distill_pairs"
 PAIRS_FILE = "pairs.parquet"
@@ -41,7 +42,7 @@ PAIRS_FILE = "pairs.parquet"
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    teacher: str = "cca"
+    teacher: str = "ddo"
     """Checkpoint folder under ``paths.models`` to distil (the chain's last: base -> sar -> cca -> ddo)."""
     count: int = 10000
     """Pairs N to generate (DD1's FID keeps improving with N; each costs one teacher sampling)."""
@@ -50,11 +51,14 @@ class Config:
     cfg: float = 1.0
     """Teacher guidance baked into the pairs (logits = u + cfg·(c − u); 1.0 = guidance-free, the
     natural choice for a CCA/DDO teacher). The student cannot apply guidance afterwards."""
+    guidance_schedule: GuidanceScheduleName = "auto"
+    """How ``cfg`` is spread over the teacher's steps: ``constant``, ``linear`` (1.0 at the first step
+    up to ``cfg`` at the last: VAR's ramp) or ``auto``, the family's (gpt: constant, var: linear)."""
     temperature: float = 1.0
-    top_k: int = 0
-    """0 = off."""
-    top_p: float = 1.0
-    """1.0 = off."""
+    top_k: int | Literal["auto"] = "auto"
+    """0 = off; ``auto``: the family's (gpt: off, var: 900, capped at the vocabulary)."""
+    top_p: float | Literal["auto"] = "auto"
+    """1.0 = off; ``auto``: the family's (gpt: off, var: 0.96)."""
     ode_steps: int = 64
     """Euler (= DDIM) steps of each token's ODE from t = 1 to t_min."""
     t_min: float = 0.01
@@ -111,6 +115,9 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     codebook_VD = codebook_VD.to(device)
     grid = ode_grid(cfg.ode_steps, cfg.t_min, cfg.spacing)
     seq_len, code_dim, num_classes = teacher.config.seq_len, codebook_VD.shape[1], teacher.num_classes
+    arch = teacher_config["arch"]
+    guidance = guidance_per_step(cfg.cfg, cfg.guidance_schedule, arch=arch, steps=teacher.steps)
+    top_k, top_p = family_filters(cfg.top_k, cfg.top_p, arch=arch, vocab_size=teacher.config.vocab_size)
     meta = {
         "teacher": cfg.teacher,
         "teacher_fingerprint": teacher_config["fingerprint"],
@@ -142,8 +149,8 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
             noise_BLD = row_noise(cfg, start, rows, seq_len, code_dim)
             statistics: dict = {}
             tokens_BL = map_teacher(
-                teacher, labels_B.to(device), noise_BLD.to(device), codebook_VD, grid, cfg=cfg.cfg,
-                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, statistics=statistics,
+                teacher, labels_B.to(device), noise_BLD.to(device), codebook_VD, grid, cfg=guidance,
+                temperature=cfg.temperature, top_k=top_k, top_p=top_p, statistics=statistics,
             ).cpu()  # fmt: skip
             writer.write(labels_B.numpy(), noise_BLD.numpy(), tokens_BL.numpy())
             entropy_sum += float(statistics["entropy_B"].sum())

@@ -66,6 +66,7 @@ from models.dd_student import sample_distilled_images, student_from_state, token
 from models.evalnet import build_evalnet, embed_images
 from models.inception import embed_inception, load_inception
 from models.metrics import class_accuracy, fid_from_features, inception_score, precision_recall
+from models.sampling import GuidanceScheduleName, family_filters, guidance_per_step
 
 STAGE = "evaluate"
 CHAIN = ("base", "sar", "cca", "ddo", "distilled")
@@ -84,12 +85,17 @@ class Config:
     samples_per_class: int = 100
     """Samples per class for each checkpoint and guidance scale."""
     cfg_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
-    """Guidance scales (logits = u + cfg·(c − u)); 1.0 = guidance-free, always evaluated."""
+    """Guidance scales (logits = u + cfg·(c − u)); 1.0 = guidance-free, always evaluated. Under a
+    ramp the scale is the last step's (VAR's ``cfg = 1.5`` is 2.5 here)."""
+    guidance_schedule: GuidanceScheduleName = "auto"
+    """How each scale is spread over the sampling steps: ``constant``, ``linear`` (1.0 at the first
+    step up to the scale at the last: VAR's ramp over scales) or ``auto``, each family's authors'
+    protocol (gpt: constant, var: linear)."""
     temperature: float = 1.0
-    top_k: int = 0
-    """0 = off."""
-    top_p: float = 1.0
-    """1.0 = off."""
+    top_k: int | Literal["auto"] = "auto"
+    """0 = off; ``auto``: the family's (gpt: off, var: 900, capped at the vocabulary)."""
+    top_p: float | Literal["auto"] = "auto"
+    """1.0 = off; ``auto``: the family's (gpt: off, var: 0.96)."""
     batch_size: int = 250
     """Images sampled per batch (each batch draws from its own seeded generator)."""
     seed: int = 0
@@ -280,23 +286,26 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
                 results[name][mode] = score_images(images, labels_N.numpy(), spaces, cfg)
                 grid_rows.append(_grid_row(images, labels_N.numpy(), num_classes, cfg.grid_per_class))
                 row_names.append(f"{name} {mode}")
-            _compare_with_teacher(cfg, config["teacher"], results, speed, models, tokenizer, labels_N, name, student)
+            _compare_with_teacher(
+                cfg, config["teacher"], results, speed, models, arches, tokenizer, labels_N, name, student
+            )
             print(f"{STAGE}: {name}: " + ", ".join(_fid_line(g, m) for g, m in results[name].items()))
             continue
         model = ar_from_state(state, config, tokenizer)
         models[name] = model
         arches[name] = config["arch"]
         results[name], speed[name] = {}, {"steps_per_image": model.steps}
+        top_k, top_p = family_filters(cfg.top_k, cfg.top_p, arch=config["arch"], vocab_size=model.config.vocab_size)
         for scale in cfg.scales:
             start = time.perf_counter()
             images = sample_images(
                 model,
                 tokenizer,
                 labels_N,
-                cfg=scale,
+                cfg=guidance_per_step(scale, cfg.guidance_schedule, arch=config["arch"], steps=model.steps),
                 temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
+                top_k=top_k,
+                top_p=top_p,
                 seed=cfg.seed,
                 batch_size=cfg.batch_size,
             ).numpy()
@@ -350,7 +359,7 @@ def _fid_line(guidance: str, metrics: dict) -> str:
 
 
 def _compare_with_teacher(
-    cfg: Config, teacher: dict, results, speed, models, tokenizer, labels_N, name, student
+    cfg: Config, teacher: dict, results, speed, models, arches, tokenizer, labels_N, name, student
 ) -> None:
     """The student's FID ratio and speed-up against its teacher at the teacher's distillation
     guidance, timed in this run (the teacher is sampled again for timing if that guidance was not
@@ -359,17 +368,23 @@ def _compare_with_teacher(
     if teacher_name not in models:
         print(f"{STAGE}: {name}: teacher {teacher_name} is not evaluated here; no speed-up or FID ratio")
         return
-    teacher_speed = speed[teacher_name]
+    teacher_model, teacher_speed = models[teacher_name], speed[teacher_name]
+    # the pairs' guidance, spread as distill_pairs spread it (students before the schedule: constant)
+    arch = arches[teacher_name]
+    teacher_cfg = guidance_per_step(
+        teacher["cfg"], teacher.get("guidance_schedule", "constant"), arch=arch, steps=teacher_model.steps
+    )
     key = f"{guidance}_images_per_s"
     if key not in teacher_speed:
         start = time.perf_counter()
-        sample_images(models[teacher_name], tokenizer, labels_N, cfg=teacher["cfg"], temperature=cfg.temperature,
-                      top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size)  # fmt: skip
+        top_k, top_p = family_filters(cfg.top_k, cfg.top_p, arch=arch, vocab_size=teacher_model.config.vocab_size)
+        sample_images(teacher_model, tokenizer, labels_N, cfg=teacher_cfg, temperature=cfg.temperature,
+                      top_k=top_k, top_p=top_p, seed=cfg.seed, batch_size=cfg.batch_size)  # fmt: skip
         teacher_speed[key] = len(labels_N) / (time.perf_counter() - start)
     # latency: one image's tokens at a time, decode excluded (the same decoder serves both)
     latency_labels = labels_N[:LATENCY_IMAGES]
     teacher_speed[f"{guidance}_token_ms_b1"] = token_latency_ms(
-        models[teacher_name], latency_labels, cfg=teacher["cfg"], seed=cfg.seed
+        teacher_model, latency_labels, cfg=teacher_cfg, seed=cfg.seed
     )
     for mode, steps in DISTILLED_MODES.items():
         speed[name][f"{mode}_speedup"] = speed[name][f"{mode}_images_per_s"] / teacher_speed[key]

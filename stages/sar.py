@@ -110,6 +110,10 @@ class Config:
     ``sf_cfg_scale`` (1.2 there): at scale k, ``(1 + t)·cond − t·uncond`` with t ramping from
     ``0.5·g`` at the first scale to ``g`` at the last; the null-class logits come from one more
     teacher-forced pass without gradient. 0 = off (no extra pass)."""
+    rollout_guidance_schedule: Literal["auto", "sar", "linear", "constant"] = "auto"
+    """How ``rollout_guidance`` g spreads over the scales: ``sar`` (t from 0.5·g to g, the SAR
+    trainer's), ``linear`` (t from 0 to g: VAR's sampler), ``constant`` (t = g); ``auto`` = the SAR
+    authors' protocol, ``sar``."""
     rollout_temperature: float = 1.0
     rollout_top_k: int = 0
     """0 = off."""
@@ -229,7 +233,8 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
             with torch.no_grad(), accelerator.autocast():
                 null_b = torch.full_like(labels_b, raw_model.null_class)
                 uncond_blV = raw_model(tokens_bl, null_b, label_dropout=False)
-            rollout_blV = guided_rollout_logits(teacher_blV, uncond_blV, scales, cfg.rollout_guidance)
+            schedule = "sar" if cfg.rollout_guidance_schedule == "auto" else cfg.rollout_guidance_schedule
+            rollout_blV = guided_rollout_logits(teacher_blV, uncond_blV, scales, cfg.rollout_guidance, schedule)
         predicted_bl = rollout_tokens(
             rollout_blV, mode=cfg.rollout, temperature=cfg.rollout_temperature, top_k=cfg.rollout_top_k,
             top_p=cfg.rollout_top_p, generator=step_generator(cfg.seed, step * world + rank, purpose=6),

@@ -47,7 +47,7 @@ PREVIEW_PER_CLASS = 8
 class Config:
     source: Literal["digits", "imagefolder", "parquet", "webdataset"] = "digits"
     """Where images come from; ``digits`` is embedded (scikit-learn's bundled 8x8 digits)."""
-    source_path: str = ""
+    source_path: str = "sources"
     """Folder, Parquet file/folder or tar file/folder; unused for ``digits``."""
     image_column: str = "image"
     """Parquet column with encoded image bytes (or the Hugging Face {bytes, path} struct)."""

@@ -102,6 +102,6 @@ def tiny_caches(tmp_path_factory):
             kind=kind, model=TINY_TOKENIZERS[kind], steps=4, batch_size=16, save_every=0, num_grid=2
         )
         train_tokenizer.run(cfg, paths, NullTracker())
-        cache_tokens.run(cache_tokens.Config(batch_size=512), paths, NullTracker())
+        cache_tokens.run(cache_tokens.Config(batch_size=512, hflip=True), paths, NullTracker())
         out[kind] = paths
     return out

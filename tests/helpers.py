@@ -1,5 +1,6 @@
 """Small builders shared by tests."""
 
+import importlib
 import io
 import shutil
 import subprocess
@@ -105,7 +106,10 @@ def run_stage_under_two_cpu_ranks(stage: str, config: dict, paths, project: Path
 
     for name in ("core", "stages", "models", "accelerate"):
         shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-    section = {**config, "launcher": "accelerate/cpu-2proc.yaml"}
+    from core.config import as_params
+
+    config_cls = importlib.import_module(f"stages.{stage}").Config  # params files hold every key
+    section = as_params(config_cls(**{**config, "launcher": "accelerate/cpu-2proc.yaml"}))
     params = {"paths": {k: str(Path(v).resolve()) for k, v in dataclasses.asdict(paths).items()}, stage: section}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "ARPIPE_TRACKING": "off", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}

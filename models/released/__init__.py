@@ -9,9 +9,21 @@ mis-shaped key raises ``ReleasedFormatError`` naming it; derived buffers that th
 rebuilds (and so are not copied) are returned in ``rebuilt``.
 
     FORMATS[name] -> "module:function"; ``converter(name)`` imports it.
-    converter(released: dict[str, Tensor], *, model: str | None, tokenizer: dict | None) -> Converted
+    converter(released: dict[str, Tensor], *, model: str | None = None, tokenizer: dict | None = None,
+              heads: int | None = None, image_size: int | None = None) -> Converted
         ``model``: the released model's name where shapes cannot tell (GPT-B, d16, VQ-16 ...);
-        ``tokenizer``: the config.json of the imported tokenizer an AR model is paired with.
+        ``tokenizer``: the config.json of the imported tokenizer an AR model is paired with;
+        ``heads``: attention heads where the name does not fix them (``arpipe import --heads``);
+        ``image_size``: a tokenizer's image side in pixels (``--image-size``); an AR converter
+        may check it against ``tokenizer["image_size"]``. Every converter accepts all four
+        keywords (``arpipe import`` passes them all) and refuses, with ReleasedFormatError, the
+        ones that make no sense for its format.
+
+Shared helpers in ``models.released.common``: ``KeyLedger`` (take each released key with its
+expected shape, ``skip`` the ones not copied, ``finish`` fails on leftovers) and
+``check_against_module`` (converted keys and shapes == the arpipe module's, built on the meta
+device). Converters must also work on meta tensors (the official-size tests convert shape-only
+state dicts).
 """
 
 from __future__ import annotations
@@ -44,11 +56,19 @@ class Converted:
     state_dict: dict[str, torch.Tensor]
     """Loads strictly into the arpipe module that ``config`` builds."""
     rebuilt: tuple[str, ...] = field(default=())
-    """Released keys not copied because the arpipe module derives them (e.g. VAR's attention mask)."""
+    """Released keys not copied because the arpipe module derives them (e.g. VAR's attention mask,
+    LlamaGen's rotary table) or keeps its own kind of them (LlamaGen's usage ring buffer); each
+    converter's docstring lists its own. ``arpipe import`` records them in config.json."""
 
 
 def converter(format_name: str) -> Callable[..., Converted]:
     if format_name not in FORMATS:
         raise ReleasedFormatError(f"unknown released format {format_name!r}; expected one of {', '.join(FORMATS)}")
-    module, function = FORMATS[format_name].split(":")
-    return getattr(importlib.import_module(module), function)
+    module_name, function = FORMATS[format_name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        raise ReleasedFormatError(f"released format {format_name!r} is not available: no {module_name}") from None
+    return getattr(module, function)

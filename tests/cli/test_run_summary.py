@@ -40,8 +40,11 @@ def test_run_ends_with_the_results_and_the_artifact_says_the_same(tmp_path, pref
     cmd = (f"mkdir -p metrics .arpipe/last_run && cp {fixture}/evaluate.json metrics/evaluate.json && "
            f"cp {fixture}/registry.json .arpipe/last_run/evaluate_registry.json")  # fmt: skip
     dvc_yaml = {"stages": {"evaluate": {"cmd": cmd, "metrics": [{"metrics/evaluate.json": {"cache": False}}]}}}
-    root = make_project(tmp_path / "project", params={"paths": {"metrics": "metrics"}, "evaluate": {}},
-                        dvc_yaml=dvc_yaml)  # fmt: skip
+    from core.config import as_params
+    from stages.evaluate import Config
+
+    params = {"paths": {"metrics": "metrics"}, "evaluate": as_params(Config())}
+    root = make_project(tmp_path / "project", params=params, dvc_yaml=dvc_yaml)
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),

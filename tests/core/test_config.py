@@ -6,7 +6,7 @@ from typing import Literal
 
 import pytest
 
-from core.config import ConfigError, Paths, as_flat_dict, from_dict, load_section, read_params
+from core.config import ConfigError, Paths, as_flat_dict, as_params, from_dict, load_section, read_params
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,3 +87,46 @@ def test_every_section_of_the_shipped_params_loads():
     for section in stage_sections:
         module = importlib.import_module(f"stages.{section}")
         load_section(params, section, module.Config)
+
+
+def section_classes(params: dict) -> dict:
+    import importlib
+
+    from core.durable import DurableConfig
+
+    special = {"paths": Paths, "durable": DurableConfig}
+    return {s: special.get(s) or importlib.import_module(f"stages.{s}").Config for s in params}
+
+
+def test_no_config_default_disagrees_with_params_yaml():
+    """params.yaml is the home of every default: a dataclass default (what a test or a script that
+    builds a Config gets) equals the shipped value, so deleting nothing, or building a Config by
+    hand, cannot silently train with another recipe than the pipeline's."""
+    import dataclasses
+
+    params = read_params(REPO / "params.yaml")
+    drift = []
+    for section, cls in section_classes(params).items():
+        shipped = load_section(params, section, cls)
+        for f in dataclasses.fields(cls):
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if default != getattr(shipped, f.name):
+                drift.append(f"{section}.{f.name}: default {default!r}, params.yaml {getattr(shipped, f.name)!r}")
+    assert not drift, "Config defaults that disagree with params.yaml:\n" + "\n".join(drift)
+
+
+@pytest.mark.parametrize("section", ["cca", "pretrain", "shard"])
+def test_a_key_deleted_from_params_yaml_fails_by_name(section):
+    params = read_params(REPO / "params.yaml")
+    cls = section_classes(params)[section]
+    key = next(iter(params[section]))
+    del params[section][key]
+    with pytest.raises(ConfigError, match=rf"^{section}\.{key}: missing key"):
+        load_section(params, section, cls)
+
+
+def test_a_config_round_trips_through_plain_params():
+    cfg = Example(size=3, scales=(4, 5), inner=Inner(rate=0.5))
+    assert from_dict(Example, as_params(cfg), prefix="ex", complete=True) == cfg

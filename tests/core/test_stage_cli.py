@@ -38,9 +38,13 @@ def stage_cli(stage: str, *args: str, env: dict | None = None, cwd: Path = REPO,
 
 
 def tiny_shard_params(tmp_path: Path, **shard) -> Path:
+    """A params file for shard on the digits at 8 px into tmp_path; ``shard`` overrides (or adds) keys."""
+    from core.config import as_params
+    from stages.shard import Config
+
     params = {
         "paths": {"shards": str(tmp_path / "shards"), "metrics": str(tmp_path / "metrics")},
-        "shard": {"image_size": 8, "num_workers": 0, **shard},
+        "shard": {**as_params(Config(image_size=8, num_workers=0)), **shard},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(params))

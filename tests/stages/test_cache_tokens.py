@@ -12,7 +12,7 @@ import torch
 import yaml
 from helpers import REPO, TINY_MSVQ
 
-from core.config import Paths
+from core.config import Paths, as_params
 from core.shards import load_split
 from core.token_store import load_tokens
 from core.tracking import NullTracker
@@ -38,7 +38,7 @@ def cached(tmp_path_factory):
     metrics = shard.run(shard.Config(image_size=8, num_workers=0), paths, NullTracker())
     cfg = train_tokenizer.Config(kind="msvq", model=MODEL, steps=3, batch_size=16, save_every=0, num_grid=2)
     train_tokenizer.run(cfg, paths, NullTracker())
-    out = cache_tokens.run(cache_tokens.Config(batch_size=50), paths, NullTracker())
+    out = cache_tokens.run(cache_tokens.Config(batch_size=50, hflip=True), paths, NullTracker())
     return metrics, paths, out
 
 
@@ -88,7 +88,7 @@ def test_fingerprint_mismatch_names_the_stage(cached):
 def test_outs_are_byte_identical_across_runs(cached, tmp_path):
     _, paths, _ = cached
     again = dataclasses.replace(paths, tokens=str(tmp_path / "again"))
-    cache_tokens.run(cache_tokens.Config(batch_size=7), again, NullTracker())
+    cache_tokens.run(cache_tokens.Config(batch_size=7, hflip=True), again, NullTracker())
     files = sorted(p.name for p in Path(paths.tokens).iterdir())
     assert files == ["train.arrow", "train.parquet", "val.arrow", "val.parquet"]
     assert all((Path(paths.tokens) / f).read_bytes() == (tmp_path / "again" / f).read_bytes() for f in files)
@@ -115,7 +115,7 @@ def test_two_processes_write_the_same_files_as_one(cached, tmp_path, launch):
             "tokens": str(tmp_path / "tokens-2proc"),
             "metrics": str(tmp_path / "metrics-2proc"),
         },
-        "cache_tokens": {"batch_size": 64},
+        "cache_tokens": as_params(cache_tokens.Config(batch_size=64, hflip=True)),
     }
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     env = {

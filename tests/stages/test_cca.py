@@ -38,7 +38,7 @@ def bases(tiny_caches, tmp_path_factory):
 
 
 def tiny(**overrides) -> Config:
-    values = dict(steps=6, batch_size=16, lr=1e-3, beta=0.5, lam=2.0, log_every=2, save_every=2,
+    values = dict(input="base", steps=6, batch_size=16, lr=1e-3, beta=0.5, lam=2.0, log_every=2, save_every=2,
                   samples_per_class=1, sample_cfg=[1.0, 2.0])  # fmt: skip
     return Config(**{**values, **overrides})
 

@@ -72,6 +72,7 @@ def load_tokenizer(paths: Paths):
 def test_pairs_round_trip_with_the_teachers_fingerprint_and_follow_the_teacher(teachers, arch):
     from models.ar import ar_from_state
     from models.dd import code_space, map_teacher, ode_grid
+    from models.sampling import family_filters, guidance_per_step
 
     paths, metrics = teachers[arch]
     _, base_config = read_checkpoint(Path(paths.models) / "base")
@@ -86,8 +87,12 @@ def test_pairs_round_trip_with_the_teachers_fingerprint_and_follow_the_teacher(t
     # the stored tokens are the teacher's map of the stored noise (rows 38..42 straddle two batches of 40)
     teacher = ar_from_state(*read_checkpoint(Path(paths.models) / "base"), tokenizer)
     rows = slice(38, 43)
+    # each family's authors' sampling (guidance_schedule, top_k, top_p "auto"): gpt constant, var ramped + 900/0.96
+    guidance = guidance_per_step(2.0, "auto", arch=arch, steps=teacher.steps)
+    top_k, top_p = family_filters("auto", "auto", arch=arch, vocab_size=teacher.config.vocab_size)
+    assert (guidance, top_k, top_p) == ((2.0, 0, 1.0) if arch == "gpt" else ([1.0, 1.5, 2.0], 32, 0.96))
     again = map_teacher(teacher, torch.from_numpy(pairs.labels_N[rows]).long(), torch.from_numpy(pairs.noise_NLD[rows]),
-                        codebook, ode_grid(12, 0.02), cfg=2.0)  # fmt: skip
+                        codebook, ode_grid(12, 0.02), cfg=guidance, top_k=top_k, top_p=top_p)  # fmt: skip
     assert np.array_equal(again.numpy(), pairs.tokens_NL[rows])
     assert metrics["count"] == 96 and metrics["codes_used"] > 1
     assert abs(metrics["mapped_nll_per_token"] - metrics["teacher_entropy_per_token"]) < 0.25

@@ -40,7 +40,7 @@ def chain(tmp_path_factory):
         kind="vq", model=TINY_TOKENIZERS["vq"], steps=4, batch_size=16, save_every=0, num_grid=2
     )
     train_tokenizer.run(tok, paths, NullTracker())
-    cache_tokens.run(cache_tokens.Config(), paths, NullTracker())
+    cache_tokens.run(cache_tokens.Config(hflip=True), paths, NullTracker())
     model = {"depth": 2, "width": 32, "heads": 2}
     pre = pretrain.Config(
         model=model, steps=30, batch_size=32, lr=3e-3, warmup_steps=3, save_every=0, samples_per_class=1

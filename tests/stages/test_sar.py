@@ -177,9 +177,10 @@ def test_guided_rollout_draws_targets_from_the_guided_logits(bases, tmp_path, mo
     seen = []
     real = sar.guided_rollout_logits
 
-    def spy(cond, uncond, scales, strength):
+    def spy(cond, uncond, scales, strength, schedule):
+        assert schedule == "sar", "auto: the SAR trainer's ramp, t from 0.5·g to g"
         seen.append((cond.detach().clone(), uncond.detach().clone(), strength))
-        return real(cond, uncond, scales, strength)
+        return real(cond, uncond, scales, strength, schedule)
 
     monkeypatch.setattr(sar, "guided_rollout_logits", spy)
     guided = paths_for(bases, tmp_path, "var", "guided")
