@@ -193,12 +193,23 @@ def _take_level(keys: _Keys, out: dict, src: str, dst: str, c_in: int, c_out: in
             index += 1
 
 
-def convert_vqvae(released: dict, *, model: str | None = None, tokenizer: dict | None = None) -> Converted:
-    """VAR's VQVAE state dict -> (``msvq`` tokenizer config.json body, ``MSVQTokenizer`` state dict)."""
-    if tokenizer is not None:
-        raise ReleasedFormatError("var-vqvae: a tokenizer is imported on its own (no --tokenizer)")
+def convert_vqvae(
+    released: dict,
+    *,
+    model: str | None = None,
+    tokenizer: dict | None = None,
+    heads: int | None = None,
+    image_size: int | None = None,
+) -> Converted:
+    """VAR's VQVAE state dict -> (``msvq`` tokenizer config.json body, ``MSVQTokenizer`` state dict).
+
+    ``model`` or ``image_size``: the resolution whose scale schedule the tokenizer uses (256 if neither)."""
+    if tokenizer is not None or heads is not None:
+        raise ReleasedFormatError("var-vqvae is a tokenizer: it takes no tokenizer and no heads")
+    if model is not None and image_size is not None and str(model) in PATCH_NUMS and str(model) != str(image_size):
+        raise ReleasedFormatError(f"var-vqvae: model {model!r} and image size {image_size} disagree")
     keys = _Keys(released, "var-vqvae")
-    scales = _schedule(model)
+    scales = _schedule(model if model is not None else image_size)
     # 1. sizes from shapes
     base, image_channels = keys.shape("encoder.conv_in.weight")[:2]
     levels = keys.count("encoder.down.{}.")
@@ -349,12 +360,29 @@ def _check_tokenizer(tokenizer: dict, vocab: int, code_width: int) -> tuple[int,
     return scales
 
 
-def convert_var(released: dict, *, model: str, tokenizer: dict) -> Converted:
+def convert_var(
+    released: dict,
+    *,
+    model: str | None = None,
+    tokenizer: dict | None = None,
+    heads: int | None = None,
+    image_size: int | None = None,
+) -> Converted:
     """VAR's transformer state dict (``var_dN.pth``) -> (``var`` config.json body, ``VAR`` state dict).
 
-    ``model``: ``dN`` (heads = N, VAR's rule); ``tokenizer``: the paired tokenizer's config.json."""
+    ``model``: ``dN`` (heads = N, VAR's rule; ``heads`` may only repeat it); ``tokenizer``: the
+    paired tokenizer's config.json (its scale schedule fixes the resolution; ``image_size`` may only
+    repeat it)."""
+    if model is None or tokenizer is None:
+        raise ReleasedFormatError("var: give the model name (--model d16 ... d30) and the imported var-vqvae tokenizer")
     keys = _Keys(released, "var")
     depth = _depth_from_name(model)
+    if heads is not None and heads != depth:
+        raise ReleasedFormatError(f"var: {model} has {depth} heads (VAR's rule: heads = depth), not {heads}")
+    if image_size is not None and tokenizer.get("image_size") not in (None, image_size):
+        raise ReleasedFormatError(
+            f"var: image size {image_size} but the tokenizer was imported for {tokenizer['image_size']} px"
+        )
     if keys.has("shared_ada_lin.1.weight") or keys.has("blocks.0.ada_gss"):
         raise ReleasedFormatError(
             "var: key 'shared_ada_lin.1.weight': shared AdaLN (VAR's --saln, d36-s) is not supported"

@@ -180,3 +180,34 @@ def test_wrappers_and_prefixes_are_unwrapped(tmp_path):
         image_size_in_name("c2i_XXL_256.pt"),
         image_size_in_name("vq_ds16_c2i.pt"),
     ) == (384, 256, None)
+
+
+def test_var_files_import_through_the_cli_and_sample_with_vars_ramp(tmp_path):
+    """The VAR formats go through the same command: VQVAE (its scale schedule named by --model),
+    then the transformer paired with it; the result samples like any arpipe checkpoint."""
+    from models.released.var_layout import random_released, var_layout, vqvae_layout
+
+    scales = (1, 2, 3, 4)
+    vqvae = random_released(vqvae_layout(ch=32, ch_mult=(1, 2), res_blocks=1, z=8, vocab=64, scales=4), scales)
+    var = random_released(var_layout(depth=2, width=32, vocab=64, z=8, classes=10, scales=scales), scales, seed=1)
+    torch.save(vqvae, tmp_path / "vae_tiny.pth")
+    torch.save(var, tmp_path / "var_d2.pth")
+    tok, base = tmp_path / "var-tok", tmp_path / "var-base"
+    names = tmp_path / "classes.txt"
+    names.write_text("".join(f"class {i}\n" for i in range(10)))
+    result = invoke("import", "var-vqvae", tmp_path / "vae_tiny.pth", "--model", "1_2_3_4", "--class-names", names,
+                    "--out", tok)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = invoke("import", "var", tmp_path / "var_d2.pth", "--model", "d2", "--tokenizer", tok, "--out", base)
+    assert result.exit_code == 0, result.output
+    _, config = read_checkpoint(base)
+    assert config["arch"] == "var" and config["token_layout"] == {"kind": "msvq", "scales": [1, 2, 3, 4]}
+    message = refused("import", "var", tmp_path / "var_d2.pth", "--model", "d2", "--tokenizer", tok, "--heads", 4,
+                      out=tmp_path / "out")  # fmt: skip
+    assert "heads = depth" in message
+    out = tmp_path / "grid.png"
+    result = invoke("sample", "--checkpoint", base, "--tokenizer", tok, "--classes", "class 1,class 2", "--n", 2,
+                    "--cfg", 2.5,
+                    "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 0
