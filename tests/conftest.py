@@ -10,8 +10,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
 REPO = Path(__file__).resolve().parents[1]
-# Created by tools, not by tests: pytest's cache, bytecode, a coverage file.
-_TOOL_OUTPUTS = {".pytest_cache", "__pycache__", ".coverage", ".ruff_cache"}
+# Created by tools, not by tests: pytest's, ruff's and import-linter's caches, bytecode, coverage.
+_TOOL_OUTPUTS = {".pytest_cache", "__pycache__", ".coverage", ".ruff_cache", ".import_linter_cache"}
 
 
 @pytest.fixture(scope="session", autouse=True)
