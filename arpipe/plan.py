@@ -91,11 +91,7 @@ def plan_models(params: dict[str, Any], *, gpus: int = 1, num_classes: int) -> l
     rows = []
     with torch.device("meta"):
         # 1. tokenizer: encoder + decoder (the quantizer's lookups are small next to them)
-        tokenizer = build_tokenizer(tok_cfg.kind, tok_cfg.model)
-        if tokenizer.config.image_size != image_size:
-            raise ValueError(
-                f"train_tokenizer.model.image_size {tokenizer.config.image_size} != shard.image_size {image_size}"
-            )
+        tokenizer = build_tokenizer(tok_cfg.kind, {**tok_cfg.model, "image_size": image_size})
         micro = _per_gpu(tok_cfg.batch_size, gpus)
         images = torch.zeros(micro, 3, image_size, image_size)
         saved, flops = _saved_bytes(lambda: tokenizer.decode_latent(tokenizer.encode_latent(images)).square().mean())

@@ -17,7 +17,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 T = TypeVar("T")
 
@@ -65,10 +66,12 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     if not path.is_file():
         hint = " (run from the repository root)" if path == PARAMS_FILE else ""
         raise ConfigError(f"{path}: parameters file not found{hint}")
+    # YAML 1.2, as DVC reads and writes params.yaml: `dvc exp run -S` rewrites `"no"` as `no`,
+    # which a YAML 1.1 reader (PyYAML) would turn into False
     try:
         with path.open() as f:
-            params = yaml.safe_load(f) or {}
-    except yaml.YAMLError as exc:
+            params = YAML(typ="safe", pure=True).load(f) or {}
+    except YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" line {where.line + 1}:" if where is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]

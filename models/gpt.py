@@ -92,6 +92,7 @@ class GPTConfig(DepthScaled):
     released models: cos = sin = 0 zeroes the class token's queries and keys)."""
 
     def __post_init__(self):
+        self.resolve_depth_scaling()
         if self.grid is None:
             side = math.isqrt(self.seq_len)
             if side * side != self.seq_len:

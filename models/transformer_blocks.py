@@ -54,6 +54,12 @@ class DepthScaled:
     def head_dim(self) -> int:
         return self.model_width // self.num_heads
 
+    def resolve_depth_scaling(self) -> None:
+        """Fill in the derived width and heads (call first in ``__post_init__``), so the saved
+        architecture records the sizes the model has, whichever of them params.yaml set."""
+        object.__setattr__(self, "width", self.model_width)
+        object.__setattr__(self, "heads", self.num_heads)
+
 
 class ClassConditionalAR:
     """What GPT and VAR share beyond their layers: the null class for CFG, label dropout, the

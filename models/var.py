@@ -108,6 +108,7 @@ class VARConfig(DepthScaled):
     """LayerNorm epsilon."""
 
     def __post_init__(self):
+        self.resolve_depth_scaling()
         object.__setattr__(self, "scales", tuple(int(side) for side in self.scales))
         if not self.scales or min(self.scales) < 1:
             raise ValueError(f"scales must be a non-empty list of positive sides, got {list(self.scales)}")

@@ -56,9 +56,7 @@ from models.ar import build_ar, sample_images, tokenizer_from_state
 STAGE = "pretrain"
 OUT_NAME = "base"
 DEFAULT_MODEL = {  # ~1.4M params at 16 tokens: ~1.5 min on 2 CPU cores; dropout 0.4 against overfitting
-    "depth": 3,
-    "width": 192,
-    "heads": 3,
+    "depth": 3,  # width 64·depth and depth heads follow unless set
     "token_dropout": 0.4,
     "resid_dropout": 0.4,
     "ffn_dropout": 0.4,

@@ -59,6 +59,8 @@ DEFAULT_MODEL = {  # for 16x16 digits: 4x4 = 16 tokens, 256 codes, ~0.26M params
     "restart_every": 25,
 }
 LOSS_TERMS = ("loss", "recon", "codebook", "commit", "entropy", "g_loss", "d_loss")
+# Model keys the stage takes from the shards, never from params.yaml (as train_evalnet does).
+DERIVED_KEYS = ("image_size", "image_channels")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +68,8 @@ class Config:
     kind: Literal["vq", "msvq"] = "vq"
     """``vq``: single-scale LlamaGen-style; ``msvq``: multi-scale residual VAR-style."""
     model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
-    """Keys of the kind's config (models/vq.py VQConfig, models/msvq.py MSVQConfig), checked strictly."""
+    """Keys of the kind's config (models/vq.py VQConfig, models/msvq.py MSVQConfig), checked strictly;
+    image_size and image_channels come from the shards."""
     steps: int = 500
     """Optimizer steps."""
     batch_size: int = 64
@@ -100,13 +103,26 @@ class Config:
     """Val images in the originals-vs-reconstructions grid."""
 
     def __post_init__(self):
-        tokenizer_config(self.kind, self.model)  # unknown or mistyped model keys fail here, by name
+        for key in DERIVED_KEYS:
+            if key in self.model:
+                raise ValueError(f"model.{key} is set from the shards; remove it from params.yaml")
+        # unknown or mistyped model keys fail here, by name; the size checks run again at the shards' size
+        tokenizer_config(self.kind, {**self.model, "image_size": fitting_image_size(self.kind, self.model)})
         if min(self.steps, self.batch_size, self.log_every, self.eval_every, self.num_grid) < 1:
             raise ValueError("steps, batch_size, log_every, eval_every and num_grid must be >= 1")
         if self.lr <= 0 or self.grad_clip < 0 or self.disc_weight < 0 or self.save_every < 0:
             raise ValueError("lr must be > 0; grad_clip, disc_weight and save_every >= 0")
         if self.perceptual_weight < 0:
             raise ValueError("perceptual_weight must be >= 0")
+
+
+def fitting_image_size(kind: str, model: dict[str, Any]) -> int:
+    """An image side the model keys fit (the last scale x the downsample factor), to check the keys
+    before the shards are read; the real side comes from the shards."""
+    fields = {f.name: f.default for f in dataclasses.fields(type(tokenizer_config(kind, {})))}
+    multipliers = model.get("channel_multipliers", fields["channel_multipliers"])
+    scales = model.get("scales", fields.get("scales")) or (1,)
+    return int(list(scales)[-1]) * 2 ** (len(multipliers) - 1)
 
 
 def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
@@ -119,12 +135,8 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         perceptual.to(accelerator.device)
     seed_everything(cfg.seed)
     train, val = load_split(paths.shards, "train"), load_split(paths.shards, "val")
-    raw_model = build_tokenizer(cfg.kind, cfg.model)
-    if train.images_NHWC.shape[1] != raw_model.config.image_size:
-        raise ValueError(
-            f"shards hold {train.images_NHWC.shape[1]}px images but {STAGE}.model.image_size is "
-            f"{raw_model.config.image_size}; make them equal"
-        )
+    _, side, _, channels = train.images_NHWC.shape
+    raw_model = build_tokenizer(cfg.kind, {**cfg.model, "image_size": side, "image_channels": channels})
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
     disc = disc_opt = None

@@ -25,7 +25,6 @@ def random_rgb(seed: int, size: int = 24) -> np.ndarray:
 
 # Tiny tokenizer configs for stage tests: 8x8 images, 32 codes, a few seconds of training.
 TINY_MSVQ = {
-    "image_size": 8,
     "base_channels": 8,
     "channel_multipliers": [1, 2],
     "attention": False,
@@ -117,3 +116,21 @@ def run_stage_under_two_cpu_ranks(stage: str, config: dict, paths, project: Path
     return subprocess.run(
         [sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env, capture_output=True, text=True, timeout=300
     )
+
+
+# Golden first-N training losses of the fine-tuning stages (tests/assets/finetune_golden.json), like
+# pretrain's: a refactor that should not change numerics provably doesn't. Regenerate deliberately
+# with ARPIPE_REGEN_GOLDEN=1 (and say why in the commit).
+FINETUNE_GOLDEN = REPO / "tests" / "assets" / "finetune_golden.json"
+
+
+def check_golden_losses(name: str, losses: list[float]) -> None:
+    import json
+    import os
+
+    golden = json.loads(FINETUNE_GOLDEN.read_text()) if FINETUNE_GOLDEN.is_file() else {}
+    if os.environ.get("ARPIPE_REGEN_GOLDEN"):
+        golden[name] = [round(x, 6) for x in losses]
+        FINETUNE_GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+    assert name in golden, f"no golden losses for {name}: run with ARPIPE_REGEN_GOLDEN=1 once"
+    np.testing.assert_allclose(losses, golden[name], rtol=2e-5, atol=2e-5)

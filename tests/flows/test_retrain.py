@@ -2,8 +2,11 @@
 and what follows it, and nothing else; a scheduled-style (durable) run commits and pushes its
 results, and a failed push fails the run loudly without losing anything."""
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,3 +114,32 @@ def test_a_durable_run_commits_and_pushes_and_a_failed_push_fails_the_run(tmp_pa
         pipeline(root=str(bad), durable=True)
     assert (bad / "out.txt").read_text() == "ok"
     assert git(bad, "show", "nightly:metrics/work.json") == "{}"
+
+
+@pytest.mark.slow
+def test_a_larger_image_size_runs_the_chain_with_every_size_derived(tmp_path):
+    """`dvc exp run -S shard.image_size=32` (the README's example): the tokenizer and the evalnet
+    take the image size from the shards and the AR model its sequence from the tokenizer, so one
+    param change runs the chain (here to a few pretrain steps)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["shard"]["num_workers"] = 0
+    params["train_tokenizer"].update(steps=4, batch_size=16, num_grid=2)
+    params["pretrain"].update(steps=4, batch_size=16, warmup_steps=1, log_every=2, eval_every=4, save_every=0,
+                              samples_per_class=1, sample_cfg=[1.0])  # fmt: skip
+    project = make_project(tmp_path / "project", params=params)
+    env = {
+        **os.environ,
+        "ARPIPE_TRACKING": "off",
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }  # dvc's `python -m stages.X`
+    run = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "run", "-S", "shard.image_size=32", "pretrain"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    tokenizer = json.loads((project / "data" / "tokenizer" / "config.json").read_text())
+    base = json.loads((project / "data" / "models" / "base" / "config.json").read_text())
+    assert tokenizer["image_size"] == 32 and tokenizer["seq_len"] == 64  # 32 px / 4 = 8 x 8 tokens
+    assert base["image_size"] == 32 and base["model"]["seq_len"] == 64

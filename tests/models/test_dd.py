@@ -152,7 +152,7 @@ def test_code_space_decodes_codewords_exactly_like_the_tokens(kind):
     from models.tokenizers import build_tokenizer
 
     torch.manual_seed(0)
-    tokenizer = build_tokenizer(kind, TINY_TOKENIZERS[kind]).eval()
+    tokenizer = build_tokenizer(kind, {**TINY_TOKENIZERS[kind], "image_size": 8}).eval()
     with torch.no_grad():
         if kind == "msvq":
             tokenizer.quantizer.codebook.weight.normal_()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import check_golden_losses
 
 from core.checkpoint import read_checkpoint
 from core.config import Paths
@@ -156,3 +157,10 @@ def test_config_refusals():
         Config(uncond_ratio=1.0)
     with pytest.raises(ValueError, match="beta"):
         Config(beta=0.0)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "var"])
+def test_first_losses_match_the_golden_file(bases, tmp_path, arch):
+    paths = paths_for(bases, tmp_path, arch)
+    run(tiny(steps=8, log_every=1, save_every=0), paths, NullTracker())
+    check_golden_losses(f"cca/{arch}", [float(r["loss"]) for r in train_rows(paths)])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import check_golden_losses
 
 from core.checkpoint import read_checkpoint
 from core.config import Paths
@@ -230,3 +231,10 @@ def test_two_cpu_ranks_match_one_rank_at_the_same_global_batch(bases, tmp_path):
     for key in state_one:
         torch.testing.assert_close(state_two[key], state_one[key], rtol=1e-4, atol=1e-5)
     assert len(train_rows(two)) == len(train_rows(one))
+
+
+@pytest.mark.parametrize("arch", ["gpt", "var"])
+def test_first_losses_match_the_golden_file(bases, tmp_path, arch):
+    paths = paths_for(bases, tmp_path, arch)
+    run(tiny(rounds=2, steps_per_round=4, log_every=1, save_every=0), paths, NullTracker())
+    check_golden_losses(f"ddo/{arch}", [float(r["loss"]) for r in train_rows(paths)])

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import check_golden_losses
 
 from core.checkpoint import read_checkpoint
 from core.config import Paths
@@ -242,3 +243,11 @@ def test_config_refusals(teachers, tmp_path):
         distill.run(tiny(split=2, two_step_at=3), paths, NullTracker())
     with pytest.raises(ValueError, match="val_count"):
         distill.run(tiny(val_count=96), paths, NullTracker())
+
+
+@pytest.mark.parametrize("arch", ["gpt", "var"])
+def test_first_losses_match_the_golden_file(teachers, tmp_path, arch):
+    paths = paths_for(teachers, tmp_path, arch)
+    distill.run(tiny(steps=8, log_every=1, save_every=0), paths, NullTracker())
+    rows = csv.DictReader(open(Path(paths.plots) / "distill" / "train.csv"))
+    check_golden_losses(f"distill/{arch}", [float(r["loss"]) for r in rows])

@@ -179,7 +179,7 @@ def synthetic_inputs(root: Path, arch: str) -> Paths:
 
     kind = KIND_OF[arch]
     torch.manual_seed(0)
-    tokenizer = build_tokenizer(kind, TINY_TOKENIZERS[kind])
+    tokenizer = build_tokenizer(kind, {**TINY_TOKENIZERS[kind], "image_size": 8})
     config = {
         "kind": kind,
         "model": tokenizer.config_dict(),

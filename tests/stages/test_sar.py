@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import check_golden_losses
 
 from core.checkpoint import read_checkpoint
 from core.config import Paths
@@ -252,3 +253,9 @@ def test_two_cpu_ranks_match_one_rank_at_the_same_global_batch(bases, tmp_path):
     assert any(not torch.equal(state_one[k], read_checkpoint(Path(one.models) / "base")[0][k]) for k in state_one)
     for key in state_one:
         torch.testing.assert_close(state_two[key], state_one[key], rtol=1e-4, atol=1e-5)
+
+
+def test_first_losses_match_the_golden_file(bases, tmp_path):
+    paths = paths_for(bases, tmp_path, "var")
+    run(tiny(steps=8, log_every=1, save_every=0), paths, NullTracker())
+    check_golden_losses("sar/var", [float(r["loss"]) for r in train_rows(paths)])

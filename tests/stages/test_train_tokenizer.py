@@ -134,6 +134,12 @@ def test_model_keys_are_checked_strictly():
     assert json.dumps(Config().model)  # the default is JSON-ready
 
 
+@pytest.mark.parametrize("key", ["image_size", "image_channels"])
+def test_image_size_and_channels_come_from_the_shards_not_the_params(key):
+    with pytest.raises(ConfigError, match=rf"train_tokenizer: model.{key} is set from the shards"):
+        from_dict(Config, {"kind": "vq", "model": {key: 16}}, prefix="train_tokenizer")
+
+
 def vgg_file(tmp_path, suffix: str):
     """A randomly initialised narrow VGG16 saved as a torchvision-format state_dict (no real weights here)."""
     from safetensors.torch import save_file
