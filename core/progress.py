@@ -58,6 +58,7 @@ class LineProgress:
         self.postfix = ""
         self.interval = float(os.environ.get("TQDM_MININTERVAL") or DEFAULT_INTERVAL_S)
         self.started = self.last = time.monotonic()
+        self.first: tuple[float, int] | None = None  # (time, n) at the first item: start-up is not throughput
 
     def set_postfix(self, ordered_dict: dict | None = None, refresh: bool = True, **kwargs: Any) -> None:
         items = {**(ordered_dict or {}), **kwargs}
@@ -72,20 +73,22 @@ class LineProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
+        if self.first is None:
+            self.first = (now, self.n)
         if not self.disable and now - self.last >= self.interval:
             self.last = now
             print(self.line(now), file=sys.stderr, flush=True)
 
     def line(self, now: float, final: bool = False) -> str:
         elapsed = max(now - self.started, 1e-9)
-        done = self.n - self.initial
-        rate = done / elapsed
+        since, at = self.first or (now, self.n)
+        rate = (self.n - at) / (now - since) if self.n > at and now > since else 0.0
         count = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         if final:
             parts = [f"{count} {self.unit}{share} in {_duration(elapsed)}"]
         else:
-            parts = [f"{count} {self.unit}{share}", f"{rate:.3g} {self.unit}/s"]
+            parts = [f"{count} {self.unit}{share}"] + ([f"{rate:.3g} {self.unit}/s"] if rate > 0 else [])
             if self.total and rate > 0:
                 parts.append(f"{_duration((self.total - self.n) / rate)} left")
         if self.postfix:
