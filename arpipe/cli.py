@@ -6,6 +6,7 @@ Commands import their heavy dependencies (Prefect, MLflow, DuckDB) only when the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ _ENV_DEFAULTS = {
     "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1",
     "MLFLOW_ENABLE_TELEMETRY": "false",
+    # MLflow's artifact download/upload bars: dozens of fragments in a log, nothing to act on
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 
@@ -39,12 +42,40 @@ def _setup_env(root: Path) -> None:
 
 
 @click.group(name="arpipe", context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.option(
+    "--debug", is_flag=True, help="Show tracebacks of errors (also for the stages it runs; or ARPIPE_DEBUG=1)."
+)
+def cli(debug: bool) -> None:
     """arpipe: raw images to an evaluated autoregressive image generator.
 
     Every stage is a DVC stage (see dvc.yaml; parameters in params.yaml), chained by a Prefect
     flow and tracked in MLflow. Run commands from the repository root.
     """
+    if debug:
+        from core.errors import DEBUG_ENV
+
+        os.environ[DEBUG_ENV] = "1"
+
+
+def _check_params(root: Path, stages: list[str]) -> None:
+    """Load the params file's section of every stage about to run, strictly, before Prefect starts:
+    a mistyped key fails in a second, in one line, instead of after the stages before it."""
+    import importlib
+
+    from core.config import ConfigError, load_paths, load_section, read_params
+
+    path = root / "params.yaml"
+    params = read_params(path)
+    try:
+        load_paths(params)
+        for stage in stages:
+            try:
+                config = importlib.import_module(f"stages.{stage}").Config
+            except (ImportError, AttributeError):  # a stage of a custom dvc.yaml: DVC checks it
+                continue
+            load_section(params, stage, config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path.name}: {exc}") from None
 
 
 @cli.command()
@@ -71,15 +102,16 @@ def run(until: str | None, stage_timeout: float, wait: bool, durable: bool) -> N
     a second one fails at once naming the running one (or waits, with --wait).
     """
     root = _root()
-    _setup_env(root)
     from core.durable import DurableError
     from core.runlock import PipelineBusy, pipeline_lock
-    from flows.pipeline import StageFailed, pipeline, select_stages, stage_names
+    from flows.pipeline import StageFailed, pipeline, run_summary, select_stages, stage_names
 
     try:
-        select_stages(stage_names(root), until)
+        stages = select_stages(stage_names(root), until)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--until") from exc
+    _check_params(root, stages)
+    _setup_env(root)
     try:
         with pipeline_lock(root, wait=wait):
             results = pipeline(until=until, root=str(root), stage_timeout_s=stage_timeout, durable=durable)
@@ -89,6 +121,10 @@ def run(until: str | None, stage_timeout: float, wait: bool, durable: bool) -> N
     for r in results:
         word = {"ran": "ran", "skipped": "up to date, skipped", "restored": "restored from run-cache"}
         click.echo(f"  {r['stage']:<16} {word[r['status']]:<26} {r['seconds']:>8.1f} s")
+    summary = run_summary(root, results)
+    click.echo(
+        "\n" + (summary or "Results: evaluate did not run (see --until); `arpipe ui` shows the stage runs.\n"), nl=False
+    )
 
 
 @cli.command()
@@ -127,9 +163,25 @@ def ui(port: int, host: str) -> None:
     ]
     if uri.startswith("sqlite:"):
         cmd += ["--artifacts-destination", str(root / ".arpipe" / "mlartifacts")]
+    _check_port_free(host, port)
     click.echo(f"MLflow UI on http://{host}:{port} (store {uri})")
     click.echo(f"  runs: {_runs_url(host, port, root)}")
     raise SystemExit(subprocess.call(cmd))
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before printing a URL that would lead to someone else's server (or to nothing)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}): another `arpipe ui` or program holds "
+                f"the port; pass --port {port + 1} (or stop the other one)"
+            ) from None
 
 
 def _runs_url(host: str, port: int, root: Path) -> str:
@@ -163,10 +215,9 @@ def _class_ids(spec: str, class_names: list[str]) -> list[int]:
 @cli.command()
 @click.option(
     "--checkpoint",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    default=Path("data/models/base"),
-    show_default=True,
-    help="AR model folder (model.safetensors + config.json) written by pretrain or a later stage.",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="AR model folder (model.safetensors + config.json) written by pretrain or a later stage "
+    "[default: data/models/base].",
 )
 @click.option(
     "--model",
@@ -219,8 +270,16 @@ def sample(
     import torch
 
     if registered:
+        if checkpoint is not None:
+            raise click.UsageError("give --checkpoint FOLDER or --model ALIAS|URI, not both")
         _sample_registered(registered, classes, per_class, cfg, seed, out)
         return
+    checkpoint = checkpoint or Path("data/models/base")
+    if not checkpoint.is_dir():
+        raise click.BadParameter(
+            f"folder {checkpoint} does not exist (run pretrain first, or pass an AR model folder)",
+            param_hint="--checkpoint",
+        )
 
     from core.checkpoint import read_checkpoint
     from core.images import image_grid, save_png
@@ -235,11 +294,18 @@ def sample(
         tok_state, tok_config = read_checkpoint(tokenizer_dir, stage="train_tokenizer")
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if "token_layout" in config and "codebook_size" in config and "arch" not in config:
+        raise click.BadParameter(
+            f"{checkpoint} is a tokenizer (written by train_tokenizer), not an AR model: pass an AR model folder "
+            f"(e.g. data/models/base) as --checkpoint, and this folder as --tokenizer",
+            param_hint="--checkpoint",
+        )
     if config.get("tokenizer_fingerprint") != tok_config["fingerprint"]:
         raise click.ClickException(
             f"{checkpoint} was trained on tokenizer {str(config.get('tokenizer_fingerprint'))[:12]}, but "
             f"{tokenizer_dir} holds {tok_config['fingerprint'][:12]}: pass the matching --tokenizer"
         )
+    _refuse_unusable_options(checkpoint, config)
     ids = _class_ids(classes, config["class_names"]) if classes else list(range(len(config["class_names"])))
     tokenizer = tokenizer_from_state(tok_state, tok_config)
     labels = torch.tensor(ids).repeat_interleave(per_class)
@@ -267,6 +333,36 @@ def sample(
     ).numpy()
     save_png(image_grid(images, per_class), out)
     click.echo(f"wrote {out}: {len(images)} samples ({per_class} per class: {names}), cfg {cfg}")
+
+
+def _refuse_unusable_options(checkpoint: Path, config: dict) -> None:
+    """Options given on the command line that this checkpoint cannot use fail instead of being ignored:
+    the distilled student has its teacher's guidance and sampling baked in; only it has --steps."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = {
+        name
+        for name in ("cfg", "guidance_schedule", "temperature", "top_k", "top_p", "steps")
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+    }
+    if config.get("distilled"):
+        defaults = {"cfg": 1.0, "guidance_schedule": "auto", "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        unusable = [name for name in defaults if name in given and ctx.params[name] != defaults[name]]
+        if unusable:
+            teacher = config.get("teacher", {})
+            flags = ", ".join("--" + name.replace("_", "-") for name in unusable)
+            raise click.BadParameter(
+                f"{checkpoint} is a distilled student: its teacher's guidance (cfg {teacher.get('cfg', '?')}) and "
+                f"sampling are baked in, so {flags} cannot apply; drop {flags} (choose --steps 1 or 2)",
+                param_hint=flags,
+            )
+    elif "steps" in given:
+        raise click.BadParameter(
+            f"{checkpoint} is not a distilled student: --steps applies only to data/models/distilled "
+            f"(this model takes {config.get('arch', 'its')} sampling options --cfg, --temperature, --top-k, --top-p)",
+            param_hint="--steps",
+        )
 
 
 @cli.command(name="import")
@@ -341,6 +437,24 @@ def _registered_uri(alias_or_uri: str) -> str:
     return f"models:/{names[0]}@{alias_or_uri}"
 
 
+@contextlib.contextmanager
+def _without_type_hint_warning():
+    """MLflow warns, when it loads the registered sampler, that ``predict`` has no type hints (its
+    DataFrame input is checked by hand): nothing a user can act on. MLflow forces its own filter
+    inside, so the message is dropped at display instead; every other warning still shows."""
+    import warnings
+
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def filtered(message, *args, **kwargs):
+            if "Add type hints to the `predict` method" not in str(message):
+                show(message, *args, **kwargs)
+
+        warnings.showwarning = filtered
+        yield
+
+
 def _sample_registered(alias_or_uri: str, classes, per_class: int, cfg: float, seed: int, out: Path) -> None:
     import mlflow
     import pandas as pd
@@ -349,7 +463,8 @@ def _sample_registered(alias_or_uri: str, classes, per_class: int, cfg: float, s
 
     _setup_env(_root())
     uri = _registered_uri(alias_or_uri)
-    model = mlflow.pyfunc.load_model(uri)
+    with _without_type_hint_warning():
+        model = mlflow.pyfunc.load_model(uri)
     names = classes.split(",") if classes else None
     if names is None:
         names = list(range(len(model.unwrap_python_model().class_names)))
@@ -466,8 +581,8 @@ def schedule(cron: str | None, interval: float | None, name: str, until: str | N
 @click.option(
     "--num-classes",
     type=int,
-    help="Classes of the data (default: classes.json of the built shards; 10 for the digits source; 1000 for "
-    "a released model, pretrain.init_from: released).",
+    help="Classes of the data (default: params shard.num_classes; else 1000 for a released model, 10 for the "
+    "digits source, else classes.json of the built shards).",
 )
 def plan(params_file: Path, gpus: int, num_classes: int | None) -> None:
     """Per trained model (tokenizer, AR model, evalnet): parameter count, training FLOPs per step
@@ -484,28 +599,39 @@ def plan(params_file: Path, gpus: int, num_classes: int | None) -> None:
     - Not counted: CUDA context, allocator slack, data loading (budget 10-20% more), the
       tokenizer's discriminator and perceptual network.
     """
-    import json
-
     from arpipe.plan import format_plan, plan_models
-    from core.config import ConfigError, load_paths, read_params
+    from core.config import ConfigError, read_params
 
     try:
         params = read_params(params_file)
-        if num_classes is None:
-            classes = Path(load_paths(params).shards) / "classes.json"
-            if params.get("shard", {}).get("source") == "digits":
-                num_classes = 10
-            elif params.get("pretrain", {}).get("init_from") == "released":
-                num_classes = 1000  # the released LlamaGen / VAR models are ImageNet's (the import checks it)
-            elif classes.is_file():
-                num_classes = len(json.loads(classes.read_text()))
-            else:
-                raise click.UsageError(f"{classes} does not exist yet: pass --num-classes")
+        num_classes, origin = _plan_classes(params, num_classes)
         rows = plan_models(params, gpus=gpus, num_classes=num_classes)
     except (ConfigError, ValueError) as exc:
         raise click.ClickException(f"{params_file}: {exc}") from exc
-    click.echo(f"{params_file}: {num_classes} classes, {gpus} GPU(s)\n")
+    click.echo(f"{params_file}: {num_classes} classes ({origin}), {gpus} GPU(s)\n")
     click.echo(format_plan(rows, gpus), nl=False)
+
+
+def _plan_classes(params: dict, given: int | None) -> tuple[int, str]:
+    """(class count, where it came from): the flag, the params' shard.num_classes, the digits
+    source's 10, or the built shards' classes.json."""
+    import json
+
+    from core.config import load_paths
+
+    if given is not None:
+        return given, "--num-classes"
+    shard = params.get("shard") or {}
+    if isinstance(shard.get("num_classes"), int) and shard["num_classes"] > 0:
+        return shard["num_classes"], "shard.num_classes"
+    if (params.get("pretrain") or {}).get("init_from") == "released":
+        return 1000, "a released model (ImageNet's classes; the import checks it)"
+    if shard.get("source", "digits") == "digits":
+        return 10, "the digits source"
+    classes = Path(load_paths(params).shards) / "classes.json"
+    if classes.is_file():
+        return len(json.loads(classes.read_text())), str(classes)
+    raise click.UsageError(f"{classes} does not exist yet: set shard.num_classes in the params or pass --num-classes")
 
 
 @cli.group()
@@ -578,8 +704,24 @@ def tokens(tokens_dir: Path | None, show_unused: int) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
-def main() -> None:
-    cli(prog_name="arpipe")
+def main(argv: list[str] | None = None) -> None:
+    """The console script: click's own errors as click prints them; a user error (bad param, file)
+    as one line and Ctrl-C as ``arpipe: interrupted`` (exit 130), tracebacks only with --debug."""
+    from core.errors import EXIT_INTERRUPTED, reported_errors
+
+    with reported_errors("arpipe"):
+        try:
+            code = cli.main(args=argv, prog_name="arpipe", standalone_mode=False)
+        except click.exceptions.Abort as exc:
+            if isinstance(exc.__cause__, KeyboardInterrupt):
+                click.echo("arpipe: interrupted", err=True)
+                raise SystemExit(EXIT_INTERRUPTED) from None
+            click.echo("Aborted!", err=True)
+            raise SystemExit(1) from None
+        except click.exceptions.ClickException as exc:
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,12 @@ def read_checkpoint(model_dir: str | Path, stage: str = "the stage that wrote it
     if not weights_file.is_file() or not config_file.is_file():
         raise FileNotFoundError(f"{model_dir}: no {WEIGHTS_FILE} + {CONFIG_FILE}; run {stage} first")
     weights = weights_file.read_bytes()
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_file}: not valid JSON ({exc}); re-run {stage} or restore the file") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
     if config.get("fingerprint") != fingerprint(weights, config):
         raise ValueError(f"{model_dir}: fingerprint does not match the files (edited by hand?); re-run {stage}")
     return load_file(weights_file), config

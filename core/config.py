@@ -8,13 +8,17 @@ Literal[...], X | None, list[T], tuple[T, ...], dict[str, T] and nested dataclas
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 T = TypeVar("T")
 
@@ -53,16 +57,28 @@ class Paths:
     ``init_from: released`` (see released/README.md)."""
     resume: str = ".arpipe/resume"
     """Local resume state of training stages (gitignored, never a DVC out; removed on success)."""
+    last_run: str = ".arpipe/last_run"
+    """What the last run measured or decided that changes from run to run: ``evaluate_speed.json``
+    (images/s, latencies, speed-ups) and ``evaluate_registry.json`` (registered version, champion
+    move). Gitignored and never a DVC out or metric (its md5 in dvc.lock would change on every
+    run); MLflow holds the same figures (``speed/*``, ``arpipe.registry.*``)."""
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: parameters file not found (run from the repository root)")
+        hint = " (run from the repository root)" if path == PARAMS_FILE else ""
+        raise ConfigError(f"{path}: parameters file not found{hint}")
     # YAML 1.2, as DVC reads and writes params.yaml: `dvc exp run -S` rewrites `"no"` as `no`,
     # which a YAML 1.1 reader (PyYAML) would turn into False
-    with path.open() as f:
-        params = YAML(typ="safe", pure=True).load(f) or {}
+    try:
+        with path.open() as f:
+            params = YAML(typ="safe", pure=True).load(f) or {}
+    except YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}:" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{line} not valid YAML ({problem})") from exc
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return params
@@ -73,7 +89,7 @@ def load_section(params: dict[str, Any], section: str, cls: type[T], *, complete
     field must be in the section, so a key deleted from params.yaml fails by name instead of
     silently taking the dataclass default (tests build partial Configs directly)."""
     if section not in params:
-        raise ConfigError(f"params.yaml has no section '{section}'")
+        raise ConfigError(f"no section '{section}' (add it, or run with the params file that has it)")
     return from_dict(cls, params[section], prefix=section, complete=complete)
 
 
@@ -190,6 +206,47 @@ def _describe(value: Any) -> str:
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{type(value).__name__} {text}"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` of a dataclass: the string literal written under each field, as in
+    ``size: int = 16`` followed by ``\"\"\"Pixels, square.\"\"\"`` (read from the source; a field without
+    one maps to ""). Inherited fields are looked up in the base classes."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:] + [None], strict=True):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                doc = ""
+                if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                    doc = inspect.cleandoc(str(after.value.value))
+                docs[node.target.id] = doc
+    return {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls) if f.init}
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    """A field's default value (calling its default factory), or ``dataclasses.MISSING``."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+def type_name(tp: Any) -> str:
+    """A readable type: ``int``, ``list[float]``, ``'gpt' | 'var'``, ``str or null``."""
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (list, tuple, dict):
+        args = ", ".join("..." if a is Ellipsis else type_name(a) for a in get_args(tp))
+        return f"{get_origin(tp).__name__}[{args}]" if args else get_origin(tp).__name__
+    return _type_name(tp)
 
 
 def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from core.metrics import flatten_metrics
-from core.tracking import client_for, experiment_id, git_commit
+from core.tracking import client_for, close_abandoned_runs, experiment_id, git_commit, process_tags
 
 OUTS_TAG = "arpipe.dvc.outs"
 DEPS_TAG = "arpipe.dvc.deps"
@@ -44,7 +44,8 @@ class PipelineRun:
         self.root = root
         self.client = client_for(root)
         self.experiment_id = experiment_id(self.client, root)
-        run_tags = {"arpipe.stage": "pipeline", "git.commit": git_commit(root), **(tags or {})}
+        close_abandoned_runs(self.client, self.experiment_id)
+        run_tags = {"arpipe.stage": "pipeline", "git.commit": git_commit(root), **process_tags(), **(tags or {})}
         if flow_run_id:
             run_tags["prefect.flow_run_id"] = flow_run_id
         self.run_id = self.client.create_run(self.experiment_id, run_name="pipeline", tags=run_tags).info.run_id

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from core.images import decode_png
+from core.progress import progress
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def load_split(shards_dir: str | Path, split: str) -> SplitImages:
     for shard in sorted({r["shard"] for r in rows}):
         with tarfile.open(shards_dir / shard) as tar:
             members = [m for m in tar if m.name.endswith(".png")]
-            for member in tqdm(members, desc=f"read {split} {shard}", unit="img", leave=False):
+            for member in progress(members, desc=f"read {split} {shard}", unit="img", leave=False):
                 pixels[member.name[: -len(".png")]] = decode_png(tar.extractfile(member).read())
     missing = [r["key"] for r in rows if r["key"] not in pixels]
     if missing:

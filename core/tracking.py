@@ -12,6 +12,10 @@ When the tracking server cannot be reached, a stage still runs: its run is spool
 ``.arpipe/spool/<stage>-<time>-<id>/`` (params, metrics, tags, status, images, artifacts) and
 ``arpipe tracking sync`` uploads it later (``sync_spool``).
 
+A run records the host and process that opened it (``arpipe.host``, ``arpipe.pid``): a run left
+RUNNING by a process that died without closing it (killed, a closed pipe) is closed as KILLED the
+next time a stage starts on that host (``close_abandoned_runs``).
+
 A stage opens a *new* child run (tag ``mlflow.parentRunId``); it never resumes the parent's id,
 which would mark the pipeline run finished. Step metrics are buffered and written with
 ``log_batch`` (one call per metric is ~100x slower on sqlite). This module imports no torch, so
@@ -21,6 +25,7 @@ the flow process can use it.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -246,11 +251,45 @@ def sync_spool(root: Path | None = None) -> list[tuple[str, str]]:
     return uploaded
 
 
+def process_tags() -> dict[str, str]:
+    """Which process owns a run, so a later one can tell it was abandoned."""
+    return {"arpipe.host": socket.gethostname(), "arpipe.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def close_abandoned_runs(client, experiment: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process no longer exists; their ids.
+
+    Runs from other hosts, and runs without ``arpipe.pid`` (older ones), are left alone."""
+    host = socket.gethostname().replace("'", "\\'")
+    runs = client.search_runs(
+        [experiment], f"attributes.status = 'RUNNING' and tags.`arpipe.host` = '{host}'", max_results=200
+    )
+    closed = []
+    for run in runs:
+        pid = run.data.tags.get("arpipe.pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
 @contextmanager
 def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[NullTracker]:
     """Open the stage's MLflow run (a child of ``ARPIPE_PARENT_RUN_ID`` when set).
 
-    The run ends FINISHED, or FAILED when the body raises; buffered metrics are flushed either way.
+    The run ends FINISHED, FAILED when the body raises, or KILLED when it is interrupted (Ctrl-C,
+    SIGTERM: any ``BaseException`` that is not an ``Exception``); buffered metrics are flushed
+    either way. Runs an earlier, killed process left RUNNING are closed as KILLED first.
     """
     if not tracking_enabled():
         yield NullTracker()
@@ -261,6 +300,7 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[N
         "git.commit": git_commit(root),
         "mlflow.source.git.commit": git_commit(root),
         "mlflow.source.name": f"stages.{stage}",
+        **process_tags(),
     }
     if parent := os.environ.get("ARPIPE_PARENT_RUN_ID"):
         tags["mlflow.parentRunId"] = parent
@@ -285,12 +325,18 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[N
         try:
             yield spool
             spool.record["status"] = "FINISHED"
+        except BaseException as exc:
+            spool.record["status"] = "FAILED" if isinstance(exc, Exception) else "KILLED"
+            raise
         finally:
             spool.record["end_time"] = int(time.time() * 1000)
             spool.flush()
         return
     client = client_for(root)
-    run = client.create_run(experiment_id(client, root), run_name=stage, tags=tags)
+    experiment = experiment_id(client, root)
+    for run_id in close_abandoned_runs(client, experiment):
+        print(f"{stage}: closed MLflow run {run_id} as KILLED (its process is gone)", flush=True)
+    run = client.create_run(experiment, run_name=stage, tags=tags)
     tracker = MlflowTracker(client, run.info.run_id)
     if params:
         tracker.log_params(params)
@@ -298,6 +344,9 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[N
     try:
         yield tracker
         status = "FINISHED"
+    except BaseException as exc:
+        status = "FAILED" if isinstance(exc, Exception) else "KILLED"
+        raise
     finally:
         try:
             tracker.flush()

@@ -45,10 +45,10 @@ class NonFiniteLossError(FloatingPointError):
 def step_bar(stage: str, start: int, steps: int, accelerator: Accelerator):
     """The training loop's iterator: steps ``start .. steps-1`` with a progress bar on the main
     process only (a resumed run starts the bar at ``start``)."""
-    from tqdm import tqdm
+    from core.progress import progress
 
-    return tqdm(range(start, steps), desc=stage, unit="step", initial=start, total=steps,
-                disable=not accelerator.is_main_process)  # fmt: skip
+    return progress(range(start, steps), desc=stage, unit="step", initial=start, total=steps,
+                    disable=not accelerator.is_main_process)  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:

@@ -4,7 +4,9 @@ Each task runs ``dvc repro --single-item <stage>`` in its own process group (DVC
 up to date; Prefect caching is off), streams its output to the Prefect log and enforces its own
 timeout by killing the whole group (Prefect's task timeout would leave the child running). The
 flow opens the parent MLflow run; every stage run nests under it, and stages DVC skipped are
-linked to the run that produced their current outs. A markdown artifact summarises the run.
+linked to the run that produced their current outs. A markdown artifact summarises the run: the
+stages, then the results (``run_summary``: FIDs beside the real-data floor, the best checkpoint,
+the champion, where the report is), the same text ``arpipe run`` prints last.
 With ``durable=True`` (scheduled runs, ``arpipe run --durable``) a successful run ends by
 committing dvc.lock + metrics + plots to the results branch and ``dvc push``-ing the outs
 (params.yaml ``durable``; core/durable.py); a failure there fails the flow run, loudly.
@@ -14,6 +16,7 @@ No torch, models or stages are imported here: a flow worker only needs Prefect, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +37,7 @@ from core.config import load_paths, read_params
 from core.durable import DurableError, load_durable, make_durable
 from core.lineage import open_pipeline_run
 from core.runlock import annotate
+from core.summary import results_summary
 
 DEFAULT_STAGE_TIMEOUT_S = 6 * 3600
 TRANSIENT_MARKERS = ("is busy, it is being blocked by", "Unable to acquire lock")
@@ -125,6 +129,10 @@ def run_stage(stage: str, root: str, env: dict[str, str], timeout_s: float, metr
                 lines.append(line)
                 logger.info(line)
         code = process.wait()
+    except BaseException:  # Ctrl-C or a kill of the flow: its own process group would outlive it
+        timer.cancel()
+        _stop_group(process)
+        raise
     finally:
         timer.cancel()
     output = "\n".join(lines[-200:])
@@ -132,6 +140,10 @@ def run_stage(stage: str, root: str, env: dict[str, str], timeout_s: float, metr
         raise StageFailed(f"stage '{stage}' ran past its timeout of {timeout_s:.0f} s and was killed")
     if code != 0:
         error = TransientStageError if any(m in output for m in TRANSIENT_MARKERS) else StageFailed
+        # a stage reports a bad param or input as one line `<stage>: error: ...` (core/errors.py)
+        reason = next((line for line in reversed(lines) if line.startswith(f"{stage}: error: ")), None)
+        if reason is not None:
+            raise error(f"stage '{stage}' failed: {reason.removeprefix(f'{stage}: error: ')}")
         tail = "\n".join(lines[-15:])
         raise error(f"stage '{stage}' failed (dvc repro exit code {code}):\n{tail}")
     if f"Stage '{stage}' didn't change, skipping" in output:
@@ -145,6 +157,19 @@ def run_stage(stage: str, root: str, env: dict[str, str], timeout_s: float, metr
     seconds = time.perf_counter() - started
     logger.info("%s: %s in %.1f s", stage, _STATUS_WORDS[status], seconds)
     return {"stage": stage, "status": status, "seconds": round(seconds, 2), "metrics": metrics}
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the stage's process group (the stage closes its MLflow run as KILLED), SIGKILL it
+    if it has not exited after ``grace_s``."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace_s)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 _STATUS_WORDS = {
@@ -206,12 +231,29 @@ def pipeline(
             _record_durable(parent, root_path, results)
     finally:
         parent.finish(status)
+        results_text = run_summary(root_path, results)
         create_markdown_artifact(
             key="arpipe-pipeline-summary",
-            markdown=summary_markdown(results, stages, parent.run_id, status),
+            markdown=summary_markdown(results, stages, parent.run_id, status)
+            + ("\n" + results_text if results_text else ""),
             description="arpipe pipeline run",
         )
     return results
+
+
+def run_summary(root: Path, results: list[dict]) -> str:
+    """The results section (core/summary.py) when this run reached ``evaluate`` (ran or up to date),
+    else "" (an older evaluation would not describe this run's models)."""
+    evaluate = next((r for r in results if r["stage"] == "evaluate"), None)
+    if evaluate is None:
+        return ""
+    paths = load_paths(read_params(root / "params.yaml"))
+    return results_summary(
+        root / paths.metrics / "evaluate.json",
+        root / paths.last_run / "evaluate_registry.json",
+        paths.eval,
+        evaluate["status"],
+    )
 
 
 def _record_durable(parent, root_path: Path, results: list[dict]) -> None:

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
-from tqdm import tqdm
 
 from core.checkpoint import read_checkpoint
 from core.config import Paths
 from core.metrics import flatten_metrics
+from core.progress import progress as progress_iter
 from core.shards import load_split
 from core.stage import stage_main
 from core.token_store import token_dtype, write_tokens
@@ -70,7 +70,7 @@ def encode_images(
     """uint8 NHWC images -> int64 (N, L) tokens; ``flip`` encodes the horizontal mirror."""
     device = next(model.parameters()).device
     out = [np.zeros((0, model.seq_len), dtype=np.int64)]  # a process may get no images
-    for i in tqdm(range(0, len(images_NHWC), batch_size), desc=desc, unit="batch", disable=not progress):
+    for i in progress_iter(range(0, len(images_NHWC), batch_size), desc=desc, unit="batch", disable=not progress):
         x = torch.from_numpy(images_NHWC[i : i + batch_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         if flip:
             x = x.flip(-1)

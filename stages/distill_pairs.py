@@ -103,7 +103,7 @@ def row_noise(cfg: Config, start: int, rows: int, seq_len: int, code_dim: int) -
 
 
 def run(cfg: Config, paths: Paths, tracker) -> dict:
-    from tqdm import tqdm
+    from core.progress import progress
 
     device = torch.device("cpu" if use_cpu() else "cuda")
     if device.type == "cpu":
@@ -143,7 +143,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     start_time = time.perf_counter()
     batches = range(0, cfg.count, cfg.batch_size)
     try:
-        for start in tqdm(batches, desc=STAGE, unit="batch"):
+        for start in progress(batches, desc=STAGE, unit="batch"):
             rows = min(cfg.batch_size, cfg.count - start)
             labels_B = torch.arange(start, start + rows) % num_classes
             noise_BLD = row_noise(cfg, start, rows, seq_len, code_dim)

@@ -30,9 +30,12 @@ at a time, decode excluded), with the sequential forward passes, 1 or 2 against 
 reported, not registered: the champion is chosen among the AR checkpoints.
 
 Writes ``paths.eval/report.md`` (one side-by-side table) and ``grid.png`` (one row per
-checkpoint and guidance, a column per class), ``metrics/evaluate.json`` keyed
-``<checkpoint>/<guidance>/<metric>`` (guidance ``cfg1`` is guidance-free), and the measured
-speed (images/s; sequential forward passes per image) in ``metrics/evaluate_speed.json``.
+checkpoint and guidance, labelled on the left; ``grid_per_class`` columns per class, the class name
+above them), ``metrics/evaluate.json`` keyed
+``<checkpoint>/<guidance>/<metric>`` (guidance ``cfg1`` is guidance-free), and
+``paths.last_run/evaluate_registry.json`` (the registry's decision). The measured speed
+(images/s; sequential forward passes per image) changes on every run, so it stays out of the DVC
+outs and metrics: MLflow (``speed/*``) and ``paths.last_run/evaluate_speed.json`` (gitignored).
 With MLflow tracking on, the best checkpoint (``select_metric`` at ``select_guidance``) is logged
 as a pyfunc and registered as ``arpipe-<arch>``: alias ``candidate`` always, ``champion`` only
 when it beats the current champion.
@@ -53,7 +56,7 @@ import torch
 
 from core.checkpoint import read_checkpoint
 from core.config import Paths
-from core.images import image_grid, save_png
+from core.images import labelled_grid, save_png
 from core.metrics import flatten_metrics
 from core.shards import load_split
 from core.stage import stage_main
@@ -321,21 +324,33 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     eval_dir.mkdir(parents=True, exist_ok=True)
     report = report_markdown(results, names, cfg, best, evalnet_config, inception_identity, skipped, speed)
     (eval_dir / "report.md").write_text(report)
-    grid = image_grid(np.concatenate(grid_rows), num_classes * cfg.grid_per_class)
+    grid = labelled_grid(  # rows: val, then checkpoint x guidance; a class name over its columns
+        np.concatenate(grid_rows), num_classes * cfg.grid_per_class, row_names, list(tok_config["class_names"])
+    )
     save_png(grid, eval_dir / "grid.png")
-    speed_file = Path(paths.metrics) / "evaluate_speed.json"
-    speed_file.parent.mkdir(parents=True, exist_ok=True)
-    speed_file.write_text(json.dumps(speed, indent=2, sort_keys=True) + "\n")
+    write_last_run(paths, "evaluate_speed.json", speed)  # timings: not a DVC out (see Paths.last_run)
     metrics = {**results, "best_value": _value(results, best, cfg)}
     tracker.log_metrics({**flatten_metrics(results), **flatten_metrics(speed, "speed/")})
     tracker.log_image(grid, "grid.png")
     tracker.log_artifact(eval_dir / "report.md")
     tracker.set_tags({"arpipe.eval.best_checkpoint": best, "arpipe.eval.grid_rows": " | ".join(row_names),
                       **{f"arpipe.eval.skipped.{name}": why for name, why in skipped.items()}})  # fmt: skip
-    if cfg.register:
-        _register(cfg, paths, tracker, best, arches[best], results)
+    registry = _register(cfg, paths, tracker, best, arches[best], results) if cfg.register else {}
+    record = {"best_checkpoint": best, "select": f"{cfg.select_metric}@{guidance_key(cfg.select_guidance)}",
+              "best_value": _value(results, best, cfg), "registered": bool(registry), **registry}  # fmt: skip
+    if not registry:
+        record["why_not"] = "register: false" if not cfg.register else "MLflow tracking is off"
+    write_last_run(paths, "evaluate_registry.json", record)
     print(f"{STAGE}: best checkpoint {best} ({cfg.select_metric} {_value(results, best, cfg):.3f}) -> {eval_dir}")
     return metrics
+
+
+def write_last_run(paths: Paths, name: str, record: dict) -> Path:
+    """``paths.last_run/<name>``: figures that change every run, kept out of DVC outs and git."""
+    target = Path(paths.last_run) / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return target
 
 
 def _fid_line(guidance: str, metrics: dict) -> str:
@@ -467,11 +482,12 @@ def report_markdown(
     student = (speed or {}).get(DISTILLED, {})
     if "1step_speedup" in student:
         # timings stay out of this file (a DVC out, byte-identical across runs): the measured
-        # speed-ups are in metrics/evaluate_speed.json and on the MLflow run
+        # speed-ups are in paths.last_run/evaluate_speed.json and on the MLflow run
         lines += [
             "Distilled student against its teacher (same run, same labels). The measured speed-ups "
             "(images/s ratio at the sampling batch size; latency of one image's tokens at batch 1) are timings, "
-            "so they are kept out of this file: `metrics/evaluate_speed.json` (`distilled/<mode>_speedup`, "
+            "so they are kept out of this file and out of git: `evaluate_speed.json` in `paths.last_run` "
+            "(default `.arpipe/last_run/`; keys `distilled/<mode>_speedup`, "
             "`distilled/<mode>_latency_speedup`) and the MLflow run (`speed/distilled/*`).",
             "",
             "| sampling | FID / teacher's ↓ | sequential passes: teacher / student |",
@@ -509,11 +525,13 @@ def _table(results: dict, names: list[str], cfg: Config, best: str, prefix: str,
     return lines
 
 
-def _register(cfg: Config, paths: Paths, tracker, best: str, arch: str, results: dict) -> None:
+def _register(cfg: Config, paths: Paths, tracker, best: str, arch: str, results: dict) -> dict:
+    """Register ``best`` and gate the champion; the decision as a JSON-able record ({} when tracking
+    is off)."""
     client, run_id = getattr(tracker, "client", None), getattr(tracker, "run_id", None)
     if client is None:
         print(f"{STAGE}: MLflow tracking is off: the best checkpoint is not registered")
-        return
+        return {}
     from core.registry import log_pyfunc, register_and_gate
 
     source = log_pyfunc(
@@ -550,10 +568,26 @@ def _register(cfg: Config, paths: Paths, tracker, best: str, arch: str, results:
             **({"registry/champion_value": decision.champion_value} if decision.champion_value is not None else {}),
         }
     )
-    print(
-        f"{STAGE}: registered {name} v{version} as candidate; champion {'moved' if decision.promote else 'kept'}: "
-        f"{decision.reason}"
-    )
+    print(f"{STAGE}: {champion_sentence(name, version, decision.promote, decision.champion_version, decision.reason)}")
+    return {
+        "model": name,
+        "version": version,
+        "checkpoint": best,
+        "champion_moved": decision.promote,
+        "champion_version": version if decision.promote else decision.champion_version,
+        "previous_champion_version": decision.champion_version,
+        "previous_champion_value": decision.champion_value,
+        "reason": decision.reason,
+    }
+
+
+def champion_sentence(name: str, version: str, promoted: bool, previous: str | None, reason: str) -> str:
+    """``registered arpipe-gpt v3 (alias candidate); it is now the champion (no champion yet)``."""
+    head = f"registered {name} v{version} (alias candidate); "
+    if promoted:
+        was = f", was v{previous}" if previous else ""
+        return head + f"it is now the champion{was} ({reason})"
+    return head + f"the champion stays v{previous} ({reason})"
 
 
 def main() -> None:

@@ -30,11 +30,11 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from core.config import Paths
 from core.images import Item, Prepared, Rejected, decode_png, prepare_image
 from core.metrics import flatten_metrics
+from core.progress import progress
 from core.sources import open_source
 from core.stage import stage_main
 
@@ -63,14 +63,26 @@ class Config:
     """Samples per tar before a new shard starts."""
     num_workers: int = 2
     """Decode/resize processes; 0 or 1 decodes in the stage process. Outs do not depend on it."""
+    num_classes: int = 0
+    """Classes the source is expected to hold (0 = whatever it holds). When set, shard fails if the
+    data has another count, and ``arpipe plan`` sizes the models with it before any data exists."""
 
     def __post_init__(self):
         if self.image_size < 4:
             raise ValueError(f"image_size must be >= 4, got {self.image_size}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.max_pixels < 1 or self.shard_max_count < 1 or self.num_workers < 0:
-            raise ValueError("max_pixels and shard_max_count must be >= 1, num_workers >= 0")
+        if self.max_pixels < 1 or self.shard_max_count < 1 or self.num_workers < 0 or self.num_classes < 0:
+            raise ValueError("max_pixels and shard_max_count must be >= 1, num_workers and num_classes >= 0")
+
+
+def _check_class_count(cfg: Config, found: int) -> None:
+    if cfg.num_classes and found != cfg.num_classes:
+        where = f" at {cfg.source_path}" if cfg.source != "digits" else ""
+        raise ValueError(
+            f"shard.num_classes is {cfg.num_classes} but source '{cfg.source}'{where} holds {found} classes: "
+            "fix the source or the param (0 = whatever the source holds)"
+        )
 
 
 def split_of(sha256: str, val_fraction: float) -> str:
@@ -86,6 +98,8 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     partial_dir.mkdir(parents=True)
 
     source = open_source(cfg.source, cfg.source_path, image_column=cfg.image_column, label_column=cfg.label_column)
+    if source.class_names is not None:  # known before decoding anything: check now, not hours later
+        _check_class_count(cfg, len(source.class_names))
     rows: list[dict] = []
     rejected: list[dict] = []
     first_of: dict[str, str] = {}  # sha256 -> source of the kept copy
@@ -95,7 +109,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     prepare = partial(prepare_image, size=cfg.image_size, max_pixels=cfg.max_pixels)
 
     with _results(source.entries, prepare, cfg.num_workers) as results:
-        bar = tqdm(results, total=source.total, desc="shard", unit="img", mininterval=1.0)
+        bar = progress(results, total=source.total, desc="shard", unit="img", mininterval=1.0)
         for result in bar:
             seen += 1
             if isinstance(result, Rejected):
@@ -116,6 +130,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
         writer.close()
 
     class_names = source.class_names or [str(i) for i in range(max((r["label"] for r in rows), default=-1) + 1)]
+    _check_class_count(cfg, len(class_names))
     for row in rows:
         if not 0 <= row["label"] < len(class_names):
             raise ValueError(f"{row['source']}: label {row['label']} has no class name in {class_names}")

@@ -9,6 +9,21 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
+REPO = Path(__file__).resolve().parents[1]
+# Created by tools, not by tests: pytest's, ruff's and import-linter's caches, bytecode, coverage.
+_TOOL_OUTPUTS = {".pytest_cache", "__pycache__", ".coverage", ".ruff_cache", ".import_linter_cache"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tests_write_nothing_into_the_checkout():
+    """Fail the session when a test leaves a new top-level file or folder in the checkout
+    (e.g. MLflow's default ./mlruns): tests write into tmp_path only."""
+    before = {p.name for p in REPO.iterdir()}
+    yield
+    new = sorted({p.name for p in REPO.iterdir()} - before - _TOOL_OUTPUTS)
+    assert not new, f"tests left {', '.join(new)} in {REPO}: write into tmp_path instead"
+
+
 @pytest.fixture
 def shard_run(tmp_path):
     """Run the shard stage into tmp_path; returns (metrics, shards_dir)."""

@@ -9,9 +9,10 @@ import yaml
 from helpers import REPO
 
 PACKAGES = ("core", "models", "stages", "arpipe", "flows")
-SIDE_CHANNELS = {"core/tracking.py"}
-"""Imported by every stage but never shapes a DVC out: MLflow runs, spooling, tags (a change to it
-must not re-run the pipeline)."""
+SIDE_CHANNELS = {"core/tracking.py", "core/errors.py", "core/progress.py"}
+"""Imported by every stage but never shapes a DVC out: MLflow runs, spooling, tags; how an error
+or Ctrl-C is reported on the console; progress lines (a change to them must not re-run the
+pipeline)."""
 LOADED_BY_PATH = {"evaluate": {"arpipe/pyfunc_model.py"}}
 """Code a stage hands to another program by file name: evaluate registers the sampler as an MLflow
 "model from code", so a change to it must re-run evaluate (and re-register)."""

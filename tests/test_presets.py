@@ -165,3 +165,18 @@ def test_the_released_presets_restate_exactly_the_released_architectures():
             ar["model"], ar_body["model"], pretrain.FINETUNE_KEYS, "pretrain.model", Path(ar["released"]["file"])
         )
         assert ar_body["arch"] == ar["arch"] and tok_body["kind"] == tok["kind"]
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_plan_takes_the_class_count_from_the_preset_not_the_local_shards(preset, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "data" / "shards").mkdir(parents=True)  # digits shards in the cwd must not count
+    (tmp_path / "data" / "shards" / "classes.json").write_text(json.dumps([str(i) for i in range(10)]))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "arpipe.cli", "plan", "--params", str(preset), "--gpus", "8"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"{preset}: 1000 classes (shard.num_classes), 8 GPU(s)"

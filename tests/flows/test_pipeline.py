@@ -64,6 +64,41 @@ def test_a_failing_stage_reports_its_exit_code_and_output(dvc_project):
     assert "stage 'work' failed" in str(info.value) and "bad input in foo.png" in str(info.value)
 
 
+def test_interrupting_the_flow_stops_the_stage_it_is_running(dvc_project):
+    """Ctrl-C reaches the flow's process group only (each stage runs in its own session): the
+    task stops the stage's group instead of leaving it running behind the user's back."""
+    import os
+    import signal
+
+    marker = "arpipe-interrupt-test-sleeper"
+    root = dvc_project(f"bash -c 'exec -a {marker} sleep 60' && echo done > out.txt")
+    code = f"from flows.pipeline import run_stage; run_stage.fn('work', {str(root)!r}, {{}}, 120.0)"
+    flow = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(120):
+            if subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the stage never started")
+        flow.send_signal(signal.SIGINT)
+        flow.wait(timeout=30)
+    finally:
+        flow.kill()
+    time.sleep(0.5)
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 1, "the stage outlived the flow"
+
+
+def test_a_stage_error_line_is_the_whole_failure_message(dvc_project):
+    """A stage's one-line error (core/errors.py) becomes the message, without DVC's lines around it."""
+    line = "work: error: params.yaml: work.x: unknown key"
+    root = dvc_project(f"python -c \"import sys; print('{line}', file=sys.stderr); sys.exit(2)\"")
+    with pytest.raises(StageFailed) as info:
+        run_stage.fn("work", str(root), {}, 60.0)
+    assert str(info.value) == "stage 'work' failed: params.yaml: work.x: unknown key"
+
+
 @pytest.mark.slow
 def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflow_store, prefect_harness, monkeypatch):
     from flows.pipeline import pipeline

@@ -33,6 +33,7 @@ def chain(tmp_path_factory):
         evalnet=str(root / "evalnet"),
         eval=str(root / "eval"),
         resume=str(root / "resume"),
+        last_run=str(root / "last_run"),
     )
     shard.run(shard.Config(image_size=8, num_workers=0), paths, NullTracker())
     tok = train_tokenizer.Config(
@@ -56,7 +57,9 @@ def tiny(**overrides) -> Config:
 
 
 def test_scores_every_checkpoint_and_the_bounds_side_by_side(chain, tmp_path):
-    paths = dataclasses.replace(chain, eval=str(tmp_path / "eval"), metrics=str(tmp_path / "metrics"))
+    paths = dataclasses.replace(
+        chain, eval=str(tmp_path / "eval"), metrics=str(tmp_path / "metrics"), last_run=str(tmp_path / "last_run")
+    )
     metrics = run(tiny(register=False), paths, NullTracker())
     assert set(metrics) == {"reconstruction", "train", "base", "best_value"}
     assert set(metrics["base"]) == {"cfg1", "cfg2"}
@@ -69,13 +72,24 @@ def test_scores_every_checkpoint_and_the_bounds_side_by_side(chain, tmp_path):
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| **base** | cfg1 |" in report and "through the tokenizer (ceiling)" in report
     assert "proxy space" in report
-    speed = json.loads((tmp_path / "metrics" / "evaluate_speed.json").read_text())
+    assert not (tmp_path / "metrics" / "evaluate_speed.json").exists()  # timings: not a tracked metric
+    speed = json.loads((tmp_path / "last_run" / "evaluate_speed.json").read_text())
     assert speed["base"]["steps_per_image"] == 16 and speed["base"]["cfg1_images_per_s"] > 0
-    assert (tmp_path / "eval" / "grid.png").is_file()
+    from PIL import Image
+
+    from core.images import image_grid
+
+    grid = np.asarray(Image.open(tmp_path / "eval" / "grid.png").convert("RGB"))
+    bare = image_grid(np.zeros((3 * 10, 8, 8, 3), np.uint8), 10)  # rows val, base cfg1, base cfg2; 10 classes
+    top, left = grid.shape[0] - bare.shape[0], grid.shape[1] - bare.shape[1]
+    assert top > 0 and left > 0
+    assert (grid[top:, :left] < 128).any(), "row labels (checkpoint and guidance) left of the rows"
+    assert (grid[:top, left:] < 128).any(), "class names above the columns"
     # deterministic: the same report and metrics again
     again = dataclasses.replace(paths, eval=str(tmp_path / "again"))
     assert run(tiny(register=False), again, NullTracker()) == metrics
     assert (tmp_path / "again" / "report.md").read_text() == report
+    assert (tmp_path / "again" / "grid.png").read_bytes() == (tmp_path / "eval" / "grid.png").read_bytes()
 
 
 def test_a_pass_through_checkpoint_is_named_in_the_report_but_not_evaluated(chain, tmp_path):
@@ -117,11 +131,12 @@ def test_champion_gate_decision(candidate, champion, higher, promote):
     assert champion_decision(candidate, champion, higher)[0] is promote
 
 
-def test_registry_sets_candidate_always_and_moves_champion_only_when_better(mlflow_store):
+def test_registry_sets_candidate_always_and_moves_champion_only_when_better(mlflow_store, tmp_path):
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_store)
-    experiment = client.create_experiment("reg")
+    # an explicit artifact folder: MLflow's default is ./mlruns in the cwd, i.e. the checkout
+    experiment = client.create_experiment("reg", artifact_location=(tmp_path / "artifacts").as_uri())
     versions = {}
     for value in (10.0, 12.0, 8.0):
         run_id = client.create_run(experiment).info.run_id
@@ -153,9 +168,14 @@ def test_registered_champion_loads_as_pyfunc_and_samples_offline(chain, tmp_path
 
     from core.tracking import stage_run
 
-    paths = dataclasses.replace(chain, eval=str(tmp_path / "eval"), metrics=str(tmp_path / "metrics"))
+    paths = dataclasses.replace(
+        chain, eval=str(tmp_path / "eval"), metrics=str(tmp_path / "metrics"), last_run=str(tmp_path / "last_run")
+    )
     with stage_run("evaluate") as tracker:
         run(tiny(), paths, tracker)
+    record = json.loads((tmp_path / "last_run" / "evaluate_registry.json").read_text())
+    assert record["model"] == "arpipe-gpt" and record["version"] == "1" and record["champion_moved"] is True
+    assert record["champion_version"] == "1" and record["previous_champion_version"] is None
     client = MlflowClient(mlflow_store)
     version = client.get_model_version_by_alias("arpipe-gpt", "champion")
     assert version.tags["arpipe.checkpoint"] == "base"
@@ -290,7 +310,7 @@ def test_the_distilled_student_is_scored_at_one_and_two_steps_against_its_teache
     models = tmp_path / "models"
     models.mkdir()
     (models / "base").symlink_to(Path(chain.models) / "base")
-    outs = {name: str(tmp_path / name) for name in ("distill", "eval", "metrics", "plots", "resume")}
+    outs = {name: str(tmp_path / name) for name in ("distill", "eval", "metrics", "plots", "resume", "last_run")}
     paths = dataclasses.replace(chain, models=str(models), **outs)
     pairs = distill_pairs.Config(teacher="base", count=64, batch_size=32, cfg=2.0, ode_steps=8, t_min=0.02)
     distill_pairs.run(pairs, paths, NullTracker())
@@ -301,11 +321,11 @@ def test_the_distilled_student_is_scored_at_one_and_two_steps_against_its_teache
     for block in metrics["distilled"].values():
         assert set(block) == {*evaluate.METRICS, "fid_vs_teacher"}
         assert block["fid_vs_teacher"] == pytest.approx(block["fid"] / metrics["base"]["cfg2"]["fid"])
-    speed = json.loads((tmp_path / "metrics" / "evaluate_speed.json").read_text())["distilled"]
+    speed = json.loads((tmp_path / "last_run" / "evaluate_speed.json").read_text())["distilled"]
     assert speed["1step_steps_per_image"] == 1 and speed["2step_steps_per_image"] == 2
     assert speed["1step_step_reduction"] == 16 and speed["2step_step_reduction"] == 8
     assert speed["1step_speedup"] > 0 and speed["2step_speedup"] > 0
-    teacher_ms = json.loads((tmp_path / "metrics" / "evaluate_speed.json").read_text())["base"]["cfg2_token_ms_b1"]
+    teacher_ms = json.loads((tmp_path / "last_run" / "evaluate_speed.json").read_text())["base"]["cfg2_token_ms_b1"]
     for mode in ("1step", "2step"):  # latency: one image's tokens at a time, against the teacher at its guidance
         assert speed[f"{mode}_latency_speedup"] == pytest.approx(teacher_ms / speed[f"{mode}_token_ms_b1"])
     assert metrics["best_value"] == metrics["base"]["cfg1"]["fid"], "the champion is chosen among AR checkpoints"

@@ -147,3 +147,28 @@ def test_refuses_another_architecture_naming_the_key(tiny_caches, champion_dir, 
 def test_init_version_needs_init_from_champion():
     with pytest.raises(ValueError, match="init_version 3 needs init_from: champion"):
         Config(init_version=3)
+
+
+def test_arpipe_sample_from_the_champion_prints_its_result_without_library_noise(
+    tiny_caches, champion_dir, tmp_path, mlflow_store
+):
+    """`arpipe sample --model champion` as a user runs it: no MLflow type-hint warning, no
+    artifact-download bars; one line naming the file it wrote."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    register(mlflow_store, champion_dir, tiny_caches["vq"].tokenizer)
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": mlflow_store}
+    result = subprocess.run(
+        [sys.executable, "-m", "arpipe.cli", "sample", "--model", "champion", "--classes", "0,1", "--n", "2",
+         "--out", str(tmp_path / "grid.png")],
+        cwd=project, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {tmp_path / 'grid.png'}: 4 samples from models:/arpipe-gpt@champion")
+    assert "UserWarning" not in result.stderr and "Downloading artifacts" not in result.stderr, result.stderr
