@@ -89,7 +89,7 @@ def test_arpipe_plan_prints_a_released_preset_for_1000_classes():
     preset = REPO / "presets" / "llamagen-gpt-b-cca.yaml"
     result = CliRunner().invoke(cli, ["plan", "--params", str(preset), "--gpus", "8"])
     assert result.exit_code == 0, result.output
-    assert "1000 classes, 8 GPU(s)" in result.output
+    assert "1000 classes (shard.num_classes), 8 GPU(s)" in result.output
     assert "| pretrain (gpt, L=256; released GPT-B, import only) | 110.9M |" in result.output
 
 
