@@ -53,3 +53,14 @@ def test_tiny_gpu_check_runs_every_row_on_cpu_and_writes_its_table(tmp_path):
     trains = [r for r in rows if r["what"].startswith("train")]
     assert all(r["seconds"] > 0 and 0 < r["mfu"] for r in trains)
     assert all(r["images_per_s"] > 0 for r in rows if r["what"].startswith("sample"))
+
+
+def test_peers_without_checkouts_skips_with_a_message(tmp_path):
+    """benchmarks/peers.py needs local checkouts of the authors' repos; without them it says so."""
+    env = {**os.environ, "ARPIPE_BENCH_RESULTS": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "peers.py"), "--var", str(tmp_path)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "gpt: skipped (--llamagen not given)" in result.stdout
+    assert f"var: skipped ({tmp_path} lacks models/var.py" in result.stdout
+    assert "nothing to compare" in result.stdout and not list(tmp_path.glob("*.json"))
