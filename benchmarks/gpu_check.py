@@ -11,15 +11,16 @@ What it runs, per family, on one CUDA GPU in bf16 autocast (under 8 minutes on a
 
 Rows of the table:
 
-- ``train eager`` / ``train compiled``: forward, fp32 cross-entropy, backward, clip at 1.0, AdamW
-  (``param_groups(0.05)``), on random tokens; ``--steps`` timed after warm-up, median. The compiled
-  row is ``torch.compile`` of the model (the stages' order: ``core.training.compile_model``), its
-  first steps (compilation) reported apart. MFU = ``flops_per_token() * batch * seq_len`` / median
-  step / the GPU's dense bf16 matmul peak measured in this process (``matmul_peak_flops``).
+- ``train eager`` / ``train compiled`` (batch: gpt 64, var 32; ``--batch`` sets both): forward,
+  fp32 cross-entropy, backward, clip at 1.0, AdamW (``param_groups(0.05)``), on random tokens;
+  ``--steps`` timed after warm-up, median. The compiled row is ``torch.compile`` of the model
+  (as ``core.training.compile_model`` does it), its first steps (compilation) reported apart.
+  MFU = ``flops_per_token() * batch * seq_len`` / median step / the GPU's dense bf16 matmul peak
+  measured in this process (``matmul_peak_flops``).
 - ``fsdp smoke``: a child process under ``accelerate launch --config_file accelerate/fsdp.yaml
   --num_processes 1`` (the stages' FSDP2 profile on one GPU) builds the model through
-  ``core.training.build_accelerator`` + ``accelerator.prepare`` + ``compile_model`` and runs a
-  few steps: it passes when the losses are finite and the gathered full state dict has the bare
+  ``core.training.build_accelerator`` + ``accelerator.prepare`` + ``torch.compile`` (the order of
+  ``compile_model``) and runs a few steps: it passes when the losses are finite and the gathered full state dict has the bare
   module's keys and shapes. Its step time is shown, not compared (one process shards nothing).
 - ``sample b64`` / ``sample b256``: ``model.generate`` with guidance (GPT cfg 2.0 constant; VAR
   VAR's linear ramp for cfg 1.5, i.e. ``linear_guidance_ramp(2.5, steps)``), temperature 1, no
@@ -78,7 +79,7 @@ class Setup:
     gpt: dict
     var: dict
     msvq: dict
-    batch: int
+    batch: dict  # training batch per family
     steps: int
     warmup: int
     sample_batches: tuple[int, ...]
@@ -95,7 +96,8 @@ FULL = Setup(
          "depth": 16},
     msvq={"image_size": 256, "base_channels": 8, "channel_multipliers": (1, 1, 2, 2, 4), "attention": False,
           "z_channels": 32, "codebook_size": 4096, "scales": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)},
-    batch=64, steps=10, warmup=3, sample_batches=(64, 256), compile_backend="inductor", peak_size=8192,
+    batch={"gpt": 64, "var": 32}, steps=10, warmup=3, sample_batches=(64, 256), compile_backend="inductor",
+    peak_size=8192,
 )  # fmt: skip
 TINY = Setup(
     name="tiny",
@@ -104,8 +106,8 @@ TINY = Setup(
          "heads": 2},
     msvq={"image_size": 16, "base_channels": 8, "channel_multipliers": (1, 2, 2), "attention": False,
           "z_channels": 8, "codebook_size": 64, "scales": (1, 2, 4)},
-    batch=8, steps=2, warmup=1, sample_batches=(4, 8), compile_backend="aot_eager", peak_size=256, fsdp_steps=2,
-    fsdp_compile_backend="eager",
+    batch={"gpt": 8, "var": 8}, steps=2, warmup=1, sample_batches=(4, 8), compile_backend="aot_eager", peak_size=256,
+    fsdp_steps=2, fsdp_compile_backend="eager",
 )  # fmt: skip
 
 
@@ -114,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="tiny config on CPU, fp32 (automatic without CUDA)")
     parser.add_argument("--family", choices=(*FAMILIES, "both"), default="both")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps (default: 10; tiny 2)")
-    parser.add_argument("--batch", type=int, default=None, help="training batch (default: 64; tiny 8)")
+    parser.add_argument("--batch", type=int, default=None, help="training batch (default: gpt 64, var 32; tiny 8)")
     parser.add_argument("--sample-repeats", type=int, default=2, help="timed sampling calls per batch (median)")
     parser.add_argument("--skip-compile", action="store_true", help="leave out the compiled rows")
     parser.add_argument("--skip-fsdp", action="store_true", help="leave out the FSDP smoke")
@@ -129,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def setup_for(args) -> Setup:
     setup = TINY if args.tiny else FULL
     overrides = {k: v for k, v in (("steps", args.steps), ("batch", args.batch)) if v is not None}
+    if "batch" in overrides:
+        overrides["batch"] = dict.fromkeys(FAMILIES, overrides["batch"])
     return Setup(**{**setup.__dict__, **overrides})
 
 
@@ -226,16 +230,20 @@ def train_row(family: str, setup: Setup, device: torch.device, peak: float, comp
     raw_model = build_model(family, setup, device).train()
     model = torch.compile(raw_model, backend=setup.compile_backend) if compiled else raw_model
     optimizer = torch.optim.AdamW(raw_model.param_groups(0.05), lr=1e-4)
-    tokens_BL, labels_B = random_batch(raw_model, setup.batch, device)
-    warm = train_steps(model, optimizer, tokens_BL, labels_B, device, setup.warmup)
-    seconds = statistics.median(train_steps(model, optimizer, tokens_BL, labels_B, device, setup.steps))
+    tokens_BL, labels_B = random_batch(raw_model, setup.batch[family], device)
+    try:
+        warm = train_steps(model, optimizer, tokens_BL, labels_B, device, setup.warmup)
+        seconds = statistics.median(train_steps(model, optimizer, tokens_BL, labels_B, device, setup.steps))
+    finally:
+        if compiled:
+            torch._dynamo.reset()  # drop the compiled graphs (and the model they hold) before the next row
     length = raw_model.config.seq_len
-    flops = raw_model.flops_per_token() * setup.batch * length
+    flops = raw_model.flops_per_token() * setup.batch[family] * length
     note = f"{raw_model.num_params() / 1e6:.1f}M params, {length} tokens"
     if compiled:
         note += f", {setup.compile_backend}: first {setup.warmup} steps {sum(warm):.1f} s"
-    return Row(family, "train compiled" if compiled else "train eager", setup.batch, seconds,
-               setup.batch * length / seconds, flops / seconds / peak, memory_gib=memory_gib(device), note=note,
+    return Row(family, "train compiled" if compiled else "train eager", setup.batch[family], seconds,
+               setup.batch[family] * length / seconds, flops / seconds / peak, memory_gib=memory_gib(device), note=note,
                extra={"warmup_seconds": warm, "step_flops": flops, "params": raw_model.num_params()})  # fmt: skip
 
 
@@ -280,9 +288,9 @@ def fsdp_row(family: str, setup: Setup, args) -> Row:
     found = [line for line in result.stdout.splitlines() if line.startswith("FSDP_RESULT ")]
     if result.returncode != 0 or not found:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        return Row(family, "fsdp smoke", setup.batch, note="FAILED: " + " | ".join(tail), ok=False)
+        return Row(family, "fsdp smoke", setup.batch[family], note="FAILED: " + " | ".join(tail), ok=False)
     info = json.loads(found[-1].removeprefix("FSDP_RESULT "))
-    return Row(family, "fsdp smoke", setup.batch, info["seconds"], memory_gib=info["memory_gib"], ok=info["ok"],
+    return Row(family, "fsdp smoke", setup.batch[family], info["seconds"], memory_gib=info["memory_gib"], ok=info["ok"],
                note=info["note"], extra=info)  # fmt: skip
 
 
@@ -300,7 +308,7 @@ def fsdp_child(family: str, setup: Setup) -> None:
     prepared, optimizer = accelerator.prepare(raw_model, optimizer)
     # the stages' compile_model, with the setup's backend (tiny: dynamo only, inductor takes minutes)
     model = torch.compile(prepared, backend=setup.fsdp_compile_backend)
-    tokens_BL, labels_B = random_batch(raw_model, setup.batch, device)
+    tokens_BL, labels_B = random_batch(raw_model, setup.batch[family], device)
     reset_memory(device)
     seconds, losses = [], []
     for _ in range(setup.fsdp_steps):
@@ -364,9 +372,12 @@ def print_table(rows: list[Row]) -> None:
 
 def guarded(family: str, what: str, batch: int, fn, *fn_args) -> list[Row]:
     """Run one measurement; a failure becomes a FAILED row so the rest of the check still runs."""
+    start = time.perf_counter()
     try:
         result = fn(*fn_args)
-        return result if isinstance(result, list) else [result]
+        rows = result if isinstance(result, list) else [result]
+        print(f"  done in {time.perf_counter() - start:.1f} s", flush=True)
+        return rows
     except Exception as error:  # noqa: BLE001 - reported in the table, the check goes on
         traceback.print_exc()
         return [Row(family, what, batch, note=f"FAILED: {type(error).__name__}: {error}"[:200], ok=False)]
@@ -393,13 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for family in families:
         print(f"{family}: training eager ...", flush=True)
-        rows += guarded(family, "train eager", setup.batch, train_row, family, setup, device, peak, False)
+        rows += guarded(family, "train eager", setup.batch[family], train_row, family, setup, device, peak, False)
         if not args.skip_compile:
             print(f"{family}: training compiled ({setup.compile_backend}) ...", flush=True)
-            rows += guarded(family, "train compiled", setup.batch, train_row, family, setup, device, peak, True)
+            rows += guarded(family, "train compiled", setup.batch[family], train_row, family, setup, device, peak, True)
         if not args.skip_fsdp:
             print(f"{family}: FSDP smoke (accelerate/fsdp.yaml, one process) ...", flush=True)
-            rows += guarded(family, "fsdp smoke", setup.batch, fsdp_row, family, setup, args)
+            rows += guarded(family, "fsdp smoke", setup.batch[family], fsdp_row, family, setup, args)
         print(f"{family}: sampling at batch {', '.join(map(str, setup.sample_batches))} ...", flush=True)
         rows += guarded(family, "sample", 0, sample_rows, family, setup, device, args.sample_repeats)
     print_table(rows)
