@@ -19,7 +19,7 @@ TORCH_SPEC := torch==$(TORCH_VERSION)
 TORCH_INDEX := --extra-index-url https://download.pytorch.org/whl/$(TORCH_VARIANT)
 endif
 
-.PHONY: install run test lint lock bench bench-posttrain browser-deps clean
+.PHONY: install run test lint lock bench bench-gpu bench-posttrain browser-deps clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -49,6 +49,12 @@ bench: install
 	$(BIN)/python benchmarks/tokens.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/evaluate.py
+
+# One CUDA GPU, under 8 minutes: GPT-B / VAR-d16-size bf16 training steps (eager, compiled, FSDP
+# smoke), MFU vs the measured bf16 peak, sampling at batch 64/256; writes benchmarks/results/gpu_check.json.
+# On a GPU host: make bench-gpu TORCH_VARIANT=cu128 (without a GPU it runs --tiny on the CPU).
+bench-gpu: install
+	$(BIN)/python benchmarks/gpu_check.py
 
 # base vs every post-training stage, both families, 3 seeds (about 45 min on 2 CPU cores)
 bench-posttrain: install

@@ -37,6 +37,8 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/distill.py` puts benchm
 
 import torch  # noqa: E402
 
+from benchmarks._results import write_results  # noqa: E402
+
 BAR = {"1step": 2.5, "2step": 1.9}  # FID at most this times the teacher's
 SPEEDUP_SHARE = 0.6  # speed-up at least this share of the ideal (teacher steps / student steps)
 
@@ -149,12 +151,17 @@ def main() -> None:
     parser.add_argument("--samples-per-class", type=int, default=None, help="override evaluate.samples_per_class")
     parser.add_argument("--batch-size", type=int, default=250, help="images per sampling batch")
     args = parser.parse_args()
+    figures = {"config": {"samples_per_class": args.samples_per_class, "batch_size": args.batch_size,
+                          "threads": torch.get_num_threads(), "bar_fid_ratio": BAR, "speedup_share": SPEEDUP_SHARE},
+               "projects": {}}  # fmt: skip
     for project in args.project or [REPO_ROOT]:
         result = measure(project.resolve(), args.samples_per_class, args.batch_size)
         if isinstance(result, str):
             print(f"\n{project}: {result}")
         else:
             report(project, result)
+        figures["projects"][str(project)] = result  # a string says why it was skipped
+    write_results("distill", figures)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/evaluate.py` puts bench
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks._results import write_results  # noqa: E402
+
 
 def timed(fn, repeats: int = 3) -> float:
     """Best wall time of ``repeats`` calls, seconds."""
@@ -103,13 +105,19 @@ def main() -> None:
     print(f"metric throughput, {args.n:,} x {args.dim} features ({torch.get_num_threads()} threads)\n")
     print(f"{'metric':<42} {'rows':>8} {'seconds':>8} {'rows/s':>12}")
     print(f"{'-' * 42} {'-' * 8} {'-' * 8} {'-' * 12}")
-    for name, rows, seconds in metric_rows(args.n, args.dim, classes=10):
+    metrics_table = metric_rows(args.n, args.dim, classes=10)
+    for name, rows, seconds in metrics_table:
         print(f"{name:<42} {rows:>8,} {seconds:>8.3f} {rows / seconds:>12,.0f}")
+    figures = {
+        "config": {"n": args.n, "dim": args.dim, "samples_per_class": args.samples_per_class},
+        "metric_throughput": [{"metric": n, "rows": r, "seconds": s, "rows_per_s": r / s} for n, r, s in metrics_table],
+    }
 
     print("\nevaluate stage, end to end on the project's outputs (registry off):")
     result = stage_wall_time(args.samples_per_class)
     if isinstance(result, str):
         print(f"  {result}")
+        write_results("evaluate", {**figures, "stage": result})
         return
     seconds, info = result
     cfg, metrics = info["cfg"], info["metrics"]
@@ -119,6 +127,11 @@ def main() -> None:
         f"  {seconds:.1f} s for {len(checkpoints)} checkpoint(s) x {len(cfg.scales)} guidance scales x "
         f"{cfg.samples_per_class} samples/class (~{images:,} generated images, plus the two bounds)"
     )
+    write_results(
+        "evaluate",
+        {**figures, "stage": {"seconds": seconds, "checkpoints": checkpoints, "generated_images": images,
+                              "config": cfg, "metrics": metrics}},
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

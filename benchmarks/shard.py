@@ -39,6 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/shard.py` puts benchmarks/ first, not the root
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks._results import write_results  # noqa: E402
+
 GOAL_IMAGES_PER_S = 1_000.0
 GOAL_SOURCE, GOAL_WORKERS = "folder", 2
 DIGITS_IMAGE_SIZE = 16
@@ -211,6 +213,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             verdict = "MET" if goal[4] >= GOAL_IMAGES_PER_S else "NOT MET"
             print(f"{target}: {verdict} (median {goal[4]:,.0f} images/s, best {goal[5]:,.0f} images/s)")
+        cases_out = [
+            {"source": src, "images": seen, "workers": workers, "median_seconds": median,
+             "images_per_s_median": rate, "images_per_s_best": best}
+            for src, seen, workers, median, rate, best, _ in results
+        ]  # fmt: skip
+        write_results(
+            "shard",
+            {"repeats": args.repeats, "goal_images_per_s": GOAL_IMAGES_PER_S, "cases": cases_out},
+            argv=None if argv is None else ["benchmarks/shard.py", *argv],
+        )
         return 0  # a benchmark, not a test: a missed goal is reported, not an error
     finally:
         if args.keep:

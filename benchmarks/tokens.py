@@ -44,6 +44,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/tokens.py` puts benchmarks/ first, not the root
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks._results import write_results  # noqa: E402
+
 GOAL_GB_PER_S = 1.0
 ENCODE_BATCHES = (64, 256)
 GATHER_BATCHES = (64, 256)
@@ -234,6 +236,18 @@ def main(argv: list[str] | None = None) -> int:
         f"\ngoal >= {GOAL_GB_PER_S:.0f} GB/s zero-copy read: {verdict} (mapped .arrow with every token touched "
         f"{touched:,.2f} GB/s; mapping alone {reads[0][2]:,.0f} GB/s; Parquet decode {decoded:.2f} GB/s)"
     )
+    figures = {
+        "config": {"images": args.images, "rows": args.rows, "seq_len": args.seq_len, "repeats": args.repeats,
+                   "gather_steps": args.gather_steps, "tokenizer": described, "device": device},
+        "encode": [{"batch": b, "images_per_s": rate} for b, rate in encoded],
+        "read": {"token_bytes": nbytes, "file_bytes": sizes,
+                 "paths": [{"path": n, "seconds": sec, "gb_per_s": gb} for n, sec, gb in reads]},
+        "gather": [{"tokens_from": src, "batch": b, "sequences_per_s": r, "gb_per_s": r * row_bytes / 1e9}
+                   for src, b, r in gathered],
+        "goal_gb_per_s": GOAL_GB_PER_S,
+        "goal_met": touched >= GOAL_GB_PER_S,
+    }  # fmt: skip
+    write_results("tokens", figures, argv=None if argv is None else ["benchmarks/tokens.py", *argv])
     print(f"whole benchmark (cache writing, imports and clean-up included): {time.perf_counter() - SCRIPT_START:.1f} s")
     return 0  # a benchmark, not a test: a missed goal is reported, not an error
 

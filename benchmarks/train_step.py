@@ -54,6 +54,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/train_step.py` puts benchmarks/ first, not the root
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks._results import write_results  # noqa: E402
+
 FAMILIES = ("gpt", "var")
 GOAL_MFU = 0.50
 GOAL_CACHE_SPEEDUP = 5.0
@@ -333,6 +335,26 @@ def report(results: list[Result], args) -> None:
             )
 
 
+def figures(results: list[Result], args, precision: str) -> dict:
+    """What ``report`` printed, for benchmarks/results/train_step.json."""
+    return {
+        "config": {"batch": args.batch, "steps": args.steps, "warmup_steps": WARMUP_STEPS, "device": args.device,
+                   "precision": precision, "sample_batch": args.sample_batch, "sample_cfg": 1.0},
+        "families": {
+            r.family: {
+                "params": r.params, "seq_len": r.seq_len, "sample_steps": r.sample_steps,
+                "step_seconds_median": r.median_step, "step_seconds_best": min(r.step_seconds),
+                "step_seconds": r.step_seconds, "tokens_per_s": args.batch * r.seq_len / r.median_step,
+                "step_flops": r.step_flops, "peak_flops": r.peak_flops, "mfu": r.mfu,
+                "cached_sample_seconds": r.cached_seconds, "cached_images_per_s": args.sample_batch / r.cached_seconds,
+                "uncached_sample_seconds": r.uncached_seconds,
+                "uncached_images_per_s": args.sample_batch / r.uncached_seconds, "cache_speedup": r.cache_speedup,
+            }
+            for r in results
+        },
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
@@ -348,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     families = FAMILIES if args.family == "both" else (args.family,)
     results = [run_family(family, args, device) for family in families]
     report(results, args)
+    write_results(
+        "train_step",
+        figures(results, args, precision),
+        peaks={f"{r.family}_step": r.peak_flops for r in results},
+        argv=None if argv is None else ["benchmarks/train_step.py", *argv],
+    )
     print(f"whole benchmark (model building and peak measurement included): {elapsed():.1f} s")
     return 0  # a benchmark, not a test: a missed goal is reported, not an error
 

@@ -299,3 +299,33 @@ def matmul_peak_flops(
         sync()
         best = min(best, (time.perf_counter() - start) / repeats)
     return 2 * size**3 / best
+
+
+def compile_model(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """The prepared model, wrapped by ``torch.compile`` when ``enabled`` (the stage's ``compile``).
+
+    The order, as in torchtitan (wrapping applied from outside, the model code single-device)::
+
+        raw_model = build(...).to(device)                        # the bare module
+        model, optimizer = accelerator.prepare(raw_model, opt)  # DDP / FSDP2 wrap, autocast
+        model = compile_model(model, cfg.compile)               # compile the wrapped module
+        start, history = resume.restore()                       # accelerate's load_state
+
+    accelerate keeps the *prepared* module registered, not the compiled wrapper, so ``save_state``
+    and ``load_state`` see the same module and state-dict keys with and without compile (no
+    ``_orig_mod.`` prefix) and a resumed compiled run ends byte-identical to an uninterrupted one
+    (tested on CPU). ``raw_model`` stays the bare eager module for saving, evaluation and sampling;
+    only the training forward (and its backward) goes through the compiled graph, which is built on
+    the first step (seconds to minutes: it pays on GPUs, see benchmarks/gpu_check.py).
+    """
+    return torch.compile(model) if enabled else model
+
+
+def recorded_config(cfg: Any) -> dict[str, Any]:
+    """A stage config as config.json records it (``stage_config``): every field, except
+    ``compile`` when off, so that an eager run's artifacts stay byte-identical to those written
+    before the key existed; a compiled run (other kernels, other rounding) records ``compile: true``."""
+    record = dataclasses.asdict(cfg)
+    if not record.get("compile", True):
+        del record["compile"]
+    return record

@@ -25,7 +25,6 @@ as ``python -m stages.cca``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -46,9 +45,11 @@ from core.training import (
     add_to_window,
     build_accelerator,
     check_finite,
+    compile_model,
     log_window,
     new_history,
     process_state,
+    recorded_config,
     resume_dir,
     seed_everything,
     step_bar,
@@ -98,6 +99,9 @@ class Config:
     keep_dropout: bool = False
     """Train the policy with its dropout / drop-path on (the reference is always deterministic)."""
     mixed_precision: Literal["no", "bf16"] = "no"
+    compile: bool = False
+    """torch.compile the prepared model for training (GPUs: faster steps after a first step that
+    compiles; off on CPU). Eager and compiled runs differ in rounding; resume is exact either way."""
     seed: int = 0
     log_every: int = 10
     """Steps between logged rows (MLflow and plots/cca/train.csv); the last step is always logged."""
@@ -171,6 +175,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         module.to(accelerator.device)
     optimizer = torch.optim.AdamW(raw_model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
+    model = compile_model(model, cfg.compile)  # after wrapping: see core.training.compile_model
 
     inputs = [paths.tokens, paths.tokenizer, Path(paths.models) / cfg.input]
     resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, inputs), cfg.save_every)
@@ -255,7 +260,7 @@ def _write_outputs(cfg, paths, model, in_config, tokenizer, history, steps) -> d
 def stage_config(cfg: Config) -> dict:
     """config.json's ``stage_config``; ``skip`` only when set, so the files of a run from before
     the key existed stay byte-identical."""
-    config = dataclasses.asdict(cfg)
+    config = recorded_config(cfg)
     if not cfg.skip:
         del config["skip"]
     return config

@@ -23,7 +23,6 @@ A killed run resumes from ``paths.resume`` with byte-identical weights (CPU). Ru
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +43,11 @@ from core.training import (
     add_to_window,
     build_accelerator,
     check_finite,
+    compile_model,
     log_window,
     new_history,
     process_state,
+    recorded_config,
     resume_dir,
     seed_everything,
     step_bar,
@@ -101,6 +102,9 @@ class Config:
     keep_dropout: bool = False
     """Train with the teacher's dropout on (off: the student is fit deterministically)."""
     mixed_precision: Literal["no", "bf16"] = "no"
+    compile: bool = False
+    """torch.compile the prepared model for training (GPUs: faster steps after a first step that
+    compiles; off on CPU). Eager and compiled runs differ in rounding; resume is exact either way."""
     seed: int = 0
     log_every: int = 25
     """Steps between logged rows (MLflow and plots/distill/train.csv); the last step is always logged."""
@@ -194,6 +198,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     tokenizer.to(accelerator.device)
     optimizer = torch.optim.AdamW(raw_model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
+    model = compile_model(model, cfg.compile)  # after wrapping: see core.training.compile_model
     ema = EMA(raw_model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -317,7 +322,7 @@ def _write_outputs(cfg, paths, student, pairs, teacher_config, tok_config, token
             "guidance_schedule": meta["stage_config"].get("guidance_schedule", "constant"),
         },  # fmt: skip
         "pairs": {"count": len(pairs.labels_N), **meta["stage_config"]},
-        "stage_config": dataclasses.asdict(cfg),
+        "stage_config": recorded_config(cfg),
     }
     write_checkpoint(out_dir, student.state_dict(), config)
     save_png(_samples(student, tokenizer, cfg), out_dir / "samples.png")

@@ -27,7 +27,6 @@ count. Run by DVC as ``python -m stages.sar``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -48,9 +47,11 @@ from core.training import (
     add_to_window,
     build_accelerator,
     check_finite,
+    compile_model,
     log_window,
     new_history,
     process_state,
+    recorded_config,
     resume_dir,
     seed_everything,
     step_bar,
@@ -127,6 +128,9 @@ class Config:
     label_dropout: bool = True
     """Drop labels to the null class with the model's ``class_dropout`` (keeps CFG working)."""
     mixed_precision: Literal["no", "bf16"] = "no"
+    compile: bool = False
+    """torch.compile the prepared model for training (GPUs: faster steps after a first step that
+    compiles; off on CPU). Eager and compiled runs differ in rounding; resume is exact either way."""
     seed: int = 0
     log_every: int = 10
     """Steps between logged rows (MLflow and plots/sar/train.csv); the last step is always logged."""
@@ -198,6 +202,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         module.to(accelerator.device)
     optimizer = torch.optim.AdamW(raw_model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
+    model = compile_model(model, cfg.compile)  # after wrapping: see core.training.compile_model
 
     scales = raw_model.config.scales
     forced = student_forced_scales(len(scales), cfg.transitions)
@@ -286,7 +291,7 @@ def _pass_through(cfg, paths, tracker, state, in_config, accelerator, reason: st
             passthrough_of=cfg.input,
             skipped=reason,
             input_checkpoint={"name": cfg.input, "fingerprint": in_config["fingerprint"]},
-            stage_config=dataclasses.asdict(cfg),
+            stage_config=recorded_config(cfg),
         )
         write_checkpoint(out_dir, state, config)
         samples = Path(paths.models) / cfg.input / "samples.png"
@@ -315,7 +320,7 @@ def _read_png(path: Path) -> np.ndarray:
 
 def _write_outputs(cfg, paths, model, in_config, tokenizer, history, steps) -> dict:
     out_dir = Path(paths.models) / OUT_NAME
-    config = finetuned_config(STAGE, cfg.input, in_config, model.config_dict(), dataclasses.asdict(cfg))
+    config = finetuned_config(STAGE, cfg.input, in_config, model.config_dict(), recorded_config(cfg))
     write_checkpoint(out_dir, model.state_dict(), config)
     save_png(sample_grid(model, tokenizer, cfg), out_dir / "samples.png")
     _write_train_csv(paths, history["train"])

@@ -45,3 +45,24 @@ def test_non_finite_loss_names_step_and_state(tmp_path):
     resume.last_saved = tmp_path / "checkpoint_000000002"
     with pytest.raises(NonFiniteLossError, match=r"step 3 \(recon=nan\).*checkpoint_000000002"):
         check_finite({"loss": torch.tensor(0.5), "recon": float("nan")}, 3, resume)
+
+
+def test_compile_model_wraps_the_prepared_module_and_recorded_config_hides_compile_when_off():
+    import dataclasses
+
+    from core.training import compile_model, recorded_config
+
+    module = torch.nn.Linear(2, 2)
+    assert compile_model(module, False) is module
+    compiled = compile_model(module, True)
+    # a wrapper around the same module: accelerate keeps saving the module's own keys
+    assert compiled is not module and compiled._orig_mod is module
+    assert list(module.state_dict()) == ["weight", "bias"]
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        steps: int = 3
+        compile: bool = False
+
+    assert recorded_config(Config()) == {"steps": 3}
+    assert recorded_config(Config(compile=True)) == {"steps": 3, "compile": True}

@@ -259,3 +259,37 @@ def test_two_cpu_ranks_match_one_rank_at_the_same_global_batch(caches, tmp_path)
     state_two, _ = read_checkpoint(Path(two.models) / "base")
     for key in state_one:
         torch.testing.assert_close(state_two[key], state_one[key], rtol=1e-4, atol=1e-5)
+
+
+# -- compile: true (torch.compile on the prepared model) ---------------------------------------
+
+
+@pytest.mark.slow  # ~125 s on a loaded 2-core CPU, nearly all of it inductor compiling the step (3 runs)
+def test_compiled_run_resumes_to_byte_identical_weights(caches, tmp_path):
+    arch = "gpt"
+    cfg = tiny(arch, compile=True, steps=6, eval_every=6)
+    reference = paths_for(caches, tmp_path, arch, "reference")
+    run(cfg, reference, NullTracker())
+    config = json.loads((Path(reference.models) / "base" / "config.json").read_text())
+    assert config["stage_config"]["compile"] is True
+    shutil_rm(tmp_path / "resume")
+
+    crashed = paths_for(caches, tmp_path, arch, "crashed")
+
+    def crash(step):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, crashed, NullTracker(), on_step=crash)
+    assert any(Path(crashed.resume).rglob("checkpoint_000000002")), "state saved at step 2"
+    run(cfg, crashed, NullTracker())
+    assert weights_bytes(crashed) == weights_bytes(reference)
+
+
+def test_eager_config_json_does_not_record_compile(caches, tmp_path):
+    """compile: false (the default) leaves config.json as it was before the key existed."""
+    paths = paths_for(caches, tmp_path, "gpt")
+    run(tiny("gpt", steps=2, eval_every=2), paths, NullTracker())
+    config = json.loads((Path(paths.models) / "base" / "config.json").read_text())
+    assert "compile" not in config["stage_config"]
