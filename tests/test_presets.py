@@ -165,6 +165,8 @@ def test_the_released_presets_restate_exactly_the_released_architectures():
             ar["model"], ar_body["model"], pretrain.FINETUNE_KEYS, "pretrain.model", Path(ar["released"]["file"])
         )
         assert ar_body["arch"] == ar["arch"] and tok_body["kind"] == tok["kind"]
+
+
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_plan_takes_the_class_count_from_the_preset_not_the_local_shards(preset, tmp_path):
     import os
