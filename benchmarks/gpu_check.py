@@ -21,7 +21,8 @@ Rows of the table:
   --num_processes 1`` (the stages' FSDP2 profile on one GPU) builds the model through
   ``core.training.build_accelerator`` + ``accelerator.prepare`` + ``torch.compile`` (the order of
   ``compile_model``) and runs a few steps: it passes when the losses are finite and the gathered
-  full state dict has the bare module's keys and shapes. Its step time is shown, not compared (one process shards nothing).
+  full state dict has the bare module's keys and shapes. Its step time is shown, not compared
+  (one process shards nothing).
 - ``sample b64`` / ``sample b256``: ``model.generate`` with guidance (GPT cfg 2.0 constant; VAR
   VAR's linear ramp for cfg 1.5, i.e. ``linear_guidance_ramp(2.5, steps)``), temperature 1, no
   top-k/top-p, one untimed call then the median of ``--sample-repeats``: images/s (tokens only).
