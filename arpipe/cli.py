@@ -233,7 +233,13 @@ def _class_ids(spec: str, class_names: list[str]) -> list[int]:
     help="Tokenizer folder the model was trained on (default: params.yaml paths.tokenizer).",
 )
 @click.option("--classes", default=None, help="Comma-separated class names or indices (default: every class).")
-@click.option("--n", "per_class", default=8, show_default=True, help="Samples per class (one grid row per class).")
+@click.option(
+    "--n",
+    "per_class",
+    default=8,
+    show_default=True,
+    help="Samples per class (one grid row per class); with --npz the total number of samples.",
+)
 @click.option("--cfg", default=1.0, show_default=True, help="Guidance scale: logits = u + cfg*(c - u); 1 = none.")
 @click.option(
     "--guidance-schedule",
@@ -262,9 +268,16 @@ def _class_ids(spec: str, class_names: list[str]) -> list[int]:
     show_default=True,
     help="PNG file to write.",
 )
+@click.option(
+    "--npz",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write an ADM sample batch instead of a grid (uint8 NHWC arr_0, labels arr_1) for the standard "
+    "evaluator: --n samples in total, the classes in turn, e.g. --n 50000 --batch 250.",
+)
+@click.option("--batch", default=64, show_default=True, help="Images sampled per forward batch.")
 def sample(
     checkpoint, registered, tokenizer_dir, classes, per_class, cfg, guidance_schedule, temperature, top_k, top_p,
-    seed, steps, out,
+    seed, steps, out, npz, batch,
 ) -> None:  # fmt: skip
     """Sample a grid of images from a trained AR model: one row per class, offline, on CPU or GPU."""
     import torch
@@ -314,7 +327,15 @@ def sample(
         from models.dd_student import sample_distilled_images, student_from_state
 
         student = student_from_state(state, config, tokenizer)
-        images = sample_distilled_images(student, tokenizer, labels, steps=int(steps), seed=seed).numpy()
+
+        def draw(labels_N, first_batch=0):
+            return sample_distilled_images(student, tokenizer, labels_N, steps=int(steps), seed=seed,
+                                           batch_size=batch, first_batch=first_batch).numpy()  # fmt: skip
+
+        if npz:
+            _write_sample_batch(npz, draw, ids, per_class, batch, seed, tok_config["image_size"])
+            return
+        images = draw(labels)
         save_png(image_grid(images, per_class), out)
         teacher = config.get("teacher", {})
         click.echo(
@@ -328,11 +349,39 @@ def sample(
     from models.sampling import guidance_per_step
 
     guidance = guidance_per_step(cfg, guidance_schedule, arch=config["arch"], steps=model.steps)
-    images = sample_images(
-        model, tokenizer, labels, cfg=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
-    ).numpy()
+
+    def draw(labels_N, first_batch=0):
+        return sample_images(model, tokenizer, labels_N, cfg=guidance, temperature=temperature, top_k=top_k,
+                             top_p=top_p, seed=seed, batch_size=batch, first_batch=first_batch).numpy()  # fmt: skip
+
+    if npz:
+        _write_sample_batch(npz, draw, ids, per_class, batch, seed, tok_config["image_size"])
+        return
+    images = draw(labels)
     save_png(image_grid(images, per_class), out)
     click.echo(f"wrote {out}: {len(images)} samples ({per_class} per class: {names}), cfg {cfg}")
+
+
+def _write_sample_batch(path: Path, draw, ids: list[int], count: int, batch: int, seed: int, side: int) -> None:
+    """``count`` samples, the classes ``ids`` in turn (shuffled by ``seed``), drawn ``batch`` at a
+    time (batch b seeded as one long run would seed it) into an ADM ``.npz``."""
+    import numpy as np
+    import torch
+
+    from core.progress import progress
+    from core.reference_batch import NpzSampleWriter
+
+    if count < 1 or batch < 1:
+        raise click.BadParameter("--n and --batch must be >= 1 with --npz", param_hint="--n")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    labels = torch.tensor(ids)[torch.arange(count) % len(ids)][order]
+    writer = NpzSampleWriter(path, count, side, side)
+    for b, start in progress(list(enumerate(range(0, count, batch))), desc="sample", unit="batch"):
+        chunk = labels[start : start + batch]
+        writer.add(draw(chunk, first_batch=b), chunk.numpy().astype(np.int64))
+    writer.close()
+    click.echo(f"wrote {path}: {count} samples of {len(ids)} classes as an ADM sample batch (arr_0 uint8 NHWC, "
+               f"arr_1 labels)")  # fmt: skip
 
 
 def _refuse_unusable_options(checkpoint: Path, config: dict) -> None:

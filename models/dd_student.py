@@ -272,9 +272,11 @@ def sample_distilled_images(
     steps: int = 1,
     seed: int = 0,
     batch_size: int = 256,
+    first_batch: int = 0,
 ) -> torch.Tensor:
     """One image per label from the student in ``steps`` passes: uint8 (N, H, W, C) on the CPU.
-    Batch b's noise comes from a CPU generator seeded ``seed·1_000_003 + b`` (device-independent)."""
+    Batch b's noise comes from a CPU generator seeded ``seed·1_000_003 + first_batch + b``
+    (device-independent; ``first_batch`` continues a longer run chunk by chunk)."""
     from models.dd import code_space
 
     device = student.codebook_VD.device
@@ -282,7 +284,7 @@ def sample_distilled_images(
     images = []
     for b, start in enumerate(range(0, len(labels_N), batch_size)):
         labels_B = labels_N[start : start + batch_size]
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + first_batch + b)
         noise_BLD = torch.randn(len(labels_B), student.seq_len, student.dd.code_dim, generator=generator)
         _, vectors_BLD = student.sample(noise_BLD.to(device), labels_B.to(device), steps=steps)
         x_BCHW = decode_vectors(tokenizer, vectors_BLD, factor)

@@ -58,6 +58,7 @@ from core.checkpoint import read_checkpoint
 from core.config import Paths
 from core.images import labelled_grid, save_png
 from core.metrics import flatten_metrics
+from core.reference_batch import read_reference_batch
 from core.shards import load_split
 from core.stage import stage_main
 from core.training import process_state
@@ -65,7 +66,14 @@ from models.ar import ar_from_state, sample_images, tokenizer_from_state
 from models.dd_student import sample_distilled_images, student_from_state, token_latency_ms
 from models.evalnet import build_evalnet, embed_images
 from models.inception import embed_inception, load_inception
-from models.metrics import class_accuracy, fid_from_features, inception_score, precision_recall
+from models.metrics import (
+    class_accuracy,
+    feature_statistics,
+    fid_from_features,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
 from models.sampling import GuidanceScheduleName, family_filters, guidance_per_step
 
 STAGE = "evaluate"
@@ -126,6 +134,11 @@ class Config:
     """Local torch-fidelity InceptionV3 weights (``weights-inception-2015-12-05-6726825d.pth``),
     absolute or relative to the directory the stage runs in: adds ``inception_*`` metrics. Empty =
     evalnet space only. Never downloaded."""
+    reference_batch: str = ""
+    """An ADM reference batch (e.g. ``VIRTUAL_imagenet256_labeled.npz``: its ``mu``/``sigma``, else
+    its ``arr_0`` images through our Inception): adds ``inception_fid_ref``, the Inception-space FID
+    against it, the number the papers' tables report (at their sample count and resolution).
+    Needs ``inception_weights``. Empty = off."""
 
     def __post_init__(self):
         if min(self.samples_per_class, self.batch_size, self.pr_k, self.is_splits, self.grid_per_class) < 1:
@@ -134,6 +147,8 @@ class Config:
             raise ValueError(f"select_guidance {self.select_guidance} is not among cfg_scales {self.scales}")
         if self.select_metric in INCEPTION_METRICS and not self.inception_weights:
             raise ValueError(f"select_metric {self.select_metric} needs inception_weights (a local weights file)")
+        if self.reference_batch and not self.inception_weights:
+            raise ValueError("reference_batch needs inception_weights: its statistics are Inception features")
 
     @property
     def scales(self) -> list[float]:
@@ -186,14 +201,23 @@ class FeatureSpace:
     """Its logits are the dataset's classes (class accuracy is meaningful)."""
     real_features: np.ndarray
     """Features of the val images (the reference set)."""
+    reference_stats: tuple[np.ndarray, np.ndarray] | None = None
+    """(mu, sigma) of an external reference batch: adds ``fid_ref`` in this space."""
 
 
-def feature_spaces(evalnet, inception, val_NHWC: np.ndarray) -> list[FeatureSpace]:
-    """The evalnet space always, Inception's when its extractor is loaded; val embedded in each."""
-    embedders = [("", lambda x: embed_images(evalnet, x), True)]
+def feature_spaces(evalnet, inception, val_NHWC: np.ndarray, reference: dict | None = None) -> list[FeatureSpace]:
+    """The evalnet space always, Inception's when its extractor is loaded; val embedded in each, and
+    an ADM reference batch (``core.reference_batch``) as Inception statistics when one is given."""
+    spaces = [FeatureSpace("", lambda x: embed_images(evalnet, x), True, embed_images(evalnet, val_NHWC)[0])]
     if inception is not None:
-        embedders.append(("inception_", lambda x: embed_inception(inception, x), False))
-    return [FeatureSpace(prefix, embed, has_classes, embed(val_NHWC)[0]) for prefix, embed, has_classes in embedders]
+        embed = lambda x: embed_inception(inception, x)  # noqa: E731
+        stats = None
+        if reference is not None:
+            stats = (reference["mu"], reference["sigma"]) if "mu" in reference else feature_statistics(
+                embed(reference["images"])[0]
+            )  # fmt: skip
+        spaces.append(FeatureSpace("inception_", embed, False, embed(val_NHWC)[0], stats))
+    return spaces
 
 
 def score_images(images_NHWC: np.ndarray, labels_N: np.ndarray, spaces: list[FeatureSpace], cfg: Config) -> dict:
@@ -202,6 +226,8 @@ def score_images(images_NHWC: np.ndarray, labels_N: np.ndarray, spaces: list[Fea
     for space in spaces:
         feats, logits = space.embed(images_NHWC)
         scores = score(feats, logits, labels_N if space.has_classes else None, space.real_features, cfg)
+        if space.reference_stats is not None:
+            scores["fid_ref"] = frechet_distance(*feature_statistics(feats), *space.reference_stats)
         metrics.update({space.prefix + key: value for key, value in scores.items()})
     return metrics
 
@@ -246,11 +272,12 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     for name, why in skipped.items():
         print(f"{STAGE}: {name}: not evaluated, {why}")
     inception, inception_identity = load_inception_weights(cfg)  # before any work: a bad path fails here
+    reference = read_reference_batch(cfg.reference_batch) if cfg.reference_batch else None
     evalnet, evalnet_config = load_evalnet(paths.evalnet)
     tok_state, tok_config = read_checkpoint(paths.tokenizer, stage="train_tokenizer")
     tokenizer = tokenizer_from_state(tok_state, tok_config)
     val, train = load_split(paths.shards, "val"), load_split(paths.shards, "train")
-    spaces = feature_spaces(evalnet, inception, val.images_NHWC)
+    spaces = feature_spaces(evalnet, inception, val.images_NHWC, reference)
     num_classes = len(tok_config["class_names"])
 
     # 1. bounds: train images through the tokenizer (the best an AR model trained on their tokens
@@ -474,8 +501,22 @@ def report_markdown(
             "above, so these are not comparable with published ImageNet numbers either. "
             "Metric keys: `<checkpoint>/<guidance>/inception_<metric>`.",
             "",
-            *_table(results, names, cfg, best, "inception_", ("fid", "is", "precision", "recall")),
+            *_table(
+                results,
+                names,
+                cfg,
+                best,
+                "inception_",
+                ("fid", "is", "precision", "recall") + (("fid_ref",) if cfg.reference_batch else ()),
+            ),
         ]
+        if cfg.reference_batch:
+            lines += [
+                "",
+                f"`FID vs ref`: against the reference batch `{Path(cfg.reference_batch).name}` (its mu/sigma, or its "
+                "images through the same network): the papers' protocol, comparable with their tables only at their "
+                "sample count (50,000) and resolution. Keys: `<checkpoint>/<guidance>/inception_fid_ref`.",
+            ]
     lines += ["", f"Best by {cfg.select_metric} at {guidance_key(cfg.select_guidance)}: **{best}**.", ""]
     lines += [f"Not evaluated: `{name}`, {why}." for name, why in (skipped or {}).items()]
     lines += [""] if skipped else []
@@ -508,6 +549,7 @@ def _table(results: dict, names: list[str], cfg: Config, best: str, prefix: str,
         "precision": "precision ↑",
         "recall": "recall ↑",
         "class_acc": "class acc ↑",
+        "fid_ref": "FID vs ref ↓",
     }
     label = {
         "reconstruction": "*train images through the tokenizer (ceiling)*",

@@ -212,3 +212,25 @@ def test_var_files_import_through_the_cli_and_sample_with_vars_ramp(tmp_path):
                     "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert out.stat().st_size > 0
+
+
+def test_arpipe_sample_writes_an_adm_sample_batch(imported, tmp_path):
+    """`--npz`: --n samples in total, uint8 NHWC arr_0 with the labels in arr_1, drawn batch by batch
+    (batches of the same class still differ: each batch has its own seed, as in one long run)."""
+    import numpy as np
+
+    out = tmp_path / "samples.npz"
+    result = invoke("sample", "--checkpoint", imported["base"], "--tokenizer", imported["tok"], "--classes", "class 3",
+                    "--npz", out, "--n", 8, "--batch", 4, "--cfg", 2.0)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "8 samples of 1 classes as an ADM sample batch" in result.output
+    with np.load(out) as batch:
+        images, labels = batch["arr_0"], batch["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (8, 16, 16, 3) and set(labels) == {3}
+    assert not np.array_equal(images[:4], images[4:])
+    assert not out.with_name(out.name + ".partial").exists()
+    again = tmp_path / "again.npz"
+    invoke("sample", "--checkpoint", imported["base"], "--tokenizer", imported["tok"], "--classes", "class 3",
+           "--npz", again, "--n", 8, "--batch", 4, "--cfg", 2.0)  # fmt: skip
+    with np.load(again) as batch:
+        assert np.array_equal(batch["arr_0"], images)  # deterministic

@@ -332,3 +332,48 @@ def test_the_distilled_student_is_scored_at_one_and_two_steps_against_its_teache
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| distilled | 1step |" in report and "| distilled | 2step |" in report
     assert "Distilled student against its teacher" in report and "| 1step |" in report
+
+
+@needs_torch_fidelity
+def test_a_reference_batch_adds_the_papers_fid_against_its_statistics_or_its_images(
+    small_chain, inception_weights, tmp_path, no_network
+):
+    """ADM's reference batches carry mu/sigma (or only arr_0): with the val images as the reference
+    batch, in either form, FID against it is the Inception FID against val."""
+    import numpy as np
+
+    from core.shards import load_split
+    from models.inception import embed_inception, load_inception
+    from models.metrics import feature_statistics
+
+    val = load_split(small_chain.shards, "val").images_NHWC
+    np.savez(tmp_path / "images.npz", arr_0=val)
+    mu, sigma = feature_statistics(embed_inception(load_inception(str(inception_weights)), val)[0])
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma, arr_0=val[:2])  # the statistics win, as in ADM's evaluator
+    for name in ("images", "stats"):
+        paths = dataclasses.replace(small_chain, eval=str(tmp_path / name), metrics=str(tmp_path / name))
+        cfg = tiny(samples_per_class=1, cfg_scales=[1.0], register=False, inception_weights=str(inception_weights),
+                   reference_batch=str(tmp_path / f"{name}.npz"))  # fmt: skip
+        block = run(cfg, paths, NullTracker())["base"]["cfg1"]
+        assert block["inception_fid_ref"] == pytest.approx(block["inception_fid"], rel=1e-6, abs=1e-6)
+        assert "FID vs ref ↓" in (tmp_path / name / "report.md").read_text()
+
+
+def test_a_reference_batch_needs_inception_weights_and_a_readable_file(small_chain, tmp_path):
+    from core.config import ConfigError, from_dict
+    from core.reference_batch import ReferenceBatchError, read_reference_batch
+
+    with pytest.raises(ConfigError, match="reference_batch needs inception_weights"):
+        from_dict(evaluate.Config, {"reference_batch": "ref.npz"}, prefix="evaluate")
+    with pytest.raises(ReferenceBatchError, match="nope.npz: no such reference batch"):
+        read_reference_batch(tmp_path / "nope.npz")
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(ReferenceBatchError, match="text.npz: not a readable .npz"):
+        read_reference_batch(tmp_path / "text.npz")
+    import numpy as np
+
+    np.savez(tmp_path / "other.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(
+        ReferenceBatchError, match=r"other.npz: holds \['images'\], neither 'mu' \+ 'sigma' nor 'arr_0'"
+    ):
+        read_reference_batch(tmp_path / "other.npz")
