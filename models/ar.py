@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,3 +83,20 @@ def sample_images(
         x_BCHW = tokenizer.decode(tokens_BL)
         images.append(((x_BCHW + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
     return torch.cat(images)
+
+
+def sample_per_guidance(
+    model: nn.Module, tokenizer: nn.Module, arch: str, per_class: int, scales: list[float], seed: int = 0
+) -> list[np.ndarray]:
+    """The stages' sample grids: for each guidance scale, ``per_class`` samples of every class (class
+    by class), drawn as the family's authors sample (``sampling.FAMILY_SAMPLING``: LlamaGen's
+    constant guidance; VAR's linear ramp with top-k 900 / top-p 0.96)."""
+    from models.sampling import family_filters, guidance_per_step
+
+    labels = torch.arange(model.num_classes).repeat_interleave(per_class)
+    top_k, top_p = family_filters("auto", "auto", arch=arch, vocab_size=model.config.vocab_size)
+    return [
+        sample_images(model, tokenizer, labels, cfg=guidance_per_step(scale, "auto", arch=arch, steps=model.steps),
+                      top_k=top_k, top_p=top_p, seed=seed).numpy()
+        for scale in scales
+    ]  # fmt: skip

@@ -59,7 +59,7 @@ from core.training import (
     step_generator,
     warmup_decay_lr,
 )
-from models.ar import build_ar, sample_images, tokenizer_from_state
+from models.ar import build_ar, sample_per_guidance, tokenizer_from_state
 from models.released import FORMATS, ReleasedFormatError, released_checkpoint
 
 STAGE = "pretrain"
@@ -269,11 +269,10 @@ def evaluate(model, tokens_NL: np.ndarray, labels_N: np.ndarray, token_layout: d
     return metrics
 
 
-def sample_grid(model, tokenizer, num_classes: int, cfg: Config) -> np.ndarray:
+def sample_grid(model, tokenizer, cfg: Config) -> np.ndarray:
     """One row per class: ``samples_per_class`` guidance-free samples, then the same for each other
-    scale in ``sample_cfg``, separated by a blank column."""
-    labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
-    samples = [sample_images(model, tokenizer, labels, cfg=scale, seed=cfg.seed).numpy() for scale in cfg.sample_cfg]
+    scale in ``sample_cfg``, separated by a blank column (the family's authors' sampling)."""
+    samples = sample_per_guidance(model, tokenizer, cfg.arch, cfg.samples_per_class, cfg.sample_cfg, cfg.seed)
     return guidance_grid(samples, cfg.samples_per_class)
 
 
@@ -392,7 +391,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
             )
             tracker.log_metrics(flatten_metrics(scores, "val/"), step=done)
         if accelerator.is_main_process and cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
-            grid = sample_grid(_weights_for_output(raw_model, ema), tokenizer, arch_config["num_classes"], cfg)
+            grid = sample_grid(_weights_for_output(raw_model, ema), tokenizer, cfg)
             tracker.log_image(grid, f"samples/step_{done:07d}.png")
         resume.step_done(done, history)
         if on_step is not None:
@@ -519,7 +518,7 @@ def _write_outputs(cfg, paths, model, arch_config, tok_config, train, val, token
     }
     write_checkpoint(out_dir, model.state_dict(), config)
     start = time.perf_counter()
-    grid = sample_grid(model, tokenizer, arch_config["num_classes"], cfg)
+    grid = sample_grid(model, tokenizer, cfg)
     sample_seconds = time.perf_counter() - start
     save_png(grid, out_dir / "samples.png")
     plots = Path(paths.plots) / STAGE

@@ -58,7 +58,7 @@ from core.training import (
     step_generator,
     warmup_decay_lr,
 )
-from models.ar import ar_from_state, sample_images, tokenizer_from_state
+from models.ar import ar_from_state, sample_per_guidance, tokenizer_from_state
 from models.sar import (
     guided_rollout_logits,
     rollout_tokens,
@@ -304,10 +304,10 @@ def _pass_through(cfg, paths, tracker, state, in_config, accelerator, reason: st
     return metrics
 
 
-def sample_grid(model, tokenizer, cfg: Config) -> np.ndarray:
-    """One row per class: guidance-free samples, then each other scale of ``sample_cfg``."""
-    labels = torch.arange(model.num_classes).repeat_interleave(cfg.samples_per_class)
-    samples = [sample_images(model, tokenizer, labels, cfg=scale, seed=cfg.seed).numpy() for scale in cfg.sample_cfg]
+def sample_grid(model, tokenizer, arch: str, cfg: Config) -> np.ndarray:
+    """One row per class: guidance-free samples, then each other scale of ``sample_cfg`` (the
+    family's authors' sampling: ``models.ar.sample_per_guidance``)."""
+    samples = sample_per_guidance(model, tokenizer, arch, cfg.samples_per_class, cfg.sample_cfg, cfg.seed)
     return guidance_grid(samples, cfg.samples_per_class)
 
 
@@ -322,7 +322,7 @@ def _write_outputs(cfg, paths, model, in_config, tokenizer, history, steps) -> d
     out_dir = Path(paths.models) / OUT_NAME
     config = finetuned_config(STAGE, cfg.input, in_config, model.config_dict(), recorded_config(cfg))
     write_checkpoint(out_dir, model.state_dict(), config)
-    save_png(sample_grid(model, tokenizer, cfg), out_dir / "samples.png")
+    save_png(sample_grid(model, tokenizer, in_config["arch"], cfg), out_dir / "samples.png")
     _write_train_csv(paths, history["train"])
     last = history["train"][-1]
     return {"steps": steps, **{f"train_{k}": last[k] for k in ("loss", *MONITORS)}}
