@@ -3,8 +3,9 @@
 Logged by the ``evaluate`` stage with two artifacts, ``model`` (an AR checkpoint folder) and
 ``tokenizer`` (its tokenizer folder), both safetensors + config.json, and ``models/`` as code.
 Input: a DataFrame with a ``label`` column (class index or class name) and optional ``cfg``
-(guidance scale, default 1.0 = guidance-free) and ``seed`` (default 0) columns. Output: uint8
-images (N, H, W, 3), one per row, in row order. Rows sharing (cfg, seed) are sampled as one batch.
+(guidance scale, default 1.0 = guidance-free; a VAR ramps it over its scales, as its authors do)
+and ``seed`` (default 0) columns. Output: uint8 images (N, H, W, 3), one per row, in row order.
+Rows sharing (cfg, seed) are sampled as one batch.
 
     mlflow models predict -m models:/arpipe-gpt@champion --env-manager local \\
         -i labels.json -t json     # labels.json: {"dataframe_split": {"columns": ["label"], "data": [[3], [7]]}}
@@ -32,6 +33,7 @@ class ARImageGenerator(PythonModel):
         config = json.loads((model_dir / "config.json").read_text())
         self.model = ar_from_state(load_file(model_dir / "model.safetensors"), config, self.tokenizer)
         self.class_names = list(config["class_names"])
+        self.arch = config["arch"]
 
     def _label(self, value) -> int:
         text = str(value)
@@ -46,6 +48,7 @@ class ARImageGenerator(PythonModel):
         import torch
 
         from models.ar import sample_images
+        from models.sampling import family_filters, guidance_per_step
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "label" not in frame.columns:
@@ -54,10 +57,13 @@ class ARImageGenerator(PythonModel):
         cfgs = [float(v) for v in frame["cfg"]] if "cfg" in frame.columns else [1.0] * len(labels)
         seeds = [int(v) for v in frame["seed"]] if "seed" in frame.columns else [0] * len(labels)
         out: list[np.ndarray | None] = [None] * len(labels)
+        # the family's authors' sampling, as evaluate scored it (VAR: linear guidance ramp, top-k/p)
+        top_k, top_p = family_filters("auto", "auto", arch=self.arch, vocab_size=self.model.config.vocab_size)
         for cfg, seed in dict.fromkeys(zip(cfgs, seeds, strict=True)):
             rows = [i for i in range(len(labels)) if (cfgs[i], seeds[i]) == (cfg, seed)]
-            images = sample_images(self.model, self.tokenizer, torch.tensor([labels[i] for i in rows]), cfg=cfg,
-                                   seed=seed).numpy()  # fmt: skip
+            guidance = guidance_per_step(cfg, "auto", arch=self.arch, steps=self.model.steps)
+            images = sample_images(self.model, self.tokenizer, torch.tensor([labels[i] for i in rows]), cfg=guidance,
+                                   top_k=top_k, top_p=top_p, seed=seed).numpy()  # fmt: skip
             for i, image in zip(rows, images, strict=True):
                 out[i] = image
         return np.stack(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
