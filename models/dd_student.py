@@ -55,8 +55,8 @@ class DDConfig:
             raise ValueError(f"split must be in [0, {steps}] AR steps, got {self.split}")
         if not (1 <= self.two_step_at <= self.split or self.two_step_at == 0):
             raise ValueError(
-                f"two_step_at must be in [1, split={self.split}] AR steps (the kept prefix is tokens) or 0 (one-step only), "
-                f"got {self.two_step_at}"
+                f"two_step_at must be in [1, split={self.split}] AR steps (the kept prefix is tokens) or 0 "
+                f"(one-step only), got {self.two_step_at}"
             )
 
 

@@ -49,15 +49,31 @@ from core.metrics import write_rows_csv
 from core.pair_store import load_pairs, read_meta
 from core.stage import stage_main
 from core.training import (
-    EMA, Resume, add_to_window, build_accelerator, check_finite, log_window, new_history, process_state,
-    resume_dir, seed_everything, step_bar, step_generator,
-)  # fmt: skip
+    EMA,
+    Resume,
+    add_to_window,
+    build_accelerator,
+    check_finite,
+    log_window,
+    new_history,
+    process_state,
+    resume_dir,
+    seed_everything,
+    step_bar,
+    step_generator,
+)
 from models.ar import ar_from_state, tokenizer_from_state
 from models.dd import code_space, nearest_codewords, tokens_per_step
 from models.dd2 import (
-    CSD_LOSSES, ar_diffusion_from_teacher, fcs_loss, generator_from_gts, gts_loss, per_position, teacher_denoiser,
+    CSD_LOSSES,
+    ar_diffusion_from_teacher,
+    fcs_loss,
+    generator_from_gts,
+    gts_loss,
+    per_position,
+    teacher_denoiser,
     teacher_log_probs,
-)  # fmt: skip
+)
 from models.dd_student import sample_distilled_images
 from models.sampling import family_filters, guidance_per_step
 
@@ -166,18 +182,23 @@ def load_teacher(paths: Paths):
     try:
         codebook_VD, _ = code_space(tokenizer)
     except (ValueError, AttributeError) as error:
-        raise ValueError(f"{STAGE}: paths.tokenizer has no codebook the teacher's score can be taken in ({error})")
+        raise ValueError(
+            f"{STAGE}: paths.tokenizer has no codebook the teacher's score can be taken in ({error})"
+        ) from None
     teacher = ar_from_state(state, config, tokenizer).requires_grad_(False)
     if codebook_VD.shape[0] != teacher.config.vocab_size or codebook_VD.shape[1] != meta["code_dim"]:
-        raise ValueError(f"{STAGE}: paths.tokenizer's codebook {tuple(codebook_VD.shape)} does not match the teacher's "
-                         f"vocabulary {teacher.config.vocab_size} / the pairs' code_dim {meta['code_dim']}")  # fmt: skip
+        raise ValueError(
+            f"{STAGE}: paths.tokenizer's codebook {tuple(codebook_VD.shape)} does not match the teacher's "
+            f"vocabulary {teacher.config.vocab_size} / the pairs' code_dim {meta['code_dim']}"
+        )
     sampling = meta["stage_config"]
     arch = config["arch"]
     guidance = guidance_per_step(sampling["cfg"], sampling.get("guidance_schedule", "constant"), arch=arch,
                                  steps=teacher.steps)  # fmt: skip
     top_k, top_p = family_filters(sampling["top_k"], sampling["top_p"], arch=arch, vocab_size=teacher.config.vocab_size)
     guidance_L = per_position(guidance, tokens_per_step(teacher))
-    return Teacher(teacher, config, guidance_L, sampling["temperature"], top_k, top_p, codebook_VD), pairs, tokenizer, tok_config
+    teacher = Teacher(teacher, config, guidance_L, sampling["temperature"], top_k, top_p, codebook_VD)
+    return teacher, pairs, tokenizer, tok_config
 
 
 def _lr(step: int, lr: float, warmup_steps: int) -> float:

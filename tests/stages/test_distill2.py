@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from core.checkpoint import read_checkpoint
-from core.training import NonFiniteLossError
 from core.tracking import NullTracker
+from core.training import NonFiniteLossError
 from stages import distill2, distill_pairs, pretrain
 
 TINY_MODEL = {"depth": 2, "width": 32, "heads": 2}
