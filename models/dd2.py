@@ -200,25 +200,29 @@ def fcs_loss(pred_x0_ND, sample_x0_ND) -> torch.Tensor:
     return (pred_x0_ND.float() - sample_x0_ND.detach().float()).square().sum(-1).mean()
 
 
-def csd_sid_loss(sample_ND, real_x0_ND, fake_x0_ND, alpha: float = 1.2) -> torch.Tensor:
+def _sample_weight(sample, real_x0):
+    """SiD/DMD's normaliser ω = 1/sg(mean |x̂ − f_r|) per sample (first dim: a sequence, all its
+    positions together, as SiD normalises per image), shaped to broadcast."""
+    dims = tuple(range(1, sample.dim()))
+    return 1.0 / (sample - real_x0).abs().mean(dim=dims, keepdim=True).detach().clamp_min(1e-5)
+
+
+def csd_sid_loss(sample, real_x0, fake_x0, alpha: float = 1.2) -> torch.Tensor:
     """CSD generator loss, SiD form in x0 terms (SiD's released ``sid_loss.py``):
-    ``ω·[(f_r − f_f)·(f_f − x̂) + (1 − α)‖f_r − f_f‖²]`` with ω = 1/sg(mean_d |x̂ − f_r|) per row.
-    Both denoisers are frozen but differentiable in x_t (hence in x̂); mean over rows."""
-    diff_ND = real_x0_ND - fake_x0_ND
-    weight_N1 = 1.0 / (sample_ND - real_x0_ND).abs().mean(-1, keepdim=True).detach().clamp_min(1e-5)
-    per_row = (diff_ND * (fake_x0_ND - sample_ND)).sum(-1, keepdim=True) + (1 - alpha) * diff_ND.square().sum(
-        -1, keepdim=True
-    )
-    return (weight_N1 * per_row).mean()
+    ``ω·[(f_r − f_f)·(f_f − x̂) + (1 − α)‖f_r − f_f‖²]``, ω per sample (``_sample_weight``). Inputs
+    (B, L, D) or (N, D); both denoisers frozen but differentiable in x_t (hence in x̂). Summed
+    over D, mean over positions and samples."""
+    diff = real_x0 - fake_x0
+    per_position = (diff * (fake_x0 - sample)).sum(-1, keepdim=True) + (1 - alpha) * diff.square().sum(-1, keepdim=True)
+    return (_sample_weight(sample, real_x0) * per_position).mean()
 
 
-def csd_dmd_loss(sample_ND, real_x0_ND, fake_x0_ND) -> torch.Tensor:
+def csd_dmd_loss(sample, real_x0, fake_x0) -> torch.Tensor:
     """Fallback (DMD): ``½‖x̂ − sg(x̂ − g)‖²`` whose gradient in x̂ is ``g = ω·(f_f − f_r)`` (the
-    reverse-KL direction; ``s_f − s_r = (1 − t)/t²·(f_f − f_r)``), ω = 1/sg(mean_d |x̂ − f_r|)."""
+    reverse-KL direction; ``s_f − s_r = (1 − t)/t²·(f_f − f_r)``), ω per sample as in SiD."""
     with torch.no_grad():
-        weight_N1 = 1.0 / (sample_ND - real_x0_ND).abs().mean(-1, keepdim=True).clamp_min(1e-5)
-        target_ND = sample_ND - weight_N1 * (fake_x0_ND - real_x0_ND)
-    return 0.5 * (sample_ND - target_ND).square().sum(-1).mean()
+        target = sample - _sample_weight(sample, real_x0) * (fake_x0 - real_x0)
+    return 0.5 * (sample - target).square().sum(-1).mean()
 
 
 CSD_LOSSES = {"sid": csd_sid_loss, "dmd": csd_dmd_loss}

@@ -359,8 +359,7 @@ def _csd_step(cfg, step, csd_step, teacher, gen, fake, raw_gen, raw_fake, gen_op
     frozen = {name: p.detach() for name, p in raw_fake.head.named_parameters()}
     fake_x0 = torch.func.functional_call(raw_fake.head, frozen, (x_t, t_bL, h_bLC))
     real_x0 = _real_x0(teacher, x_t, t_bL, log_probs_bLV, cfg)
-    loss = CSD_LOSSES[cfg.loss](x_hat.reshape(-1, D), real_x0.reshape(-1, D), fake_x0.reshape(-1, D),
-                                **({"alpha": cfg.alpha} if cfg.loss == "sid" else {}))  # fmt: skip
+    loss = CSD_LOSSES[cfg.loss](x_hat, real_x0, fake_x0, **({"alpha": cfg.alpha} if cfg.loss == "sid" else {}))
     check_finite({f"{STAGE}.csd_loss": loss}, step, resume)
     accelerator.backward(loss)
     grad_norm = _clip_and_step(accelerator, gen, gen_opt, cfg)

@@ -6,12 +6,13 @@ paper's two-token copy example q₂ = q₁ (the generator must reproduce the joi
 marginals; without conditioning on the prefix it cannot)."""
 
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
-from models.dd import chi_square_statistic, code_space, nearest_codewords
+from models.dd import chi_square_statistic, nearest_codewords
 from models.dd2 import (
     ScoreHead,
     csd_dmd_loss,
@@ -140,61 +141,6 @@ def train_gts(denoiser, sample_x0_and_log_probs, steps, generator, cond_of=None)
     return float(loss)
 
 
-CODEBOOK_4 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
-P_4 = torch.tensor([0.4, 0.3, 0.2, 0.1])
-
-
-def test_one_token_with_known_p_matches_its_histogram():
-    """GTS fits D_T; the one-step generator (initialised from the GTS model, read at t_gen·ε)
-    trained by CSD (DMD form, 4 fake updates per generator update) gives p's histogram."""
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    B, t_gen = 512, 0.5
-    log_p = P_4.log().expand(B, 4)
-
-    def teacher_batch():
-        return CODEBOOK_4[torch.multinomial(P_4, B, replacement=True, generator=generator)], log_p, None, CODEBOOK_4
-
-    gts = Denoiser(2)
-    assert train_gts(gts, teacher_batch, 600, generator) < 2e-3, "GTS regresses the exact denoiser"
-    fake, gen = copy.deepcopy(gts), copy.deepcopy(gts)
-    ema = copy.deepcopy(gen)
-
-    def sample(net, noise):
-        return net(t_gen * noise, torch.full((len(noise),), t_gen))
-
-    gen_opt = torch.optim.Adam(gen.parameters(), lr=5e-5, betas=(0.0, 0.999))
-    fake_opt = torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.999))
-    for _ in range(1000):
-        x_hat = sample(gen, torch.randn(B, 2, generator=generator))
-        for _ in range(4):
-            x_t, t = noised(x_hat.detach(), generator)
-            loss = fcs_loss(fake(x_t, t), x_hat)
-            fake_opt.zero_grad()
-            loss.backward()
-            fake_opt.step()
-        x_t, t = noised(x_hat, generator)
-        loss = csd_dmd_loss(x_hat, teacher_denoiser(x_t, t, log_p, CODEBOOK_4), frozen(fake)(x_t, t))
-        gen_opt.zero_grad()
-        loss.backward()
-        gen_opt.step()
-        with torch.no_grad():
-            for average, param in zip(ema.parameters(), gen.parameters(), strict=True):
-                average.lerp_(param, 0.01)
-    with torch.no_grad():
-        x = sample(ema, torch.randn(20000, 2, generator=torch.Generator().manual_seed(5)))
-    tokens = nearest_codewords(x, CODEBOOK_4)
-    counts = torch.bincount(tokens, minlength=4).double()
-    chi2 = chi_square_statistic(counts, P_4)
-    distance = (x - CODEBOOK_4[tokens]).norm(dim=-1).median()
-    print(f"one token: shares {(counts / counts.sum()).tolist()}, chi2 {chi2:.2f}, median distance {distance:.3f}")
-    assert chi2 < 11.34, "p > 0.01 at 3 degrees of freedom"
-    assert distance < 0.1
-
-
-CODEBOOK_2 = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
-
-
 class ToyHead(nn.Module):
     """``ScoreHead`` on flat rows: D(x_t, t | cond) with ``cond_width`` condition features."""
 
@@ -207,7 +153,67 @@ class ToyHead(nn.Module):
         return self.head(x[:, None], t[:, None], cond[:, None])[:, 0]
 
 
-def copy_toy(conditioned: bool, steps: int = 300, batch: int = 512, lr: float = 1e-3) -> torch.Tensor:
+CODEBOOK_4 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+P_4 = torch.tensor([0.4, 0.3, 0.2, 0.1])
+
+
+def one_token_toy(loss_name: str = "sid", steps: int = 400, fake_updates: int = 2, lr: float = 3e-4, batch: int = 512):
+    """GTS fits D_T; the one-step generator (initialised from the GTS model, read at t_gen·ε) is
+    trained by CSD. Returns (χ² of 20k tokens against p, median distance to the nearest codeword,
+    shares, the GTS loss)."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    t_gen = 0.5
+    log_p = P_4.log().expand(batch, 4)
+
+    def teacher_batch():
+        return CODEBOOK_4[torch.multinomial(P_4, batch, replacement=True, generator=generator)], log_p, None, CODEBOOK_4
+
+    gts = ToyHead()
+    gts_final = train_gts(gts, teacher_batch, 300, generator)
+    fake, gen = copy.deepcopy(gts), copy.deepcopy(gts)
+
+    def sample(net, noise):
+        return net(t_gen * noise, torch.full((len(noise),), t_gen))
+
+    gen_opt = torch.optim.Adam(gen.parameters(), lr=lr, betas=(0.0, 0.999))
+    fake_opt = torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    loss_fn = {"sid": csd_sid_loss, "dmd": csd_dmd_loss}[loss_name]
+    for step in range(steps):
+        for group in gen_opt.param_groups:
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        x_hat = sample(gen, torch.randn(batch, 2, generator=generator))
+        for _ in range(fake_updates):
+            x_t, t = noised(x_hat.detach(), generator)
+            loss = fcs_loss(fake(x_t, t), x_hat)
+            fake_opt.zero_grad()
+            loss.backward()
+            fake_opt.step()
+        x_t, t = noised(x_hat, generator)
+        loss = loss_fn(x_hat, teacher_denoiser(x_t, t, log_p, CODEBOOK_4), frozen(fake)(x_t, t))
+        gen_opt.zero_grad()
+        loss.backward()
+        gen_opt.step()
+    with torch.no_grad():
+        x = sample(gen, torch.randn(20000, 2, generator=torch.Generator().manual_seed(5)))
+    tokens = nearest_codewords(x, CODEBOOK_4)
+    counts = torch.bincount(tokens, minlength=4).double()
+    distance = float((x - CODEBOOK_4[tokens]).norm(dim=-1).median())
+    return chi_square_statistic(counts, P_4), distance, (counts / counts.sum()).tolist(), gts_final
+
+
+def test_one_token_with_known_p_matches_its_histogram():
+    chi2, distance, shares, gts_final = one_token_toy()
+    print(f"one token: GTS loss {gts_final:.2e}, shares {shares}, chi2 {chi2:.2f}, median distance {distance:.3f}")
+    assert gts_final < 2e-3, "GTS regresses the exact denoiser"
+    assert chi2 < 11.34, "p > 0.01 at 3 degrees of freedom"
+    assert distance < 0.1
+
+
+CODEBOOK_2 = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+
+
+def copy_toy(conditioned: bool, steps: int = 300, batch: int = 512, lr: float = 1.5e-3) -> torch.Tensor:
     """The paper's example q₁ ~ Bern(.5), q₂ = q₁ with a lookup "teacher". Position 2's scores
     (teacher and fake) see q̂₁ when ``conditioned``; otherwise both are the marginal's (the
     ablation). Returns the 2×2 joint of (nearest(x̂₁), nearest(x̂₂)) over 20k samples."""
@@ -246,7 +252,9 @@ def copy_toy(conditioned: bool, steps: int = 300, batch: int = 512, lr: float = 
     gen_params = [*heads[0].parameters(), *heads[1].parameters(), *trunk.parameters()]
     gen_opt = torch.optim.Adam(gen_params, lr=lr, betas=(0.0, 0.999))
     fake_opt = torch.optim.Adam([p for f in fakes for p in f.parameters()], lr=1e-3, betas=(0.0, 0.999))
-    for _ in range(steps):
+    for step in range(steps):
+        for group in gen_opt.param_groups:  # cosine to lr/10: the last steps settle the coupling
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         x1, x2 = sample(torch.randn(batch, 2, 2, generator=generator))
         q1 = nearest_codewords(x1.detach(), CODEBOOK_2)  # the prefix, stop-gradded
         rows = [(x1, half, None), (x2, second_log_probs(q1), cond(q1))]
@@ -257,10 +265,12 @@ def copy_toy(conditioned: bool, steps: int = 300, batch: int = 512, lr: float = 
         fake_opt.zero_grad()
         loss.backward()
         fake_opt.step()
-        loss = 0
+        real, fake_x0 = [], []
         for fake, (x_hat, log_probs, c) in zip(fakes, rows, strict=True):
             x_t, t = noised(x_hat, generator)
-            loss = loss + csd_sid_loss(x_hat, teacher_denoiser(x_t, t, log_probs, CODEBOOK_2), frozen(fake)(x_t, t, c))
+            real.append(teacher_denoiser(x_t, t, log_probs, CODEBOOK_2))
+            fake_x0.append(frozen(fake)(x_t, t, c))
+        loss = csd_sid_loss(torch.stack([x1, x2], 1), torch.stack(real, 1), torch.stack(fake_x0, 1))
         gen_opt.zero_grad()
         loss.backward()
         gen_opt.step()
