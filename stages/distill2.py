@@ -67,16 +67,8 @@ from core.training import (
 )
 from models.ar import ar_from_state, tokenizer_from_state
 from models.dd import code_space, nearest_codewords, tokens_per_step
-from models.dd2 import (
-    CSD_LOSSES,
-    ar_diffusion_from_teacher,
-    fcs_loss,
-    generator_from_gts,
-    gts_loss,
-    per_position,
-    teacher_denoiser,
-    teacher_log_probs,
-)
+from models.dd2 import CSD_LOSSES, ar_diffusion_from_teacher, fcs_loss, generator_from_gts, gts_loss, per_position
+from models.dd2_teacher import TeacherSampler, agreement, noised, token_statistics
 from models.dd_student import sample_distilled_images
 from models.sampling import family_filters, guidance_per_step
 
@@ -156,25 +148,9 @@ class Config:
             raise ValueError(f"{STAGE}.ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}")
 
 
-@dataclass
-class Teacher:
-    """The frozen teacher, its sampling distribution (per position) and its code space."""
-
-    model: torch.nn.Module
-    config: dict
-    guidance_L: torch.Tensor
-    temperature: float
-    top_k: int
-    top_p: float
-    codebook_VD: torch.Tensor
-
-    def log_probs(self, tokens_BL, labels_B):
-        return teacher_log_probs(self.model, tokens_BL, labels_B, self.guidance_L, temperature=self.temperature,
-                                 top_k=self.top_k, top_p=self.top_p)  # fmt: skip
-
-
-def load_teacher(paths: Paths):
-    """(Teacher, pairs, tokenizer, tokenizer config), refusing a teacher or tokenizer that does not fit."""
+def load_teacher(cfg: Config, paths: Paths):
+    """(TeacherSampler, teacher config, pairs, tokenizer, tokenizer config); refuses a teacher or
+    tokenizer that does not fit."""
     pairs_path = Path(paths.distill) / PAIRS_FILE
     meta = read_meta(pairs_path)
     tok_state, tok_config = read_checkpoint(paths.tokenizer, stage="train_tokenizer")
@@ -202,8 +178,10 @@ def load_teacher(paths: Paths):
                                  steps=teacher.steps)  # fmt: skip
     top_k, top_p = family_filters(sampling["top_k"], sampling["top_p"], arch=arch, vocab_size=teacher.config.vocab_size)
     guidance_L = per_position(guidance, tokens_per_step(teacher))
-    teacher = Teacher(teacher, config, guidance_L, sampling["temperature"], top_k, top_p, codebook_VD)
-    return teacher, pairs, tokenizer, tok_config
+    sampler = TeacherSampler(
+        teacher, guidance_L, sampling["temperature"], top_k, top_p, codebook_VD, cfg.denoiser_chunk
+    )
+    return sampler, config, pairs, tokenizer, tok_config
 
 
 def _lr(step: int, lr: float, warmup_steps: int) -> float:
@@ -214,21 +192,6 @@ def _groups(model, weight_decay):
     return [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in model.param_groups(weight_decay)]
 
 
-def _noised(x0_BLD, cfg: Config, step: int, purpose: int):
-    """(x_t, t_BL): per-position t ~ U[t_min, t_max] and fresh noise, from the step's generator."""
-    generator = step_generator(cfg.seed, step, purpose)
-    t_BL = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(x0_BLD.shape[:2], generator=generator)
-    noise = torch.randn(x0_BLD.shape, generator=generator)
-    t_BL, noise = t_BL.to(x0_BLD.device), noise.to(x0_BLD.device)
-    return (1 - t_BL[..., None]) * x0_BLD + t_BL[..., None] * noise, t_BL
-
-
-def _real_x0(teacher: Teacher, x_BLD, t_BL, log_probs_BLV, cfg: Config):
-    B, L, D = x_BLD.shape
-    return teacher_denoiser(x_BLD.reshape(-1, D), t_BL.reshape(-1), log_probs_BLV.reshape(B * L, -1),
-                            teacher.codebook_VD, cfg.denoiser_chunk).view(B, L, D)  # fmt: skip
-
-
 def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     """GTS, then CSD; write the generator. ``on_step(step)`` runs after each step (tests crash there)."""
     accelerator = build_accelerator(cfg.mixed_precision)
@@ -236,12 +199,12 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.batch_size % world:
         raise ValueError(f"{STAGE}.batch_size {cfg.batch_size} must be divisible by processes ({world})")
-    teacher, pairs, tokenizer, tok_config = load_teacher(paths)
+    teacher, teacher_config, pairs, tokenizer, tok_config = load_teacher(cfg, paths)
     device = accelerator.device
     teacher.model.to(device)
     teacher.codebook_VD = teacher.codebook_VD.to(device)
     tokenizer.to(device)
-    arch = teacher.config["arch"]
+    arch = teacher_config["arch"]
     raw_fake = ar_diffusion_from_teacher(teacher.model, teacher.codebook_VD.shape[1], cfg.head_width, cfg.head_depth)
     raw_fake.train(False)  # deterministic trunks (no dropout): the score is a function of its inputs
     raw_gen = generator_from_gts(arch, raw_fake, teacher.codebook_VD, cfg.t_gen).train(False)
@@ -297,7 +260,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     metrics: dict = {}
     if accelerator.is_main_process:
         generator = _weights_for_output(raw_gen, ema).eval()
-        metrics = _write_outputs(cfg, paths, generator, teacher, pairs, tok_config, tokenizer, history)
+        metrics = _write_outputs(cfg, paths, generator, teacher, teacher_config, pairs, tok_config, tokenizer, history)
         tracker.log_metrics(metrics)
         tracker.log_image(_samples(generator, tokenizer, cfg), "samples.png")
         print(f"{STAGE}: generator teacher-NLL {metrics.get('gen_nll_per_token', float('nan')):.3f} vs teacher "
@@ -325,8 +288,8 @@ def _gts_step(cfg, step, teacher, pairs, fake, fake_opt, raw_fake, accelerator, 
     for group in fake_opt.param_groups:
         group["lr"] = lr
     log_probs_bLV = teacher.log_probs(tokens_bL, labels_b)
-    x_t, t_bL = _noised(teacher.codebook_VD[tokens_bL], cfg, step, 4)
-    target = _real_x0(teacher, x_t, t_bL, log_probs_bLV, cfg)
+    x_t, t_bL = noised(teacher.codebook_VD[tokens_bL], cfg.t_min, cfg.t_max, step_generator(cfg.seed, step, 4))
+    target = teacher.denoise(x_t, t_bL, log_probs_bLV)
     with accelerator.autocast():
         pred = fake(x_t, t_bL, tokens_bL, labels_b)
     loss = gts_loss(pred.reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1]))
@@ -350,7 +313,7 @@ def _csd_step(cfg, step, csd_step, teacher, gen, fake, raw_gen, raw_fake, gen_op
     tokens_bL = nearest_codewords(x_hat.detach().reshape(-1, D), teacher.codebook_VD).view(B, L)
     log_probs_bLV = teacher.log_probs(tokens_bL, labels_b)
     for k in range(cfg.fake_updates):
-        x_t, t_bL = _noised(x_hat.detach(), cfg, step, 10 + k)
+        x_t, t_bL = noised(x_hat.detach(), cfg.t_min, cfg.t_max, step_generator(cfg.seed, step, 10 + k))
         with accelerator.autocast():
             pred = fake(x_t, t_bL, tokens_bL, labels_b)
         fake_loss = fcs_loss(pred.reshape(-1, D), x_hat.detach().reshape(-1, D))
@@ -358,30 +321,20 @@ def _csd_step(cfg, step, csd_step, teacher, gen, fake, raw_gen, raw_fake, gen_op
         accelerator.backward(fake_loss)
         _clip_and_step(accelerator, fake, fake_opt, cfg)
     # generator: both denoisers frozen but differentiable in x_t; the prefix enters only via q̂ (no grad)
-    x_t, t_bL = _noised(x_hat, cfg, step, 5)
+    x_t, t_bL = noised(x_hat, cfg.t_min, cfg.t_max, step_generator(cfg.seed, step, 5))
     with torch.no_grad():
         h_bLC = raw_fake.hidden(tokens_bL, labels_b)
     frozen = {name: p.detach() for name, p in raw_fake.head.named_parameters()}
     fake_x0 = torch.func.functional_call(raw_fake.head, frozen, (x_t, t_bL, h_bLC))
-    real_x0 = _real_x0(teacher, x_t, t_bL, log_probs_bLV, cfg)
+    real_x0 = teacher.denoise(x_t, t_bL, log_probs_bLV)
     loss = CSD_LOSSES[cfg.loss](x_hat, real_x0, fake_x0, **({"alpha": cfg.alpha} if cfg.loss == "sid" else {}))
     check_finite({f"{STAGE}.csd_loss": loss}, step, resume)
     accelerator.backward(loss)
     grad_norm = _clip_and_step(accelerator, gen, gen_opt, cfg)
-    nll, inside, entropy = _token_statistics(log_probs_bLV, tokens_bL)
+    nll, inside, entropy = token_statistics(log_probs_bLV, tokens_bL)
     return {"csd_loss": float(loss.detach()), "fcs_loss": float(fake_loss.detach()), "gen_nll": nll / max(inside, 1),
             "teacher_entropy": entropy / tokens_bL.numel(), "codes_used": float(tokens_bL.unique().numel()), "lr": lr,
             "grad_norm": grad_norm}  # fmt: skip
-
-
-@torch.no_grad()
-def _token_statistics(log_probs_BLV, tokens_BL) -> tuple[float, int, float]:
-    """(summed teacher NLL of the tokens its filter keeps, how many it keeps, summed teacher entropy):
-    a token outside the teacher's top-k/top-p support has NLL inf, counted apart."""
-    nll_BL = -log_probs_BLV.gather(-1, tokens_BL[..., None]).squeeze(-1)
-    inside = torch.isfinite(nll_BL)
-    entropy = -(log_probs_BLV.exp() * log_probs_BLV.nan_to_num(neginf=0.0)).sum()
-    return float(nll_BL[inside].sum()), int(inside.sum()), float(entropy)
 
 
 def _weights_for_output(raw_gen, ema: EMA | None):
@@ -394,40 +347,15 @@ def _weights_for_output(raw_gen, ema: EMA | None):
     return averaged
 
 
-@torch.no_grad()
-def agreement(generator, teacher: Teacher, cfg: Config, batch_size: int = 250) -> dict[str, float]:
-    """The generator's tokens under the teacher (given the generator's own prefix): mean NLL per
-    token (over tokens inside the teacher's top-k/top-p support) against the teacher's entropy
-    there, the share outside that support, codes used, mean distance to the nearest codeword."""
-    device = teacher.codebook_VD.device
-    nll = entropy = distance = 0.0
-    inside = 0
-    counts = torch.zeros(teacher.codebook_VD.shape[0], dtype=torch.long)
-    for b, start in enumerate(range(0, cfg.eval_count, batch_size)):
-        n = min(batch_size, cfg.eval_count - start)
-        generator_b = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 + b)
-        labels_B = (torch.arange(start, start + n) % generator.num_classes).to(device)
-        noise_BLD = torch.randn(n, generator.seq_len, generator.dd.code_dim, generator=generator_b).to(device)
-        tokens_BL, vectors_BLD = generator.sample(noise_BLD, labels_B)
-        batch_nll, batch_inside, batch_entropy = _token_statistics(teacher.log_probs(tokens_BL, labels_B), tokens_BL)
-        nll, inside, entropy = nll + batch_nll, inside + batch_inside, entropy + batch_entropy
-        distance += float((vectors_BLD - teacher.codebook_VD[tokens_BL]).norm(dim=-1).sum())
-        counts += torch.bincount(tokens_BL.reshape(-1).cpu(), minlength=len(counts))
-    tokens = cfg.eval_count * generator.seq_len
-    return {"gen_nll_per_token": nll / max(inside, 1), "teacher_entropy_per_token": entropy / tokens,
-            "outside_teacher_support": 1 - inside / tokens,
-            "codes_used": int((counts > 0).sum()), "codeword_distance": distance / tokens}  # fmt: skip
-
-
 def _samples(generator, tokenizer, cfg: Config) -> np.ndarray:
     labels = torch.arange(generator.num_classes).repeat_interleave(cfg.samples_per_class)
     images = sample_distilled_images(generator, tokenizer, labels, steps=1, seed=cfg.seed).numpy()
     return image_grid(images, cfg.samples_per_class)
 
 
-def _write_outputs(cfg, paths, generator, teacher: Teacher, pairs, tok_config, tokenizer, history) -> dict:
+def _write_outputs(cfg, paths, generator, teacher, teacher_config, pairs, tok_config, tokenizer, history) -> dict:
     out_dir = Path(paths.models) / OUT_NAME
-    meta, teacher_config = pairs.meta, teacher.config
+    meta = pairs.meta
     config = {
         "arch": teacher_config["arch"],
         "model": teacher_config["model"],
@@ -459,7 +387,7 @@ def _write_outputs(cfg, paths, generator, teacher: Teacher, pairs, tok_config, t
         if history[phase]["train"]:
             metrics[f"train_{key}"] = history[phase]["train"][-1][key]
     if cfg.eval_count:
-        metrics.update(agreement(generator, teacher, cfg))
+        metrics.update(agreement(generator, teacher, cfg.eval_count, cfg.seed))
         metrics["pairs_codes_used"] = int(len(np.unique(pairs.tokens_NL)))
     return {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
 
