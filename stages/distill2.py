@@ -89,9 +89,10 @@ class Config:
     """Sequences per step (GTS: pairs' rows; CSD: generated), over all processes."""
     gts_lr: float = 3e-4
     """AdamW lr of the GTS warm-up (constant after ``warmup_steps``)."""
-    lr: float = 2e-5
-    """Generator lr (constant)."""
-    fake_lr: float = 1e-4
+    lr: float = 1e-3
+    """Generator lr (constant after warm-up). Small digits run (README): 2e-5 / 2e-4 / 1e-3 gave
+    one-step FID 33.2 / 30.1 / 27.5 after 300 CSD steps."""
+    fake_lr: float = 1e-3
     """Fake-score network lr during CSD (constant)."""
     warmup_steps: int = 20
     """Linear lr warm-up of each phase."""
