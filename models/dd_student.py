@@ -45,17 +45,18 @@ class DDConfig:
     split: int
     """AR steps whose positions use the logits head; later ones use the continuous head."""
     two_step_at: int
-    """AR steps of the first prediction kept as data before the second step (≤ split)."""
+    """AR steps of the first prediction kept as data before the second step (≤ split); 0 = a
+    one-step-only model (DD2's generator: split 0, every position continuous)."""
 
     def check(self, steps: int) -> None:
         if self.code_dim < 1:
             raise ValueError(f"code_dim must be >= 1, got {self.code_dim}")
         if not 0 <= self.split <= steps:
             raise ValueError(f"split must be in [0, {steps}] AR steps, got {self.split}")
-        if not 1 <= self.two_step_at <= self.split:
+        if not (1 <= self.two_step_at <= self.split or self.two_step_at == 0):
             raise ValueError(
-                f"two_step_at must be in [1, split={self.split}] AR steps (the kept prefix is tokens), "
-                f"got {self.two_step_at}"
+                f"two_step_at must be in [1, split={self.split}] AR steps (the kept prefix is tokens) or 0 "
+                f"(one-step only), got {self.two_step_at}"
             )
 
 
@@ -172,6 +173,8 @@ class DistilledDecoder(nn.Module):
         self.eval()
         try:
             tokens_BL, vectors_BLD = self.predict(noise_BLD, labels_B)
+            if steps == 2 and self.dd.two_step_at == 0:
+                raise ValueError("this student samples in 1 step only (two_step_at 0)")
             if steps == 2:
                 kept = self.prefix_positions(self.dd.two_step_at)
                 data_BL = (torch.arange(self.seq_len, device=noise_BLD.device) < kept).expand_as(tokens_BL)
@@ -256,6 +259,10 @@ def student_from_state(state_dict: dict, config: dict, tokenizer: nn.Module) -> 
     from models.ar import build_ar
     from models.dd import code_space
 
+    if "dd2" in config:  # a DD2 one-step generator (stages/distill2.py): same interface, 1 step
+        from models.dd2 import generator_from_state
+
+        return generator_from_state(state_dict, config, tokenizer)
     teacher = build_ar(config["arch"], config["model"], tokenizer.quantizer if config["arch"] == "var" else None)
     codebook_VD, _ = code_space(tokenizer)
     student = student_from_teacher(config["arch"], teacher, DDConfig(**config["dd"]), codebook_VD)

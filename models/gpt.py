@@ -195,6 +195,18 @@ class GPT(ClassConditionalAR, nn.Module):
         probability ``class_dropout``, drawn from ``generator`` (torch's global RNG when None).
         ``tokens_BL`` may be a prefix of the full sequence (L ≤ seq_len).
         """
+        return self.head(self.hidden(tokens_BL, labels_B, label_dropout=label_dropout, generator=generator))
+
+    def hidden(
+        self,
+        tokens_BL: torch.Tensor,
+        labels_B: torch.Tensor,
+        *,
+        label_dropout: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The trunk's output h_BLC before the logits head (after the final norm): ``forward`` is
+        ``head(hidden(...))``; DD2's score heads read it."""
         L = tokens_BL.shape[1]
         if L > self.config.seq_len:
             raise ValueError(f"got {L} tokens, the model holds {self.config.seq_len}")
@@ -205,7 +217,7 @@ class GPT(ClassConditionalAR, nn.Module):
         rotation = self._rotation(L, tokens_BL.device)
         for block in self.blocks:
             x_BLC = block(x_BLC, rotation, is_causal=True)
-        return self.head(self.final_norm(x_BLC))
+        return self.final_norm(x_BLC)
 
     # -- sampling phase ---------------------------------------------------------------------------
 

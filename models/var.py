@@ -276,6 +276,31 @@ class VAR(ClassConditionalAR, nn.Module):
     ) -> torch.Tensor:
         """``forward`` from next-scale inputs (B, L − s_0², embed_dim), e.g. built from the model's
         own samples (student forcing) rather than from ground-truth tokens."""
+        return self.head(self.hidden_from_inputs(inputs_BLC, labels_B, label_dropout=label_dropout,
+                                                 generator=generator))  # fmt: skip
+
+    def hidden(
+        self,
+        tokens_BL: torch.Tensor,
+        labels_B: torch.Tensor,
+        *,
+        label_dropout: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The trunk's output h_BLC before the logits head (after the final AdaLN): ``forward`` is
+        ``head(hidden(...))``; DD2's score heads read it."""
+        inputs = self.teacher_forcing_input(tokens_BL)
+        return self.hidden_from_inputs(inputs, labels_B, label_dropout=label_dropout, generator=generator)
+
+    def hidden_from_inputs(
+        self,
+        inputs_BLC: torch.Tensor,
+        labels_B: torch.Tensor,
+        *,
+        label_dropout: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """``hidden`` from next-scale inputs (see ``forward_from_inputs``)."""
         expected = self.seq_len - self.config.first_scale_tokens
         if inputs_BLC.shape[1:] != (expected, self.config.embed_dim):
             raise ValueError(f"inputs must be (B, {expected}, {self.config.embed_dim}), got {tuple(inputs_BLC.shape)}")
@@ -287,7 +312,7 @@ class VAR(ClassConditionalAR, nn.Module):
         x_BLC = torch.cat([self._start_tokens(cond_BC), words_BLC + self._level_position(first, self.seq_len)], dim=1)
         for block in self.blocks:
             x_BLC = block(x_BLC, cond_BC, attn_mask=self.attn_mask_LL)
-        return self.head(self.final_norm(x_BLC, cond_BC))
+        return self.final_norm(x_BLC, cond_BC)
 
     def scale_losses(self, logits_BLV: torch.Tensor, tokens_BL: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy per scale, (K,) fp32, coarse -> fine (for logging; VAR's training

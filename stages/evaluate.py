@@ -29,6 +29,13 @@ in this run: in throughput (images/s ratio at ``batch_size``) and in latency (on
 at a time, decode excluded), with the sequential forward passes, 1 or 2 against the teacher's steps. It is
 reported, not registered: the champion is chosen among the AR checkpoints.
 
+The DD2 generator (``distilled2``, from ``distill2``) is scored the same way in one step only
+(``distilled2/1step/*``; DD1's keep-prefix second step has no DD2 counterpart), with its speed-ups
+over the teacher and, when DD1's student and the teacher at the shared distillation guidance are
+scored in the same run, the share of DD1's gap to the teacher it closes:
+``distilled2/1step/gap_closed_vs_dd1 = (FID_DD1 − FID_DD2) / (FID_DD1 − FID_teacher)`` (one-step
+FIDs; ``inception_gap_closed_vs_dd1`` in Inception space).
+
 Writes ``paths.eval/report.md`` (one side-by-side table) and ``grid.png`` (one row per
 checkpoint and guidance, labelled on the left; ``grid_per_class`` columns per class, the class name
 above them), ``metrics/evaluate.json`` keyed
@@ -77,9 +84,11 @@ from models.metrics import (
 from models.sampling import GuidanceScheduleName, family_filters, guidance_per_step
 
 STAGE = "evaluate"
-CHAIN = ("base", "sar", "cca", "ddo", "distilled")
+CHAIN = ("base", "sar", "cca", "ddo", "distilled", "distilled2")
 DISTILLED = "distilled"
+DISTILLED2 = "distilled2"
 DISTILLED_MODES = {"1step": 1, "2step": 2}  # guidance column of the distilled rows -> sequential passes
+ONE_STEP_MODES = {"1step": 1}  # a DD2 generator (config "dd2") samples in one step only
 LATENCY_IMAGES = 20  # images generated one at a time for the latency speed-up
 METRICS = ("fid", "is", "precision", "recall", "class_acc")
 """Metrics in the evalnet (proxy) feature space, always computed."""
@@ -293,7 +302,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     speed: dict = {}
     grid_rows = [_grid_row(val.images_NHWC, val.labels_N, num_classes, cfg.grid_per_class)]
     row_names = ["val (real)"]
-    arches, models = {}, {}
+    arches, models, teachers = {}, {}, {}
     for name in names:
         state, config = read_checkpoint(Path(paths.models) / name)
         if config.get("tokenizer_fingerprint") != tok_config["fingerprint"]:
@@ -303,7 +312,8 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
         if config.get("distilled"):
             student = student_from_state(state, config, tokenizer)
             results[name], speed[name] = {}, {}
-            for mode, steps in DISTILLED_MODES.items():
+            modes = ONE_STEP_MODES if "dd2" in config else DISTILLED_MODES
+            for mode, steps in modes.items():
                 start = time.perf_counter()
                 images = sample_distilled_images(
                     student, tokenizer, labels_N, steps=steps, seed=cfg.seed, batch_size=cfg.batch_size
@@ -314,8 +324,9 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
                 grid_rows.append(_grid_row(images, labels_N.numpy(), num_classes, cfg.grid_per_class))
                 row_names.append(f"{name} {mode}")
             _compare_with_teacher(
-                cfg, config["teacher"], results, speed, models, arches, tokenizer, labels_N, name, student
+                cfg, config["teacher"], results, speed, models, arches, tokenizer, labels_N, name, student, modes
             )
+            teachers[name] = config["teacher"]
             print(f"{STAGE}: {name}: " + ", ".join(_fid_line(g, m) for g, m in results[name].items()))
             continue
         model = ar_from_state(state, config, tokenizer)
@@ -341,6 +352,8 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
             grid_rows.append(_grid_row(images, labels_N.numpy(), num_classes, cfg.grid_per_class))
             row_names.append(f"{name} {guidance_key(scale)}")
         print(f"{STAGE}: {name}: " + ", ".join(_fid_line(g, m) for g, m in results[name].items()))
+
+    _gap_closed(results, teachers)
 
     # 3. outs, the best checkpoint (among the AR checkpoints, which the registry can serve) and the registry
     ar_names = [name for name in names if name in models]
@@ -385,8 +398,28 @@ def _fid_line(guidance: str, metrics: dict) -> str:
     return f"{guidance} FID {metrics['fid']:.2f}{inception}"
 
 
+def _gap_closed(results: dict, teachers: dict) -> None:
+    """DD2's one-step FID gap to the teacher against DD1's: ``(FID_DD1 − FID_DD2) / (FID_DD1 −
+    FID_teacher)`` at the teacher's distillation guidance, in every feature space scored; only when
+    both students distil the same teacher at the same guidance and all three were scored here."""
+    if DISTILLED not in teachers or DISTILLED2 not in teachers:
+        return
+    dd1, dd2 = teachers[DISTILLED], teachers[DISTILLED2]
+    same = (dd1["name"], dd1.get("fingerprint"), dd1["cfg"]) == (dd2["name"], dd2.get("fingerprint"), dd2["cfg"])
+    teacher_row = results.get(dd2["name"], {}).get(guidance_key(dd2["cfg"]))
+    if not same or teacher_row is None:
+        print(f"{STAGE}: {DISTILLED2}: no gap closed vs DD1 (different teachers, or the teacher not scored here)")
+        return
+    for prefix in ("", "inception_"):
+        if prefix + "fid" not in teacher_row:
+            continue
+        fid_dd1, fid_dd2 = results[DISTILLED]["1step"][prefix + "fid"], results[DISTILLED2]["1step"][prefix + "fid"]
+        gap = fid_dd1 - teacher_row[prefix + "fid"]
+        results[DISTILLED2]["1step"][prefix + "gap_closed_vs_dd1"] = (fid_dd1 - fid_dd2) / gap if gap else float("nan")
+
+
 def _compare_with_teacher(
-    cfg: Config, teacher: dict, results, speed, models, arches, tokenizer, labels_N, name, student
+    cfg: Config, teacher: dict, results, speed, models, arches, tokenizer, labels_N, name, student, modes
 ) -> None:
     """The student's FID ratio and speed-up against its teacher at the teacher's distillation
     guidance, timed in this run (the teacher is sampled again for timing if that guidance was not
@@ -413,7 +446,7 @@ def _compare_with_teacher(
     teacher_speed[f"{guidance}_token_ms_b1"] = token_latency_ms(
         teacher_model, latency_labels, cfg=teacher_cfg, seed=cfg.seed
     )
-    for mode, steps in DISTILLED_MODES.items():
+    for mode, steps in modes.items():
         speed[name][f"{mode}_speedup"] = speed[name][f"{mode}_images_per_s"] / teacher_speed[key]
         speed[name][f"{mode}_step_reduction"] = teacher_speed["steps_per_image"] / steps
         speed[name][f"{mode}_token_ms_b1"] = token_latency_ms(student, latency_labels, steps=steps, seed=cfg.seed)
@@ -539,6 +572,20 @@ def report_markdown(
             passes = student[f"{mode}_step_reduction"] * steps
             lines.append(f"| {mode} | {ratio:.2f}x | {passes:g} / {steps} |")
         lines.append("")
+    generator = (speed or {}).get(DISTILLED2, {})
+    if "1step_speedup" in generator:
+        row = results[DISTILLED2]["1step"]
+        passes = generator["1step_step_reduction"]
+        gap = row.get("gap_closed_vs_dd1")
+        lines += [
+            "DD2 one-step generator (`distilled2`) against the same teacher (speed-ups in "
+            "`metrics/evaluate_speed.json`, `distilled2/1step_*`): "
+            f"FID / teacher's {row.get('fid_vs_teacher', float('nan')):.2f}x, sequential passes {passes:g} / 1"
+            + (f"; gap closed vs DD1's one step (FID_DD1 − FID_DD2) / (FID_DD1 − FID_teacher) = {gap:.2f}"
+               if gap is not None else "; gap closed vs DD1: not available (DD1 or the teacher not scored here)")
+            + ".",
+            "",
+        ]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -148,7 +148,7 @@ def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflo
 @pytest.mark.slow
 def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_store, prefect_harness, monkeypatch):
     """shard -> train_tokenizer (msvq) -> cache_tokens -> pretrain (var) -> sar -> cca -> ddo -> distill_pairs ->
-    distill -> train_evalnet -> evaluate,
+    distill -> distill2 -> train_evalnet -> evaluate,
     each a DVC stage run by the flow, each an MLflow child run; the champion is registered; a second
     run skips everything."""
     from helpers import TINY_MSVQ
@@ -175,6 +175,8 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
     params["distill"].update(
         steps=3, batch_size=16, warmup_steps=1, log_every=1, save_every=0, val_count=8, samples_per_class=1
     )
+    params["distill2"].update(gts_steps=2, steps=2, batch_size=8, head_width=16, head_depth=1, warmup_steps=1,
+                              log_every=1, save_every=0, eval_count=8, samples_per_class=1)  # fmt: skip
     params["train_evalnet"].update(steps=8, batch_size=16, model={"channels": [8, 16], "feature_dim": 16})
     params["evaluate"].update(samples_per_class=4, cfg_scales=[1.0, 2.0], grid_per_class=1)
     root = make_project(tmp_path / "project", params=params)
@@ -191,6 +193,7 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
         ("ddo", "ran"),
         ("distill_pairs", "ran"),
         ("distill", "ran"),
+        ("distill2", "ran"),
         ("train_evalnet", "ran"),
         ("evaluate", "ran"),
     ]
@@ -214,6 +217,7 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
     assert {"base/cfg1/fid", "sar/cfg1/fid", "cca/cfg1/fid", "ddo/cfg1/fid"} <= set(evaluation.data.metrics)
     assert {"distilled/1step/fid", "distilled/2step/fid"} <= set(evaluation.data.metrics)
     assert evaluation.data.metrics["speed/distilled/1step_speedup"] > 0
+    assert {"distilled2/1step/fid", "distilled2/1step/gap_closed_vs_dd1"} <= set(evaluation.data.metrics)
     ddo_config = json.loads((root / "data" / "models" / "ddo" / "config.json").read_text())
     assert ddo_config["input_checkpoint"]["name"] == "cca"
     distilled = json.loads((root / "data" / "models" / "distilled" / "config.json").read_text())

@@ -377,3 +377,27 @@ def test_a_reference_batch_needs_inception_weights_and_a_readable_file(small_cha
         ReferenceBatchError, match=r"other.npz: holds \['images'\], neither 'mu' \+ 'sigma' nor 'arr_0'"
     ):
         read_reference_batch(tmp_path / "other.npz")
+def test_the_dd2_generator_is_scored_at_one_step_with_the_gap_closed_vs_dd1(chain, tmp_path):
+    from stages import distill, distill2, distill_pairs
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "base").symlink_to(Path(chain.models) / "base")
+    outs = {name: str(tmp_path / name) for name in ("distill", "eval", "metrics", "plots", "resume")}
+    paths = dataclasses.replace(chain, models=str(models), **outs)
+    pairs = distill_pairs.Config(teacher="base", count=32, batch_size=32, cfg=2.0, ode_steps=8, t_min=0.02)
+    distill_pairs.run(pairs, paths, NullTracker())
+    distill.run(distill.Config(steps=2, batch_size=16, warmup_steps=1, val_count=8, save_every=0, samples_per_class=1),
+                paths, NullTracker())  # fmt: skip
+    distill2.run(distill2.Config(gts_steps=2, steps=2, batch_size=8, head_width=16, head_depth=1, eval_count=8,
+                                 save_every=0, samples_per_class=1, warmup_steps=1), paths, NullTracker())  # fmt: skip
+    metrics = run(tiny(register=False), paths, NullTracker())
+    assert set(metrics["distilled2"]) == {"1step"}, "a DD2 generator samples in one step only"
+    block, dd1 = metrics["distilled2"]["1step"], metrics["distilled"]["1step"]
+    assert set(block) == {*evaluate.METRICS, "fid_vs_teacher", "gap_closed_vs_dd1"}
+    teacher_fid = metrics["base"]["cfg2"]["fid"]
+    assert block["gap_closed_vs_dd1"] == pytest.approx((dd1["fid"] - block["fid"]) / (dd1["fid"] - teacher_fid))
+    speed = json.loads((tmp_path / "metrics" / "evaluate_speed.json").read_text())["distilled2"]
+    assert speed["1step_step_reduction"] == 16 and speed["1step_latency_speedup"] > 0
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| distilled2 | 1step |" in report and "gap closed vs DD1's one step" in report
