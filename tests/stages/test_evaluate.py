@@ -383,7 +383,7 @@ def test_the_dd2_generator_is_scored_at_one_step_with_the_gap_closed_vs_dd1(chai
     models = tmp_path / "models"
     models.mkdir()
     (models / "base").symlink_to(Path(chain.models) / "base")
-    outs = {name: str(tmp_path / name) for name in ("distill", "eval", "metrics", "plots", "resume")}
+    outs = {name: str(tmp_path / name) for name in ("distill", "eval", "metrics", "plots", "resume", "last_run")}
     paths = dataclasses.replace(chain, models=str(models), **outs)
     pairs = distill_pairs.Config(teacher="base", count=32, batch_size=32, cfg=2.0, ode_steps=8, t_min=0.02)
     distill_pairs.run(pairs, paths, NullTracker())
@@ -397,7 +397,7 @@ def test_the_dd2_generator_is_scored_at_one_step_with_the_gap_closed_vs_dd1(chai
     assert set(block) == {*evaluate.METRICS, "fid_vs_teacher", "gap_closed_vs_dd1"}
     teacher_fid = metrics["base"]["cfg2"]["fid"]
     assert block["gap_closed_vs_dd1"] == pytest.approx((dd1["fid"] - block["fid"]) / (dd1["fid"] - teacher_fid))
-    speed = json.loads((tmp_path / "metrics" / "evaluate_speed.json").read_text())["distilled2"]
+    speed = json.loads((tmp_path / "last_run" / "evaluate_speed.json").read_text())["distilled2"]
     assert speed["1step_step_reduction"] == 16 and speed["1step_latency_speedup"] > 0
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| distilled2 | 1step |" in report and "gap closed vs DD1's one step" in report
