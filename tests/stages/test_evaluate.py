@@ -377,6 +377,8 @@ def test_a_reference_batch_needs_inception_weights_and_a_readable_file(small_cha
         ReferenceBatchError, match=r"other.npz: holds \['images'\], neither 'mu' \+ 'sigma' nor 'arr_0'"
     ):
         read_reference_batch(tmp_path / "other.npz")
+
+
 def test_the_dd2_generator_is_scored_at_one_step_with_the_gap_closed_vs_dd1(chain, tmp_path):
     from stages import distill, distill2, distill_pairs
 
