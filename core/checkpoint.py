@@ -94,3 +94,14 @@ def passthrough_config(stage: str, input_name: str, in_config: dict[str, Any], r
         stage_config=stage_config,
     )
     return config
+
+
+def write_passthrough(models_dir: str | Path, input_name: str, out_name: str, state_dict: dict, config: dict) -> Path:
+    """Write the input checkpoint ``input_name`` unchanged as ``out_name`` (``config`` from
+    ``passthrough_config``), with the input's ``samples.png`` when it has one; the folder."""
+    out_dir = Path(models_dir) / out_name
+    write_checkpoint(out_dir, state_dict, config)
+    samples = Path(models_dir) / input_name / "samples.png"
+    if samples.is_file():
+        shutil.copyfile(samples, out_dir / "samples.png")
+    return out_dir

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -34,7 +33,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from core.checkpoint import finetuned_config, passthrough_config, read_checkpoint, write_checkpoint
+from core.checkpoint import finetuned_config, passthrough_config, read_checkpoint, write_checkpoint, write_passthrough
 from core.config import Paths
 from core.images import guidance_grid, save_png
 from core.metrics import write_rows_csv
@@ -270,12 +269,8 @@ def _pass_through(cfg, paths, tracker, raw_model, in_config, accelerator) -> dic
     """``skip: true``: write the input unchanged as ``cca`` (marked as a pass-through, like sar's)."""
     reason = "skip: true (no CCA in this recipe)"
     if accelerator.is_main_process:
-        out_dir = Path(paths.models) / OUT_NAME
         config = passthrough_config(STAGE, cfg.input, in_config, reason, stage_config(cfg))
-        write_checkpoint(out_dir, raw_model.state_dict(), config)
-        samples = Path(paths.models) / cfg.input / "samples.png"
-        if samples.is_file():
-            shutil.copyfile(samples, out_dir / "samples.png")
+        out_dir = write_passthrough(paths.models, cfg.input, OUT_NAME, raw_model.state_dict(), config)
         write_rows_csv(Path(paths.plots) / STAGE / "train.csv", TRAIN_COLUMNS, [])  # a DVC plots out: no rows
         tracker.set_tags({"arpipe.cca.skipped": reason})
         print(f"{STAGE}: skipped, {reason}; {paths.models}/{cfg.input} passed through unchanged -> {out_dir}")
