@@ -14,10 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 _TOOL_OUTPUTS = {".pytest_cache", "__pycache__", ".coverage", ".ruff_cache", ".import_linter_cache"}
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def _tests_write_nothing_into_the_checkout():
-    """Fail the session when a test leaves a new top-level file or folder in the checkout
-    (e.g. MLflow's default ./mlruns): tests write into tmp_path only."""
+    """Fail the test that leaves a new top-level file or folder in the checkout (e.g. MLflow's
+    default ./mlruns, or a stage's default ``.arpipe/last_run``): tests write into tmp_path only."""
     before = {p.name for p in REPO.iterdir()}
     yield
     new = sorted({p.name for p in REPO.iterdir()} - before - _TOOL_OUTPUTS)

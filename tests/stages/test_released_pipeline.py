@@ -65,7 +65,8 @@ def project(tmp_path_factory, run_metrics) -> Paths:
     root = tmp_path_factory.mktemp("released-pipeline")
     paths = Paths(shards=str(root / "shards"), metrics=str(root / "metrics"), plots=str(root / "plots"),
                   tokenizer=str(root / "tokenizer"), tokens=str(root / "tokens"), models=str(root / "models"),
-                  released=str(root / "released"), resume=str(root / "resume"))  # fmt: skip
+                  released=str(root / "released"), resume=str(root / "resume"), evalnet=str(root / "evalnet"),
+                  distill=str(root / "distill"), eval=str(root / "eval"), last_run=str(root / "last_run"))  # fmt: skip
     write_released_files(Path(paths.released))
     shard.run(shard.Config(image_size=8, num_workers=0), paths, NullTracker())
     run_metrics["train_tokenizer"] = train_tokenizer.run(imported_tokenizer(), paths, NullTracker())
@@ -137,7 +138,7 @@ def test_cca_and_arpipe_sample_run_on_a_model_imported_by_hand(project, tmp_path
 
 def test_the_rest_of_the_chain_runs_on_the_imported_gpt(project, tmp_path):
     """sar (a gpt passes through), ddo, distill_pairs, distill, train_evalnet and evaluate, tiny."""
-    outs = {name: str(tmp_path / name) for name in ("models", "distill", "evalnet", "eval", "metrics", "plots")}
+    outs = {name: str(tmp_path / name) for name in ("models", "distill", "evalnet", "eval", "metrics", "plots", "last_run")}
     paths = dataclasses.replace(project, resume=str(tmp_path / "resume"), **outs)
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "base").symlink_to(Path(project.models) / "base")
