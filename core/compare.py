@@ -19,6 +19,7 @@ KEY_METRICS = (
     "evaluate/%/cfg%/class_acc",
     "pretrain/val_loss",
     "train_tokenizer/val_psnr",
+    "train_tokenizer/val_recon_fid_pixels",
     "train_evalnet/val_accuracy",
 )
 

@@ -2,7 +2,8 @@
 run's markdown artifact shows (the same text).
 
 Read from files, no torch: ``metrics/evaluate.json`` (keyed ``<checkpoint>/<guidance>/<metric>``,
-with the ``train/real`` floor: real train images scored like the samples) and
+with the ``train/real`` floor: real train images scored like the samples; FIDs with their bootstrap
+intervals, ``fid_lo``/``fid_hi``, read by ``core/verdicts.py``) and
 ``paths.last_run/evaluate_registry.json`` (the best checkpoint and the registry's decision, written
 by ``evaluate``; not a DVC out because the version changes every run).
 """
@@ -13,7 +14,8 @@ import json
 import math
 from pathlib import Path
 
-BOUNDS = ("reconstruction", "train")
+from core.verdicts import BOUNDS, INTERVAL, fid_cell, verdicts
+
 COLUMNS = (("fid", "FID ↓"), ("class_acc", "class acc ↑"), ("precision", "precision ↑"), ("recall", "recall ↑"))
 
 
@@ -35,15 +37,16 @@ def results_summary(
     eval_dir: str | Path,
     evaluate_status: str = "ran",
 ) -> str:
-    """Markdown: a table per checkpoint and guidance (FID with the real-data floor beside it, class
-    accuracy, precision, recall), the best checkpoint, the champion and whether it moved, where
+    """Markdown: a table per checkpoint and guidance (FID and its interval with the real-data floor
+    beside it, class accuracy, precision, recall), the best checkpoint, which checkpoints are within
+    noise of it, whether the tokenizer is the bottleneck, the champion and whether it moved, where
     the report and grid are, and how to browse the runs. "" when there are no evaluate metrics."""
     metrics = _read(Path(metrics_file))
     if not metrics:
         return ""
     registry = _read(Path(registry_file)) or {}
-    floor = (metrics.get("train") or {}).get("real", {}).get("fid")
-    ceiling = (metrics.get("reconstruction") or {}).get("real", {}).get("fid")
+    floor = (metrics.get("train") or {}).get("real", {})
+    ceiling = (metrics.get("reconstruction") or {}).get("real", {})
     inception = any("inception_fid" in row for ckpt in metrics.values() if isinstance(ckpt, dict)
                     for row in ckpt.values() if isinstance(row, dict))  # fmt: skip
     lines = [
@@ -52,11 +55,8 @@ def results_summary(
         "Each checkpoint's samples scored against the val images in the evalnet feature space (a proxy: "
         "not comparable with published ImageNet FIDs). Real-data floor: real train images scored the same way "
         "(a checkpoint near it is as close to val as real data is)"
-        + (
-            f". Tokenizer ceiling: train images through the tokenizer, FID {_number(ceiling)}."
-            if ceiling is not None
-            else "."
-        ),
+        + (f". Tokenizer ceiling: train images through the tokenizer, FID {fid_cell(ceiling)}." if ceiling else ".")
+        + (f" FIDs in brackets: {INTERVAL}." if any("fid_lo" in row for row in (floor, ceiling)) else ""),
         "",
         "| checkpoint | guidance | FID ↓ | real-data floor | "
         + " | ".join(title for key, title in COLUMNS[1:])
@@ -72,14 +72,16 @@ def results_summary(
             if not isinstance(row, dict):
                 continue
             shown = f"**{name}**" if name == best else name
-            cells = [shown, guidance, _number(row.get("fid")), _number(floor)]
+            cells = [shown, guidance, fid_cell(row), fid_cell(floor)]
             cells += [_number(row.get(key)) for key, _ in COLUMNS[1:]]
-            cells += [_number(row.get("inception_fid"))] if inception else []
+            cells += [fid_cell(row, "inception_fid")] if inception else []
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if best:
         select = registry.get("select", "the selection metric")
         lines.append(f"Best checkpoint: **{best}** (by {select}: {_number(registry.get('best_value'))}).")
+    metric, _, guidance = registry.get("select", "fid@cfg1").partition("@")
+    lines += verdicts(metrics, metric, guidance)
     lines.append(_champion_line(registry, evaluate_status))
     eval_dir = Path(eval_dir)
     lines += [

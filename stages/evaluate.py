@@ -5,11 +5,15 @@ For each checkpoint present under ``paths.models`` (``base`` today; ``sar``, ``c
 shuffled, per-batch seeds; the same labels and seeds for every checkpoint) guidance-free and at
 each ``cfg_scales`` value, decodes them with the tokenizer and scores them against the val split
 in the feature space of the ``train_evalnet`` classifier: FID, Inception Score (over shuffled
-splits), precision/recall (k-NN radii) and class accuracy. Two bounds frame the numbers:
+splits), precision/recall (k-NN radii) and class accuracy; each FID with its 90% bootstrap interval
+over the scored images (``fid_lo``, ``fid_hi``; ``fid_resamples`` resamples, seeded). Two bounds frame
+the numbers:
 ``reconstruction`` (train images through the tokenizer round trip: the ceiling an AR model trained
 on their tokens can reach) and ``train`` (the real train images: the floor), both scored against
 val like the samples. These are proxy-space numbers, not comparable with
-published ImageNet (Inception) FIDs.
+published ImageNet (Inception) FIDs. The report says which checkpoints are within noise of the
+best (their intervals overlap) and, in one sentence, when the tokenizer is the bottleneck
+(``core/verdicts.py``; the end-of-run summary prints the same sentences).
 
 With ``inception_weights`` set to a local torch-fidelity InceptionV3 weights file, the same sets
 are also embedded by that network (``models/inception.py``; never downloaded) and FID, IS and
@@ -69,6 +73,7 @@ from core.reference_batch import read_reference_batch
 from core.shards import load_split
 from core.stage import stage_main
 from core.training import process_state
+from core.verdicts import INTERVAL_LEVEL, fid_cell, verdicts
 from models.ar import ar_from_state, sample_images, tokenizer_from_state
 from models.dd_student import sample_distilled_images, student_from_state, token_latency_ms
 from models.evalnet import build_evalnet, embed_images
@@ -77,6 +82,7 @@ from models.metrics import (
     class_accuracy,
     feature_statistics,
     fid_from_features,
+    fid_interval,
     frechet_distance,
     inception_score,
     precision_recall,
@@ -120,6 +126,10 @@ class Config:
     """Neighbourhood size of precision/recall."""
     is_splits: int = 10
     """Inception Score splits (rows shuffled first)."""
+    fid_resamples: int = 50
+    """Bootstrap resamples of each scored set behind its FID's 90% interval (``fid_lo``, ``fid_hi``;
+    ``inception_fid_lo``, ``inception_fid_hi``): the report says which checkpoints are within noise
+    of the best. 0 = no intervals."""
     grid_per_class: int = 2
     """Samples per class in each row of grid.png."""
     select_metric: Literal[
@@ -152,6 +162,8 @@ class Config:
     def __post_init__(self):
         if min(self.samples_per_class, self.batch_size, self.pr_k, self.is_splits, self.grid_per_class) < 1:
             raise ValueError("samples_per_class, batch_size, pr_k, is_splits and grid_per_class must be >= 1")
+        if self.fid_resamples < 0 or self.fid_resamples == 1:
+            raise ValueError(f"fid_resamples must be 0 (no intervals) or >= 2, got {self.fid_resamples}")
         if self.select_guidance not in self.scales:
             raise ValueError(f"select_guidance {self.select_guidance} is not among cfg_scales {self.scales}")
         if self.select_metric in INCEPTION_METRICS and not self.inception_weights:
@@ -182,17 +194,20 @@ def load_evalnet(evalnet_dir: str | Path):
 
 def score(feats_ND, logits_NC, labels_N, real_feats_MD, cfg: Config) -> dict:
     """The metrics of one image set against the real (val) features; no class accuracy when
-    ``labels_N`` is None (a network whose classes are not the dataset's)."""
+    ``labels_N`` is None (a network whose classes are not the dataset's); FID's interval with
+    ``fid_resamples``."""
     logits = torch.from_numpy(logits_NC)
     probs = torch.softmax(logits, dim=1).numpy()
     inception, _ = inception_score(probs, splits=min(cfg.is_splits, len(probs)), shuffle_seed=cfg.seed)
     precision, recall = precision_recall(real_feats_MD, feats_ND, k=cfg.pr_k)
-    metrics = {
-        "fid": fid_from_features(feats_ND, real_feats_MD),
-        "is": inception,
-        "precision": precision,
-        "recall": recall,
-    }
+    if cfg.fid_resamples:
+        fid, fid_lo, fid_hi = fid_interval(
+            feats_ND, real_feats_MD, resamples=cfg.fid_resamples, level=INTERVAL_LEVEL, seed=cfg.seed
+        )
+        metrics = {"fid": fid, "fid_lo": fid_lo, "fid_hi": fid_hi}
+    else:
+        metrics = {"fid": fid_from_features(feats_ND, real_feats_MD)}
+    metrics.update({"is": inception, "precision": precision, "recall": recall})
     if labels_N is not None:
         metrics["class_acc"] = class_accuracy(logits_NC, labels_N)
     return metrics
@@ -382,6 +397,8 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
         record["why_not"] = "register: false" if not cfg.register else "MLflow tracking is off"
     write_last_run(paths, "evaluate_registry.json", record)
     print(f"{STAGE}: best checkpoint {best} ({cfg.select_metric} {_value(results, best, cfg):.3f}) -> {eval_dir}")
+    for verdict in verdicts(results, cfg.select_metric, guidance_key(cfg.select_guidance)):
+        print(f"{STAGE}: {verdict}")
     return metrics
 
 
@@ -518,7 +535,13 @@ def report_markdown(
         f"FID, precision and recall on the penultimate features of the `train_evalnet` classifier (val accuracy "
         f"{evalnet_config['val_accuracy']:.4f}), IS and class accuracy on its logits; "
         "a proxy space, so FID/IS here are not comparable with published ImageNet (Inception) numbers. "
-        "Metric keys: `<checkpoint>/<guidance>/<metric>`.",
+        "Metric keys: `<checkpoint>/<guidance>/<metric>`."
+        + (
+            f" FID [lo, hi]: its {INTERVAL_LEVEL:.0%} bootstrap interval over the scored images ({cfg.fid_resamples} "
+            "resamples, the val set held fixed; keys `fid_lo`, `fid_hi`): overlapping intervals are within noise."
+            if cfg.fid_resamples
+            else ""
+        ),
         "",
         *_table(results, names, cfg, best, "", ("fid", "is", "precision", "recall", "class_acc")),
     ]
@@ -551,6 +574,7 @@ def report_markdown(
                 "sample count (50,000) and resolution. Keys: `<checkpoint>/<guidance>/inception_fid_ref`.",
             ]
     lines += ["", f"Best by {cfg.select_metric} at {guidance_key(cfg.select_guidance)}: **{best}**.", ""]
+    lines += [verdict + "\n" for verdict in verdicts(results, cfg.select_metric, guidance_key(cfg.select_guidance))]
     lines += [f"Not evaluated: `{name}`, {why}." for name, why in (skipped or {}).items()]
     lines += [""] if skipped else []
     student = (speed or {}).get(DISTILLED, {})
@@ -610,7 +634,8 @@ def _table(results: dict, names: list[str], cfg: Config, best: str, prefix: str,
     for name, guidance in rows:
         values = results[name][guidance]
         shown = label.get(name, f"**{name}**" if name == best else name)
-        lines.append(f"| {shown} | {guidance} | " + " | ".join(f"{values[prefix + m]:.3f}" for m in metrics) + " |")
+        cells = [fid_cell(values, prefix + m) if m == "fid" else f"{values[prefix + m]:.3f}" for m in metrics]
+        lines.append(f"| {shown} | {guidance} | " + " | ".join(cells) + " |")
     return lines
 
 

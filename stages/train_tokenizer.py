@@ -10,7 +10,10 @@ step through ``update_codebook``. Writes:
 - ``paths.tokenizer/model.safetensors`` + ``config.json`` (kind, model config, token layout,
   codebook size, seq_len, image size, class names, this stage's config, fingerprint)
 - ``paths.plots/train_tokenizer/loss.csv`` and ``metrics/train_tokenizer.json`` (val PSNR/MSE, usage:
-  the training EMA and counted over the whole train set)
+  the training EMA and counted over the whole train set, and ``val_recon_fid_pixels``: a cheap
+  stand-in for the reconstruction FID that ``evaluate`` measures later in the evalnet's space, FID
+  between the val images and their reconstructions on pixels area-averaged to at most 16x16,
+  0 = the same distribution)
 
 With ``init_from: released`` the tokenizer starts from a released checkpoint file
 (``released.file`` under ``paths.released``, converted by ``models.released``; its image size is
@@ -52,11 +55,14 @@ from core.training import (
     step_generator,
 )
 from models.discriminator import DiscriminatorConfig, PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from models.metrics import fid_from_features
 from models.perceptual import PerceptualLoss
 from models.released import FORMATS, ReleasedFormatError, released_checkpoint
 from models.tokenizers import build_tokenizer, tokenizer_config
 
 STAGE = "train_tokenizer"
+PIXEL_FID_SIDE = 16
+"""Images are area-averaged to at most this side for ``val_recon_fid_pixels`` (D <= 768 for RGB)."""
 DEFAULT_MODEL = {  # for 16x16 digits: 4x4 = 16 tokens, 256 codes, ~0.26M params, ~30 s on 2 CPU cores
     "base_channels": 16,
     "channel_multipliers": [1, 2, 2],
@@ -241,7 +247,8 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         tracker.log_metrics(flatten_metrics(metrics))
         tracker.log_image(recon_grid(raw_model, val.images_NHWC[: cfg.num_grid]), "reconstructions.png")
         print(
-            f"{STAGE}: val PSNR {metrics['val_psnr']:.2f} dB, usage {metrics['usage']} (EMA), "
+            f"{STAGE}: val PSNR {metrics['val_psnr']:.2f} dB, reconstruction FID {metrics['val_recon_fid_pixels']:.3f} "
+            f"(pixels, val vs its reconstructions; 0 = same distribution), usage {metrics['usage']} (EMA), "
             f"{metrics[f'{split}_usage']} ({split} set) -> {paths.tokenizer}"
         )
     resume.finish()
@@ -330,15 +337,25 @@ def reconstruct(model, images_NHWC: np.ndarray, batch_size: int = 256) -> np.nda
     return np.concatenate(out)
 
 
+def pixel_features(images_NHWC: np.ndarray) -> np.ndarray:
+    """uint8 images -> pixels in [0, 1], area-averaged to at most ``PIXEL_FID_SIDE`` a side, flattened:
+    a fixed feature space that needs no trained network (the evalnet comes later in the DAG)."""
+    x_NCHW = torch.from_numpy(images_NHWC).permute(0, 3, 1, 2).double() / 255
+    side = min(PIXEL_FID_SIDE, x_NCHW.shape[-2], x_NCHW.shape[-1])
+    return F.adaptive_avg_pool2d(x_NCHW, side).flatten(1).numpy()
+
+
 def evaluate(model, images_NHWC: np.ndarray) -> dict:
-    """Val MSE and PSNR (dB) on images in [0, 1], and codebook usage overall and per scale."""
+    """Val MSE and PSNR (dB) on images in [0, 1], the pixel-space FID between the images and their
+    reconstructions (``val_recon_fid_pixels``) and codebook usage overall and per scale."""
     was_training = model.training
     model.eval()
     recon = reconstruct(model, images_NHWC)
     model.train(was_training)
     mse = float(np.mean((recon.astype(np.float64) / 255 - images_NHWC.astype(np.float64) / 255) ** 2))
     psnr = 10 * math.log10(1 / max(mse, 1e-12))
-    return {"val_mse": mse, "val_psnr": psnr, "usage": model.codebook_usage()}
+    recon_fid = fid_from_features(pixel_features(recon), pixel_features(images_NHWC))
+    return {"val_mse": mse, "val_psnr": psnr, "val_recon_fid_pixels": recon_fid, "usage": model.codebook_usage()}
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from models.metrics import (
     class_accuracy,
     feature_statistics,
     fid_from_features,
+    fid_interval,
     frechet_distance,
     inception_score,
     precision_recall,
@@ -83,6 +84,41 @@ def test_fid_rejects_bad_inputs():
         fid_from_features(np.zeros((1, 4)), np.zeros((5, 4)))
     with pytest.raises(ValueError, match="NaN"):
         fid_from_features(np.full((3, 2), np.nan), np.zeros((3, 2)))
+
+
+def test_fid_interval_brackets_the_point_estimate_and_narrows_with_more_samples():
+    reference = gaussian(400, 8, seed=0)
+    widths = []
+    for count in (100, 1600):
+        samples = gaussian(count, 8, seed=1, shift=0.3)
+        fid, lo, hi = fid_interval(samples, reference, resamples=50, seed=0)
+        assert fid == fid_from_features(samples, reference)
+        assert 0 <= lo < fid < hi
+        assert fid_interval(samples, reference, resamples=50, seed=0) == (fid, lo, hi)  # seeded
+        widths.append(hi - lo)
+    # sampling noise falls as 1/sqrt(N): 16x the samples, about a quarter of the width
+    assert widths[1] < widths[0] / 2
+
+
+@pytest.mark.parametrize("count, dim", [(300, 8), (20, 64)])  # the statistics route and the N < D route
+def test_fid_interval_is_the_spread_of_fid_over_rows_drawn_with_replacement(count, dim):
+    samples, reference = gaussian(count, dim, seed=1, shift=0.2), gaussian(40 if dim > count else 200, dim, seed=2)
+    rng = np.random.default_rng(7)  # the draws fid_interval makes with seed 7
+    fids = [fid_from_features(samples[rng.integers(0, count, count)], reference) for _ in range(20)]
+    fid, lo, hi = fid_interval(samples, reference, resamples=20, level=0.9, seed=7)
+    half_width = 1.6448536269514722 * np.std(fids, ddof=1)
+    assert hi - fid == pytest.approx(half_width, rel=1e-6)
+    assert lo == pytest.approx(max(fid - half_width, 0), rel=1e-6, abs=1e-12)
+
+
+def test_fid_intervals_of_one_distribution_overlap_and_a_shift_separates_them():
+    reference = gaussian(500, 4, seed=0)
+    first, second = (fid_interval(gaussian(500, 4, seed=s, shift=0.5), reference) for s in (1, 2))
+    shifted = fid_interval(gaussian(500, 4, seed=3, shift=1.0), reference)
+    assert first[1] <= second[2] and second[1] <= first[2]
+    assert shifted[1] > max(first[2], second[2])
+    with pytest.raises(ValueError, match="resamples >= 2"):
+        fid_interval(reference, reference, resamples=1)
 
 
 # -- Inception Score ------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from core.tracking import NullTracker
 from stages import evaluate
 from stages.evaluate import Config, run
 
+INTERVAL = ("fid_lo", "fid_hi")
+
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
@@ -64,14 +66,20 @@ def test_scores_every_checkpoint_and_the_bounds_side_by_side(chain, tmp_path):
     assert set(metrics) == {"reconstruction", "train", "base", "best_value"}
     assert set(metrics["base"]) == {"cfg1", "cfg2"}
     for block in (metrics["base"]["cfg1"], metrics["base"]["cfg2"], metrics["train"]["real"]):
-        assert set(block) == set(evaluate.METRICS)
+        assert set(block) == {*evaluate.METRICS, *INTERVAL}
         assert block["fid"] >= 0 and 0 <= block["precision"] <= 1 and 0 <= block["recall"] <= 1
         assert 1 <= block["is"] <= 10 + 1e-6 and 0 <= block["class_acc"] <= 1
+        assert 0 <= block["fid_lo"] < block["fid"] < block["fid_hi"]  # the bootstrap interval brackets FID
     # real train images are closer to val than a 30-step model's samples: the floor frames the numbers
     assert metrics["train"]["real"]["fid"] < metrics["base"]["cfg1"]["fid"]
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| **base** | cfg1 |" in report and "through the tokenizer (ceiling)" in report
     assert "proxy space" in report
+    cfg1 = metrics["base"]["cfg1"]
+    assert f"| **base** | cfg1 | {cfg1['fid']:.3f} [{cfg1['fid_lo']:.2f}, {cfg1['fid_hi']:.2f}] |" in report
+    # one checkpoint: the noise sentence names it as the lowest, and nothing within noise of it
+    assert f"FID at cfg1 with 90% bootstrap intervals: base {cfg1['fid']:.3f} [" in report
+    assert "within noise of it" not in report
     assert not (tmp_path / "metrics" / "evaluate_speed.json").exists()  # timings: not a tracked metric
     speed = json.loads((tmp_path / "last_run" / "evaluate_speed.json").read_text())
     assert speed["base"]["steps_per_image"] == 16 and speed["base"]["cfg1_images_per_s"] > 0
@@ -114,6 +122,11 @@ def test_a_pass_through_checkpoint_is_named_in_the_report_but_not_evaluated(chai
 def test_select_guidance_must_be_evaluated():
     with pytest.raises(ValueError, match="select_guidance 4.0 is not among cfg_scales"):
         Config(cfg_scales=[1.0, 2.0], select_guidance=4.0)
+
+
+def test_fid_resamples_is_zero_or_at_least_two():
+    with pytest.raises(ValueError, match="fid_resamples must be 0 .no intervals. or >= 2, got 1"):
+        Config(fid_resamples=1)
 
 
 @pytest.mark.parametrize(
@@ -266,7 +279,8 @@ def test_inception_weights_add_inception_space_metrics_and_the_report_names_each
 
     metrics = evaluate_into("inception", inception_weights=str(inception_weights), select_metric="inception_fid")
     for block in (metrics["reconstruction"]["real"], metrics["train"]["real"], metrics["base"]["cfg1"]):
-        assert set(block) == set(evaluate.METRICS) | set(evaluate.INCEPTION_METRICS)
+        assert set(block) == {*evaluate.METRICS, *evaluate.INCEPTION_METRICS, *INTERVAL, "inception_fid_lo",
+                              "inception_fid_hi"}  # fmt: skip
         assert block["inception_fid"] >= 0 and 1 <= block["inception_is"] <= 1008 + 1e-6
         assert 0 <= block["inception_precision"] <= 1 and 0 <= block["inception_recall"] <= 1
     assert metrics["base"]["cfg1"]["inception_fid"] != metrics["base"]["cfg1"]["fid"]  # another space
@@ -275,14 +289,19 @@ def test_inception_weights_add_inception_space_metrics_and_the_report_names_each
     # the evalnet (proxy) numbers are the same with or without the Inception space
     proxy_only = evaluate_into("proxy")
     for name, guidance in (("train", "real"), ("base", "cfg1")):
-        assert proxy_only[name][guidance] == {k: metrics[name][guidance][k] for k in evaluate.METRICS}
+        assert proxy_only[name][guidance] == {k: metrics[name][guidance][k] for k in (*evaluate.METRICS, *INTERVAL)}
     report = (tmp_path / "inception" / "report.md").read_text()
     proxy, inception = report.split("## Feature space: Inception (torch-fidelity InceptionV3)")
     assert "## Feature space: evalnet (proxy)" in proxy and "class acc" in proxy
     assert "`inception-test.pth`, sha256 " in inception
     assert "| checkpoint | guidance | FID ↓ | IS ↑ | precision ↑ | recall ↑ |\n" in inception  # no class accuracy
-    inception_row = f"| {metrics['base']['cfg1']['inception_fid']:.3f} |"
+    block = metrics["base"]["cfg1"]
+    inception_row = (
+        f"| {block['inception_fid']:.3f} [{block['inception_fid_lo']:.2f}, {block['inception_fid_hi']:.2f}] |"
+    )
     assert "| **base** | cfg1 " + inception_row in inception
+    # selected in Inception space: the noise sentence reads the Inception FIDs
+    assert f"Inception FID at cfg1 with 90% bootstrap intervals: base {block['inception_fid']:.3f} [" in inception
     assert "Feature space: Inception" not in (tmp_path / "proxy" / "report.md").read_text()
 
 
@@ -319,7 +338,7 @@ def test_the_distilled_student_is_scored_at_one_and_two_steps_against_its_teache
     metrics = run(tiny(register=False), paths, NullTracker())
     assert set(metrics["distilled"]) == {"1step", "2step"}
     for block in metrics["distilled"].values():
-        assert set(block) == {*evaluate.METRICS, "fid_vs_teacher"}
+        assert set(block) == {*evaluate.METRICS, *INTERVAL, "fid_vs_teacher"}
         assert block["fid_vs_teacher"] == pytest.approx(block["fid"] / metrics["base"]["cfg2"]["fid"])
     speed = json.loads((tmp_path / "last_run" / "evaluate_speed.json").read_text())["distilled"]
     assert speed["1step_steps_per_image"] == 1 and speed["2step_steps_per_image"] == 2
@@ -396,7 +415,7 @@ def test_the_dd2_generator_is_scored_at_one_step_with_the_gap_closed_vs_dd1(chai
     metrics = run(tiny(register=False), paths, NullTracker())
     assert set(metrics["distilled2"]) == {"1step"}, "a DD2 generator samples in one step only"
     block, dd1 = metrics["distilled2"]["1step"], metrics["distilled"]["1step"]
-    assert set(block) == {*evaluate.METRICS, "fid_vs_teacher", "gap_closed_vs_dd1"}
+    assert set(block) == {*evaluate.METRICS, *INTERVAL, "fid_vs_teacher", "gap_closed_vs_dd1"}
     teacher_fid = metrics["base"]["cfg2"]["fid"]
     assert block["gap_closed_vs_dd1"] == pytest.approx((dd1["fid"] - block["fid"]) / (dd1["fid"] - teacher_fid))
     speed = json.loads((tmp_path / "last_run" / "evaluate_speed.json").read_text())["distilled2"]

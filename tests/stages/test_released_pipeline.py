@@ -138,7 +138,9 @@ def test_cca_and_arpipe_sample_run_on_a_model_imported_by_hand(project, tmp_path
 
 def test_the_rest_of_the_chain_runs_on_the_imported_gpt(project, tmp_path):
     """sar (a gpt passes through), ddo, distill_pairs, distill, train_evalnet and evaluate, tiny."""
-    outs = {name: str(tmp_path / name) for name in ("models", "distill", "evalnet", "eval", "metrics", "plots", "last_run")}
+    outs = {
+        name: str(tmp_path / name) for name in ("models", "distill", "evalnet", "eval", "metrics", "plots", "last_run")
+    }
     paths = dataclasses.replace(project, resume=str(tmp_path / "resume"), **outs)
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "base").symlink_to(Path(project.models) / "base")

@@ -41,10 +41,14 @@ def paths_for(tmp_path, shards, name="run"):
 
 
 @pytest.mark.parametrize("kind", ["msvq", "vq"])
-def test_outs_rebuild_the_model_and_reproduce_encode(tmp_path, shards, kind):
+def test_outs_rebuild_the_model_and_reproduce_encode(tmp_path, shards, kind, capsys):
     paths = paths_for(tmp_path, shards)
     metrics = run(tiny(kind), paths, NullTracker())
     assert metrics["steps"] == 6 and metrics["val_psnr"] > 0 and 0 < metrics["usage"]["overall"] <= 1
+    # the reconstruction-quality proxy is reported next to PSNR, in the metrics and the end line
+    assert metrics["val_recon_fid_pixels"] > 0
+    end = capsys.readouterr().out.splitlines()[-1]
+    assert f"val PSNR {metrics['val_psnr']:.2f} dB, reconstruction FID {metrics['val_recon_fid_pixels']:.3f}" in end
     # Usage is also counted over the whole train set and its flips, per scale for msvq.
     assert metrics["train_usage"].keys() == metrics["usage"].keys()
     assert all(0 < value <= 1 for value in metrics["train_usage"].values())
@@ -177,3 +181,28 @@ def test_missing_perceptual_weights_fail_by_name_before_any_work(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"train_tokenizer\.perceptual_weights: no file at '{missing}'"):
         run(tiny(perceptual_weights=str(missing)), paths_for(tmp_path, tmp_path / "no-shards"), NullTracker())
     assert not (tmp_path / "run").exists()
+
+
+class RoundTrip(torch.nn.Module):
+    """A stand-in tokenizer whose decode(encode(x)) is x area-averaged over ``blur`` x ``blur`` patches."""
+
+    def __init__(self, blur: int):
+        super().__init__()
+        self.blur = blur
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # reconstruct() reads the device from a parameter
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(z, self.blur), scale_factor=self.blur)
+
+    def codebook_usage(self):
+        return {"overall": 1.0}
+
+
+def test_pixel_reconstruction_fid_is_zero_for_a_lossless_round_trip_and_grows_with_blur(shards):
+    val = load_split(shards, "val").images_NHWC
+    fids = [train_tokenizer.evaluate(RoundTrip(blur), val)["val_recon_fid_pixels"] for blur in (1, 2, 4)]
+    assert fids[0] == pytest.approx(0, abs=1e-9)
+    assert 0 < fids[1] < fids[2]
