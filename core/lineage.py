@@ -14,11 +14,43 @@ from typing import Any
 
 import yaml
 
+from core.config import flatten_params, read_params
 from core.metrics import flatten_metrics
-from core.tracking import client_for, close_abandoned_runs, experiment_id, git_commit, process_tags
+from core.tracking import (
+    MlflowTracker,
+    client_for,
+    close_abandoned_runs,
+    experiment_id,
+    git_commit,
+    git_dirty,
+    param_value,
+    process_tags,
+)
 
 OUTS_TAG = "arpipe.dvc.outs"
 DEPS_TAG = "arpipe.dvc.deps"
+
+
+NAME_CHANGES_SHOWN = 3  # changed params spelled out in a pipeline run's name; the rest are counted
+
+
+def pipeline_params(root: Path) -> dict[str, Any]:
+    """params.yaml of ``root`` flattened (``{"pretrain.lr": 0.001, ...}``); {} without the file."""
+    path = root / "params.yaml"
+    return flatten_params(read_params(path)) if path.is_file() else {}
+
+
+def pipeline_run_name(version: str, params: dict[str, str], changes: list[str] | None) -> str:
+    """``pipeline <commit>[+dirty] <k=v, ...>``: up to NAME_CHANGES_SHOWN changed params with their
+    new values (``k=–`` for a removed key), ``no param changes``, or nothing when ``changes`` is None
+    (no previous run to compare with). MLflow keeps at most 250 characters of a run name."""
+    words = ["pipeline", version] if version else ["pipeline"]
+    if changes is not None:
+        shown = [f"{k}={params.get(k, '–')}" for k in changes[:NAME_CHANGES_SHOWN]]
+        more = len(changes) - len(shown)
+        words.append(", ".join(shown) + (f" (+{more} more)" if more else "") if changes else "no param changes")
+    name = " ".join(words)
+    return name if len(name) <= 250 else name[:249] + "…"
 
 
 def lock_entry(root: Path, stage: str) -> dict[str, Any] | None:
@@ -38,17 +70,44 @@ def lock_hashes(entry: dict[str, Any]) -> tuple[str, str]:
 
 
 class PipelineRun:
-    """The parent MLflow run of one ``arpipe run``; stage runs nest under it."""
+    """The parent MLflow run of one ``arpipe run``; stage runs nest under it.
+
+    It logs params.yaml, flattened (``pretrain.lr``), as its params and is named by the commit and
+    the params that changed since the experiment's previous pipeline run, e.g.
+    ``pipeline 1a2b3c4+dirty pretrain.lr=0.002`` (or ``... no param changes``; the first run names
+    only its commit). Every changed key is in the tag ``arpipe.params_changed``."""
 
     def __init__(self, root: Path, flow_run_id: str | None, tags: dict[str, str] | None = None):
         self.root = root
         self.client = client_for(root)
         self.experiment_id = experiment_id(self.client, root)
         close_abandoned_runs(self.client, self.experiment_id)
-        run_tags = {"arpipe.stage": "pipeline", "git.commit": git_commit(root), **process_tags(), **(tags or {})}
+        commit = git_commit(root)
+        params = {k: param_value(v) for k, v in pipeline_params(root).items()}
+        changes = self._changes_since_previous_run(params)
+        run_tags = {"arpipe.stage": "pipeline", "git.commit": commit, **process_tags(), **(tags or {})}
         if flow_run_id:
             run_tags["prefect.flow_run_id"] = flow_run_id
-        self.run_id = self.client.create_run(self.experiment_id, run_name="pipeline", tags=run_tags).info.run_id
+        if changes is not None:
+            run_tags["arpipe.params_changed"] = param_value(", ".join(changes) or "none")
+        version = "" if commit == "unknown" else commit[:7] + ("+dirty" if git_dirty(root) else "")
+        name = pipeline_run_name(version, params, changes)
+        self.run_id = self.client.create_run(self.experiment_id, run_name=name, tags=run_tags).info.run_id
+        MlflowTracker(self.client, self.run_id).log_params(params)
+
+    def _changes_since_previous_run(self, params: dict[str, str]) -> list[str] | None:
+        """Keys whose value differs from the previous pipeline run's (sorted); None when there is
+        no previous run that logged params (the first run, or one from before runs logged them)."""
+        previous = self.client.search_runs(
+            [self.experiment_id],
+            "tags.`arpipe.stage` = 'pipeline'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not previous or not previous[0].data.params:
+            return None
+        before = previous[0].data.params
+        return sorted(k for k in before.keys() | params.keys() if before.get(k) != params.get(k))
 
     def env(self) -> dict[str, str]:
         """What a stage subprocess needs to nest its run under this one."""

@@ -65,6 +65,15 @@ def git_commit(root: Path) -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def git_dirty(root: Path) -> bool:
+    """Whether the work tree differs from HEAD (tracked changes or untracked, not-ignored files)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
 class NullTracker:
     """Same interface as ``MlflowTracker``, records nothing (tests, ``ARPIPE_TRACKING=off``)."""
 
@@ -87,7 +96,7 @@ class MlflowTracker(NullTracker):
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        items = [Param(k, param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -117,7 +126,8 @@ class MlflowTracker(NullTracker):
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def _param_value(value: Any) -> str:
+def param_value(value: Any) -> str:
+    """A param as MLflow stores it: text of at most 6,000 characters (its limit)."""
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
 
@@ -181,7 +191,7 @@ class SpoolTracker(NullTracker):
         self.flush()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self.record["params"].update({k: _param_value(v) for k, v in params.items()})
+        self.record["params"].update({k: param_value(v) for k, v in params.items()})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)

@@ -115,11 +115,14 @@ def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflo
     parents = client.search_runs([experiment], "tags.`arpipe.stage` = 'pipeline'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
+    commit = git(root, "rev-parse", "HEAD")
+    assert parent.info.run_name == f"pipeline {commit[:7]}"  # the first run: nothing to compare with
+    assert parent.data.params["shard.image_size"] == "16"  # params.yaml, flattened
     child = client.get_run(first[0]["run_id"])
     tags = child.data.tags
     assert tags["mlflow.parentRunId"] == parent.info.run_id
     assert tags["arpipe.stage"] == "shard"
-    assert tags["git.commit"] == git(root, "rev-parse", "HEAD")
+    assert tags["git.commit"] == commit
     assert tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"] != ""
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["shard"]
     shards_md5 = next(o["md5"] for o in lock["outs"] if o["path"] == "data/shards")
@@ -138,6 +141,8 @@ def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflo
     latest = client.search_runs(
         [experiment], "tags.`arpipe.stage` = 'pipeline'", order_by=["attributes.start_time DESC"]
     )[0]
+    # the first run wrote dvc.lock and metrics/shard.json: the tree differs from the commit
+    assert latest.info.run_name == f"pipeline {commit[:7]}+dirty no param changes"
     assert latest.data.tags["arpipe.shard.status"] == "skipped"
     assert latest.data.tags["arpipe.shard.run_id"] == child.info.run_id
     assert len(client.search_runs([experiment], "tags.`arpipe.stage` = 'shard'")) == 1
