@@ -20,10 +20,16 @@ A stage opens a *new* child run (tag ``mlflow.parentRunId``); it never resumes t
 which would mark the pipeline run finished. Step metrics are buffered and written with
 ``log_batch`` (one call per metric is ~100x slower on sqlite). This module imports no torch, so
 the flow process can use it.
+
+One name per quantity in a stage run: the final values that metrics/<stage>.json names
+``train_loss`` / ``val_psnr`` (DVC's names) are logged as ``train/loss`` / ``val/psnr``, the names
+of the per-step curves they end, at the curve's last step and only when they differ from its last
+point (``metric_name``, ``CurveEnds``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -87,11 +93,31 @@ class NullTracker:
     def flush(self) -> None: ...
 
 
+class CurveEnds:
+    """Where each metric of a run stands: the step and value of its last point, so a final value
+    (logged without a step) lands on the end of its curve instead of adding a point at step 0."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, tuple[int, float]] = {}
+
+    def place(self, key: str, value: float, step: int | None) -> tuple[str, float, int] | None:
+        """(name, value, step) to log, or None when the point is already the curve's last one."""
+        name, value = metric_name(key), float(value)
+        if step is None:
+            last = self.last.get(name)
+            if last is not None and (value == last[1] or math.isnan(value) and math.isnan(last[1])):
+                return None
+            step = last[0] if last is not None else 0
+        self.last[name] = (step, value)
+        return name, value, step
+
+
 class MlflowTracker(NullTracker):
     def __init__(self, client, run_id: str):
         self.client = client
         self.run_id = run_id
         self._buffer: list = []
+        self._curves = CurveEnds()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -105,7 +131,9 @@ class MlflowTracker(NullTracker):
 
         now = int(time.time() * 1000)
         for key, value in metrics.items():
-            self._buffer.append(Metric(_metric_key(key), float(value), now, step or 0))
+            if point := self._curves.place(key, value, step):
+                name, value, at = point
+                self._buffer.append(Metric(name, value, now, at))
         if len(self._buffer) >= FLUSH_EVERY:
             self.flush()
 
@@ -132,8 +160,15 @@ def param_value(value: Any) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
-def _metric_key(key: str) -> str:
-    """MLflow keys allow alphanumerics, '_', '-', '.', ' ', '/'; class names may hold anything."""
+def metric_name(key: str) -> str:
+    """A metric's one MLflow name: ``train_loss`` -> ``train/loss``, ``val_psnr`` and
+    ``val/val_psnr`` -> ``val/psnr``; characters MLflow refuses (class names may hold anything;
+    keys allow alphanumerics, '_', '-', '.', ' ', '/') become '_'."""
+    for split in ("train", "val"):
+        for prefix in (f"{split}/{split}_", f"{split}_"):
+            if key.startswith(prefix):
+                key = f"{split}/{key.removeprefix(prefix)}"
+                break
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
 
 
@@ -187,6 +222,7 @@ class SpoolTracker(NullTracker):
         self.directory = directory
         (directory / "artifacts").mkdir(parents=True)
         self.record: dict[str, Any] = {"stage": stage, "tags": dict(tags), "params": {}, "metrics": []}
+        self._curves = CurveEnds()
         self.record["start_time"] = int(time.time() * 1000)
         self.flush()
 
@@ -195,7 +231,8 @@ class SpoolTracker(NullTracker):
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)
-        self.record["metrics"] += [[_metric_key(k), float(v), now, step or 0] for k, v in metrics.items()]
+        points = (self._curves.place(k, v, step) for k, v in metrics.items())
+        self.record["metrics"] += [[name, value, now, at] for name, value, at in filter(None, points)]
 
     def log_image(self, image_HWC: np.ndarray, name: str) -> None:
         from PIL import Image

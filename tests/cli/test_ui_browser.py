@@ -239,12 +239,16 @@ def test_the_mlflow_ui_shows_stage_runs_metrics_and_sample_images(sync_playwrigh
             # 3. Each stage run's page: its metrics, its pipeline run, its sample image as decoded by
             # the browser from the artifact MLflow stored.
             base, experiment, view = re.fullmatch(r"(.+)#/experiments/(\d+)/runs(\?.*)", ui_url).groups()
-            shown = {"shard": ("accepted", "preview.png"), "train_tokenizer": ("val_psnr", "reconstructions.png")}
-            for stage, (metric, artifact) in shown.items():
+            # (MLflow name, metrics/<stage>.json key, artifact): the final PSNR ends the `val/psnr` curve
+            shown = {
+                "shard": ("accepted", "accepted", "preview.png"),
+                "train_tokenizer": ("val/psnr", "val_psnr", "reconstructions.png"),
+            }
+            for stage, (metric, key, artifact) in shown.items():
                 run_id = pipeline_store[stage]["run_id"]
                 page.goto(f"{base}#/experiments/{experiment}/runs/{run_id}{view}")
                 expect(page.get_by_role("heading", name=stage, exact=True)).to_be_visible()
-                value = f"{float(pipeline_store[stage]['metrics'][metric])!r}".removesuffix(".0")  # as JS prints it
+                value = f"{float(pipeline_store[stage]['metrics'][key])!r}".removesuffix(".0")  # as JS prints it
                 expect(page.get_by_role("row", name=f"{metric} {value}", exact=True)).to_be_visible()
                 expect(page.get_by_role("link", name="pipeline", exact=True)).to_be_visible()  # Parent run
                 page.screenshot(path=screenshots / f"run-{stage}.png")

@@ -205,7 +205,10 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
     client = MlflowClient(mlflow_store)
     run = client.get_run(results[3]["run_id"])
     assert run.data.tags["arpipe.stage"] == "pretrain" and "mlflow.parentRunId" in run.data.tags
-    assert {"val_loss", "val_token_acc", "val_scale_loss/1x1", "speed/mfu"} <= set(run.data.metrics)
+    assert {"val/loss", "val/token_acc", "val/scale_loss/1x1", "train/loss", "speed/mfu"} <= set(run.data.metrics)
+    for result in results:  # one name per metric: no `train_loss` beside `train/loss`
+        logged = client.get_run(result["run_id"]).data.metrics
+        assert not [m for m in logged if m.startswith(("train_", "val_"))], (result["stage"], sorted(logged))
     assert "samples.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
     config = json.loads((root / "data" / "models" / "base" / "config.json").read_text())
     assert config["arch"] == "var" and config["model"]["scales"] == TINY_MSVQ["scales"]
