@@ -488,9 +488,9 @@ def _registered_uri(alias_or_uri: str) -> str:
 
 @contextlib.contextmanager
 def _without_type_hint_warning():
-    """MLflow warns, when it loads the registered sampler, that ``predict`` has no type hints (its
-    DataFrame input is checked by hand): nothing a user can act on. MLflow forces its own filter
-    inside, so the message is dropped at display instead; every other warning still shows."""
+    """MLflow warns, when it loads a sampler registered before ``predict`` had type hints (the
+    model's code is stored with it), that it has none: nothing a user can act on. MLflow forces its
+    own filter inside, so the message is dropped at display instead; every other warning shows."""
     import warnings
 
     with warnings.catch_warnings():
