@@ -185,14 +185,24 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _runs_url(host: str, port: int, root: Path) -> str:
-    """The experiment's runs table. MLflow 3.17 opens an experiment in its GenAI (traces) view
-    unless the URL asks for the model-training one (the sidebar's "Model training" switch)."""
+    """The experiment's runs table in the saved view ``arpipe`` (its key metrics as columns,
+    core/compare.py ``save_runs_view``). MLflow 3.17 opens an experiment in its GenAI (traces)
+    view unless the URL asks for the model-training one (the sidebar's "Model training" switch)."""
+    from mlflow.exceptions import MlflowException
+
+    from core.compare import VIEW_KEY, save_runs_view
     from core.tracking import DEFAULT_EXPERIMENT, client_for
 
     view = "?workflowType=machine_learning"
-    experiment = client_for(root).get_experiment_by_name(os.environ.get("ARPIPE_EXPERIMENT", DEFAULT_EXPERIMENT))
+    client = client_for(root)
+    experiment = client.get_experiment_by_name(os.environ.get("ARPIPE_EXPERIMENT", DEFAULT_EXPERIMENT))
     if experiment is None:  # nothing tracked yet
         return f"http://{host}:{port}/#/experiments{view}"
+    try:
+        save_runs_view(client, experiment.experiment_id)
+        view += f"&viewStateShareKey={VIEW_KEY}"
+    except MlflowException as exc:  # e.g. a shared server that refuses writes: the plain table
+        click.echo(f"  (no saved columns: {str(exc).splitlines()[0]})")
     return f"http://{host}:{port}/#/experiments/{experiment.experiment_id}/runs{view}"
 
 

@@ -1,8 +1,9 @@
 """`arpipe ui` in a real browser: headless Chromium, driven by Playwright, on the MLflow UI of a
 tiny pipeline's store (a pipeline run with real `shard` and `train_tokenizer` stage runs nested
-under it), started through the command users run. Checks what a user looks for: the stage runs
-nested in the experiment's runs table, their metrics in the run-compare view and on each run's
-page, and their sample images in the artifact viewer with the pixels MLflow stored.
+under it), started through the command users run. Checks what a user looks for: the saved view's
+key-metric columns, the stage runs nested in the experiment's runs table, their metrics in the
+run-compare view and on each run's page, and their sample images in the artifact viewer with the
+pixels MLflow stored.
 
 Needs Debian's chromium (`make browser-deps`) and the dev extra's playwright; it never downloads a
 browser. Outside CI it is skipped when they are missing; in CI (env CI set) it fails instead.
@@ -210,6 +211,12 @@ def test_the_mlflow_ui_shows_stage_runs_metrics_and_sample_images(sync_playwrigh
             if close_assistant.is_visible():  # a chat side panel that only hides the table
                 close_assistant.click()
             row = page.locator(".ag-row", has=pipeline_link)
+            # It opens the saved view: the key metrics as columns (core/compare.py save_runs_view),
+            # here the tokenizer's PSNR, with the pipeline run's value on its line.
+            psnr = f"{float(pipeline_store['train_tokenizer']['metrics']['val_psnr'])!r}"  # as JS prints it
+            expect(page.get_by_role("columnheader", name="train_tokenizer/val_psnr").first).to_be_visible()
+            line = page.locator(f'.ag-row[row-index="{row.get_attribute("row-index")}"]')
+            expect(line.get_by_text(psnr, exact=True)).to_be_visible()
             for stage in pipeline_store:  # children stay folded until their parent is expanded
                 expect(page.get_by_role("link", name=stage, exact=True)).to_have_count(0)
             row.get_by_role("button").click()
