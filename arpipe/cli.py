@@ -555,6 +555,29 @@ def compare(last: int, fmt: str) -> None:
 
 
 @cli.command()
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".arpipe/plots"),
+    show_default=True,
+    help="Folder for the PNGs and index.html.",
+)
+def plots(out: Path) -> None:
+    """Every training curve (the CSVs under paths.plots) as a PNG, and an HTML page of them all
+    that opens offline (`dvc plots show` loads its chart library from a CDN)."""
+    root = _root()
+    from core.config import load_paths, read_params
+    from core.plots import write_plot_pages
+
+    plots_dir = root / load_paths(read_params(root / "params.yaml")).plots
+    try:
+        page, count = write_plot_pages(plots_dir, out)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {page}: {count} plots as PNGs, no network needed to view them")
+
+
+@cli.command()
 @click.option("--cron", metavar="EXPR", help='Cron schedule, e.g. "0 3 * * 1" (Mondays 03:00, server time zone).')
 @click.option(
     "--interval",

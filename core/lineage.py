@@ -1,9 +1,10 @@
 """Tie MLflow runs to DVC: the pipeline (parent) run, dvc.lock hashes as tags, skipped stages.
 
 Used by the Prefect flow (no torch here). After ``dvc repro`` a stage's dvc.lock entry holds the
-md5 of its deps and outs; the flow tags the stage's run with them. When DVC skips an up-to-date
-stage no new run exists, so the pipeline run links the run whose ``arpipe.dvc.outs`` tag matches
-the current outs: that run produced the artifacts in the workspace.
+md5 of its deps and outs; the flow tags the stage's run with them and logs a PNG of each curve
+file the stage wrote (``plots/<name>.png``: viewable offline, unlike ``dvc plots show``). When
+DVC skips an up-to-date stage no new run exists, so the pipeline run links the run whose
+``arpipe.dvc.outs`` tag matches the current outs: that run produced the artifacts in the workspace.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 import yaml
 
-from core.config import flatten_params, read_params
+from core.config import flatten_params, load_paths, read_params
 from core.metrics import flatten_metrics
+from core.plots import log_curve_images
 from core.tracking import (
     MlflowTracker,
     client_for,
@@ -32,12 +34,6 @@ DEPS_TAG = "arpipe.dvc.deps"
 
 
 NAME_CHANGES_SHOWN = 3  # changed params spelled out in a pipeline run's name; the rest are counted
-
-
-def pipeline_params(root: Path) -> dict[str, Any]:
-    """params.yaml of ``root`` flattened (``{"pretrain.lr": 0.001, ...}``); {} without the file."""
-    path = root / "params.yaml"
-    return flatten_params(read_params(path)) if path.is_file() else {}
 
 
 def pipeline_run_name(version: str, params: dict[str, str], changes: list[str] | None) -> str:
@@ -83,7 +79,10 @@ class PipelineRun:
         self.experiment_id = experiment_id(self.client, root)
         close_abandoned_runs(self.client, self.experiment_id)
         commit = git_commit(root)
-        params = {k: param_value(v) for k, v in pipeline_params(root).items()}
+        params_file = root / "params.yaml"
+        params_yaml = read_params(params_file) if params_file.is_file() else {}
+        self.plots_dir = root / load_paths(params_yaml).plots
+        params = {k: param_value(v) for k, v in flatten_params(params_yaml).items()}
         changes = self._changes_since_previous_run(params)
         run_tags = {"arpipe.stage": "pipeline", "git.commit": commit, **process_tags(), **(tags or {})}
         if flow_run_id:
@@ -138,6 +137,8 @@ class PipelineRun:
                 run_id = runs[0].info.run_id
                 self.client.set_tag(run_id, DEPS_TAG, deps)
                 self.client.set_tag(run_id, OUTS_TAG, outs)
+                # DVC removed the stage's outs before it ran: every curve file there is this run's
+                log_curve_images(MlflowTracker(self.client, run_id), self.plots_dir / stage)
         elif outs:
             escaped = outs.replace("'", "\\'")
             runs = self.client.search_runs(

@@ -59,3 +59,27 @@ def test_a_long_list_of_changes_is_counted_and_a_removed_key_shown_as_a_dash(tmp
     assert name == f"pipeline {commit}+dirty cca.a=1, cca.b=2, cca.c=3 (+3 more)"
     (root / "params.yaml").write_text(yaml.safe_dump({"cca": {"a": 1, "b": 2, "c": 3}}))
     assert open_and_close(root).info.run_name == f"pipeline {commit}+dirty paths.metrics=–"
+
+
+def test_the_flow_logs_a_png_of_each_curve_a_stage_wrote_to_its_run(tmp_path, mlflow_store, monkeypatch):
+    """After `dvc repro` ran a stage, its MLflow run holds plots/<name>.png of the stage's curve
+    CSVs (paths.plots/<stage>/): the curves viewable with no chart library from a CDN."""
+    import numpy as np
+    from PIL import Image
+
+    from core.tracking import stage_run
+
+    root = tmp_path / "project"
+    commit_project(root, {**PARAMS, "paths": {"plots": "curves"}})
+    pipeline = PipelineRun(root, flow_run_id=None)
+    monkeypatch.setenv("ARPIPE_PARENT_RUN_ID", pipeline.run_id)
+    with stage_run("pretrain") as tracker:  # the stage: its run, its curve files
+        (root / "curves" / "pretrain").mkdir(parents=True)
+        (root / "curves" / "pretrain" / "train.csv").write_text("step,loss\n10,4.0\n20,3.0\n")
+        (root / "curves" / "pretrain" / "val.csv").write_text("step,val_loss\n20,3.5\n")
+    assert pipeline.record_stage("pretrain", "ran", {}) == tracker.run_id
+
+    client = MlflowClient()
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "plots")] == ["plots/train.png", "plots/val.png"]
+    image = np.asarray(Image.open(client.download_artifacts(tracker.run_id, "plots/train.png", str(tmp_path))))
+    assert image.ndim == 3 and image.std() > 0

@@ -210,6 +210,8 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
         logged = client.get_run(result["run_id"]).data.metrics
         assert not [m for m in logged if m.startswith(("train_", "val_"))], (result["stage"], sorted(logged))
     assert "samples.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    curves = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
+    assert curves == ["plots/train.png", "plots/val.png"]  # logged by the flow: viewable offline
     config = json.loads((root / "data" / "models" / "base" / "config.json").read_text())
     assert config["arch"] == "var" and config["model"]["scales"] == TINY_MSVQ["scales"]
     refined = client.get_run(results[4]["run_id"])
