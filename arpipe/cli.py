@@ -185,14 +185,24 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _runs_url(host: str, port: int, root: Path) -> str:
-    """The experiment's runs table. MLflow 3.17 opens an experiment in its GenAI (traces) view
-    unless the URL asks for the model-training one (the sidebar's "Model training" switch)."""
+    """The experiment's runs table in the saved view ``arpipe`` (its key metrics as columns,
+    core/compare.py ``save_runs_view``). MLflow 3.17 opens an experiment in its GenAI (traces)
+    view unless the URL asks for the model-training one (the sidebar's "Model training" switch)."""
+    from mlflow.exceptions import MlflowException
+
+    from core.compare import VIEW_KEY, save_runs_view
     from core.tracking import DEFAULT_EXPERIMENT, client_for
 
     view = "?workflowType=machine_learning"
-    experiment = client_for(root).get_experiment_by_name(os.environ.get("ARPIPE_EXPERIMENT", DEFAULT_EXPERIMENT))
+    client = client_for(root)
+    experiment = client.get_experiment_by_name(os.environ.get("ARPIPE_EXPERIMENT", DEFAULT_EXPERIMENT))
     if experiment is None:  # nothing tracked yet
         return f"http://{host}:{port}/#/experiments{view}"
+    try:
+        save_runs_view(client, experiment.experiment_id)
+        view += f"&viewStateShareKey={VIEW_KEY}"
+    except MlflowException as exc:  # e.g. a shared server that refuses writes: the plain table
+        click.echo(f"  (no saved columns: {str(exc).splitlines()[0]})")
     return f"http://{host}:{port}/#/experiments/{experiment.experiment_id}/runs{view}"
 
 
@@ -488,9 +498,9 @@ def _registered_uri(alias_or_uri: str) -> str:
 
 @contextlib.contextmanager
 def _without_type_hint_warning():
-    """MLflow warns, when it loads the registered sampler, that ``predict`` has no type hints (its
-    DataFrame input is checked by hand): nothing a user can act on. MLflow forces its own filter
-    inside, so the message is dropped at display instead; every other warning still shows."""
+    """MLflow warns, when it loads a sampler registered before ``predict`` had type hints (the
+    model's code is stored with it), that it has none: nothing a user can act on. MLflow forces its
+    own filter inside, so the message is dropped at display instead; every other warning shows."""
     import warnings
 
     with warnings.catch_warnings():
@@ -542,6 +552,29 @@ def compare(last: int, fmt: str) -> None:
     except LookupError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(format_comparison(comparison, fmt), nl=False)
+
+
+@cli.command()
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".arpipe/plots"),
+    show_default=True,
+    help="Folder for the PNGs and index.html.",
+)
+def plots(out: Path) -> None:
+    """Every training curve (the CSVs under paths.plots) as a PNG, and an HTML page of them all
+    that opens offline (`dvc plots show` loads its chart library from a CDN)."""
+    root = _root()
+    from core.config import load_paths, read_params
+    from core.plots import write_plot_pages
+
+    plots_dir = root / load_paths(read_params(root / "params.yaml")).plots
+    try:
+        page, count = write_plot_pages(plots_dir, out)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {page}: {count} plots as PNGs, no network needed to view them")
 
 
 @cli.command()

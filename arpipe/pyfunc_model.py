@@ -5,7 +5,8 @@ Logged by the ``evaluate`` stage with two artifacts, ``model`` (an AR checkpoint
 Input: a DataFrame with a ``label`` column (class index or class name) and optional ``cfg``
 (guidance scale, default 1.0 = guidance-free; a VAR ramps it over its scales, as its authors do)
 and ``seed`` (default 0) columns. Output: uint8 images (N, H, W, 3), one per row, in row order.
-Rows sharing (cfg, seed) are sampled as one batch.
+Rows sharing (cfg, seed) are sampled as one batch. The logged model's signature says the same
+(``core.registry.sampler_signature``): label any type, cfg double, seed long, images uint8.
 
     mlflow models predict -m models:/arpipe-gpt@champion --env-manager local \\
         -i labels.json -t json     # labels.json: {"dataframe_split": {"columns": ["label"], "data": [[3], [7]]}}
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -43,8 +45,9 @@ class ARImageGenerator(PythonModel):
             return int(text)
         raise ValueError(f"unknown class {value!r}: expected one of {self.class_names} or an index")
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
-        import pandas as pd
+    # the DataFrame hint stops MLflow's "add type hints" warning; the input is checked against the
+    # signature evaluate logs (core.registry.sampler_signature), then by hand below
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         import torch
 
         from models.ar import sample_images

@@ -1,4 +1,5 @@
-"""Pipeline runs side by side: the params that differ, key metrics per checkpoint, the champion.
+"""Pipeline runs side by side: the params that differ, key metrics per checkpoint, the champion;
+and the same key metrics as the saved columns of the MLflow runs table (``save_runs_view``).
 
 Reads the tracking store with ``mlflow.search_runs`` (a DataFrame per query) and shapes it with
 DuckDB: every pipeline run contributes its stage runs' params (the stage runs that ran in it, or
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # metric columns (DuckDB LIKE patterns on "<stage>/<metric>") worth a glance, in display order
@@ -22,6 +25,9 @@ KEY_METRICS = (
     "train_tokenizer/val_recon_fid_pixels",
     "train_evalnet/val_accuracy",
 )
+
+VIEW_KEY = "arpipe"  # `arpipe ui` opens the runs table with ?viewStateShareKey=arpipe: these columns
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 
 
 @dataclass(frozen=True)
@@ -71,12 +77,7 @@ def compare_pipeline_runs(experiment_id: str, last: int = 5, client=None) -> Com
         GROUP BY g.key HAVING count(DISTINCT coalesce(p.value, '–')) > 1 ORDER BY g.key
     """).fetchall()
 
-    metric_columns = [c.removeprefix("metrics.") for c in parents.columns if c.startswith("metrics.")]
-    metrics_df = pd.DataFrame({"name": metric_columns})  # noqa: F841 - read by DuckDB
-    wanted = []
-    for pattern in KEY_METRICS:
-        found = duckdb.sql("SELECT name FROM metrics_df WHERE name LIKE ? ORDER BY name", params=[pattern]).fetchall()
-        wanted += [name for (name,) in found if name not in wanted]
+    wanted = key_metric_names(c.removeprefix("metrics.") for c in parents.columns if c.startswith("metrics."))
 
     champions = _champion_runs(client)
     rows: list[tuple[str, list[str]]] = [
@@ -91,6 +92,40 @@ def compare_pipeline_runs(experiment_id: str, last: int = 5, client=None) -> Com
         values = parents[f"metrics.{name}"]
         rows.append((name, ["–" if pd.isna(v) else f"{v:.4g}" for v in values]))
     return Comparison(runs=run_ids, rows=rows)
+
+
+def key_metric_names(names: Iterable[str]) -> list[str]:
+    """The ``names`` that match KEY_METRICS, in its order (then by name)."""
+    import duckdb
+    import pandas as pd
+
+    metrics_df = pd.DataFrame({"name": list(names)}, dtype=str)  # noqa: F841 - read by DuckDB
+    wanted: list[str] = []
+    for pattern in KEY_METRICS:
+        found = duckdb.sql("SELECT name FROM metrics_df WHERE name LIKE ? ORDER BY name", params=[pattern]).fetchall()
+        wanted += [name for (name,) in found if name not in wanted]
+    return wanted
+
+
+def save_runs_view(client, experiment_id: str, last: int = 20) -> list[str]:
+    """Save the runs-table view ``arpipe ui`` opens: the KEY_METRICS columns that the newest ``last``
+    pipeline runs hold, newest run first. MLflow's UI keeps a shared view as the experiment tag
+    ``mlflow.sharedViewState.<key>`` (its Share button writes one) and opens it for the URL
+    parameter ``viewStateShareKey=<key>``; the state is plain JSON. Returns the metric columns."""
+    runs = client.search_runs(
+        [experiment_id],
+        "tags.`arpipe.stage` = 'pipeline'",
+        order_by=["attributes.start_time DESC"],
+        max_results=last,
+    )
+    metrics = key_metric_names(sorted({name for run in runs for name in run.data.metrics}))
+    state = {
+        "selectedColumns": ["attributes.`Duration`", *(f"metrics.`{name}`" for name in metrics)],
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": False,
+    }
+    client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(state))
+    return metrics
 
 
 def _tag(row, column: str) -> str:

@@ -262,6 +262,12 @@ def as_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml as ``{"pretrain.lr": 0.001, "train_tokenizer.model.z_channels": 32, ...}`` (lists
+    stay whole), the keys stage runs log their params under."""
+    return dict(_flatten_mapping(params, ""))
+
+
 def _flatten_mapping(mapping: dict, prefix: str) -> typing.Iterator[tuple[str, Any]]:
     for name, value in mapping.items():
         if isinstance(value, dict):

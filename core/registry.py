@@ -40,6 +40,33 @@ def champion_decision(candidate: float, champion: float | None, higher_is_better
     return False, f"candidate {candidate:.6g} does not beat champion {champion:.6g} ({word} is better)"
 
 
+def sampler_signature(image_shape_HWC: tuple[int, int, int]):
+    """The registered sampler's signature (arpipe/pyfunc_model.py): rows of ``label`` (a class name
+    or index, so any type), optional ``cfg`` (float guidance scale) and ``seed`` (int) in; one uint8
+    image (N, H, W, C) per row out."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+    from mlflow.types.schema import AnyType
+
+    inputs = Schema(
+        [
+            ColSpec(AnyType(), "label"),
+            ColSpec(DataType.double, "cfg", required=False),
+            ColSpec(DataType.long, "seed", required=False),
+        ]
+    )
+    outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, *image_shape_HWC))])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def sampler_input_example():
+    """Two rows a user could send: class 0 guidance-free, class 1 at guidance 2 with seed 7."""
+    import pandas as pd
+
+    return pd.DataFrame({"label": [0, 1], "cfg": [1.0, 2.0], "seed": [0, 7]})
+
+
 def log_pyfunc(
     client,
     run_id: str,
@@ -47,8 +74,11 @@ def log_pyfunc(
     artifacts: dict[str, str],
     code_paths: list[str],
     pip_requirements: list[str],
+    signature=None,
+    input_example=None,
 ) -> str:
-    """Save a models-from-code pyfunc and log it under the run's ``model/`` artifacts; return its URI."""
+    """Save a models-from-code pyfunc (with its ``signature`` and ``input_example`` when given) and
+    log it under the run's ``model/`` artifacts; return its URI."""
     import mlflow.pyfunc
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,6 +89,8 @@ def log_pyfunc(
             artifacts=artifacts,
             code_paths=code_paths,
             pip_requirements=pip_requirements,
+            signature=signature,
+            input_example=input_example,
         )
         client.log_artifacts(run_id, str(target), "model")
         shutil.rmtree(target, ignore_errors=True)

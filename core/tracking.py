@@ -20,10 +20,16 @@ A stage opens a *new* child run (tag ``mlflow.parentRunId``); it never resumes t
 which would mark the pipeline run finished. Step metrics are buffered and written with
 ``log_batch`` (one call per metric is ~100x slower on sqlite). This module imports no torch, so
 the flow process can use it.
+
+One name per quantity in a stage run: the final values that metrics/<stage>.json names
+``train_loss`` / ``val_psnr`` (DVC's names) are logged as ``train/loss`` / ``val/psnr``, the names
+of the per-step curves they end, at the curve's last step and only when they differ from its last
+point (``metric_name``, ``CurveEnds``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -65,6 +71,15 @@ def git_commit(root: Path) -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def git_dirty(root: Path) -> bool:
+    """Whether the work tree differs from HEAD (tracked changes or untracked, not-ignored files)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
 class NullTracker:
     """Same interface as ``MlflowTracker``, records nothing (tests, ``ARPIPE_TRACKING=off``)."""
 
@@ -78,16 +93,36 @@ class NullTracker:
     def flush(self) -> None: ...
 
 
+class CurveEnds:
+    """Where each metric of a run stands: the step and value of its last point, so a final value
+    (logged without a step) lands on the end of its curve instead of adding a point at step 0."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, tuple[int, float]] = {}
+
+    def place(self, key: str, value: float, step: int | None) -> tuple[str, float, int] | None:
+        """(name, value, step) to log, or None when the point is already the curve's last one."""
+        name, value = metric_name(key), float(value)
+        if step is None:
+            last = self.last.get(name)
+            if last is not None and (value == last[1] or math.isnan(value) and math.isnan(last[1])):
+                return None
+            step = last[0] if last is not None else 0
+        self.last[name] = (step, value)
+        return name, value, step
+
+
 class MlflowTracker(NullTracker):
     def __init__(self, client, run_id: str):
         self.client = client
         self.run_id = run_id
         self._buffer: list = []
+        self._curves = CurveEnds()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        items = [Param(k, param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -96,7 +131,9 @@ class MlflowTracker(NullTracker):
 
         now = int(time.time() * 1000)
         for key, value in metrics.items():
-            self._buffer.append(Metric(_metric_key(key), float(value), now, step or 0))
+            if point := self._curves.place(key, value, step):
+                name, value, at = point
+                self._buffer.append(Metric(name, value, now, at))
         if len(self._buffer) >= FLUSH_EVERY:
             self.flush()
 
@@ -117,13 +154,21 @@ class MlflowTracker(NullTracker):
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def _param_value(value: Any) -> str:
+def param_value(value: Any) -> str:
+    """A param as MLflow stores it: text of at most 6,000 characters (its limit)."""
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
-def _metric_key(key: str) -> str:
-    """MLflow keys allow alphanumerics, '_', '-', '.', ' ', '/'; class names may hold anything."""
+def metric_name(key: str) -> str:
+    """A metric's one MLflow name: ``train_loss`` -> ``train/loss``, ``val_psnr`` and
+    ``val/val_psnr`` -> ``val/psnr``; characters MLflow refuses (class names may hold anything;
+    keys allow alphanumerics, '_', '-', '.', ' ', '/') become '_'."""
+    for split in ("train", "val"):
+        for prefix in (f"{split}/{split}_", f"{split}_"):
+            if key.startswith(prefix):
+                key = f"{split}/{key.removeprefix(prefix)}"
+                break
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
 
 
@@ -177,15 +222,17 @@ class SpoolTracker(NullTracker):
         self.directory = directory
         (directory / "artifacts").mkdir(parents=True)
         self.record: dict[str, Any] = {"stage": stage, "tags": dict(tags), "params": {}, "metrics": []}
+        self._curves = CurveEnds()
         self.record["start_time"] = int(time.time() * 1000)
         self.flush()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self.record["params"].update({k: _param_value(v) for k, v in params.items()})
+        self.record["params"].update({k: param_value(v) for k, v in params.items()})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)
-        self.record["metrics"] += [[_metric_key(k), float(v), now, step or 0] for k, v in metrics.items()]
+        points = (self._curves.place(k, v, step) for k, v in metrics.items())
+        self.record["metrics"] += [[name, value, now, at] for name, value, at in filter(None, points)]
 
     def log_image(self, image_HWC: np.ndarray, name: str) -> None:
         from PIL import Image

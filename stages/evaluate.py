@@ -390,7 +390,8 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     tracker.log_artifact(eval_dir / "report.md")
     tracker.set_tags({"arpipe.eval.best_checkpoint": best, "arpipe.eval.grid_rows": " | ".join(row_names),
                       **{f"arpipe.eval.skipped.{name}": why for name, why in skipped.items()}})  # fmt: skip
-    registry = _register(cfg, paths, tracker, best, arches[best], results) if cfg.register else {}
+    image_shape_HWC = (tokenizer.config.image_size, tokenizer.config.image_size, tokenizer.config.image_channels)
+    registry = _register(cfg, paths, tracker, best, arches[best], results, image_shape_HWC) if cfg.register else {}
     record = {"best_checkpoint": best, "select": f"{cfg.select_metric}@{guidance_key(cfg.select_guidance)}",
               "best_value": _value(results, best, cfg), "registered": bool(registry), **registry}  # fmt: skip
     if not registry:
@@ -639,14 +640,14 @@ def _table(results: dict, names: list[str], cfg: Config, best: str, prefix: str,
     return lines
 
 
-def _register(cfg: Config, paths: Paths, tracker, best: str, arch: str, results: dict) -> dict:
-    """Register ``best`` and gate the champion; the decision as a JSON-able record ({} when tracking
-    is off)."""
+def _register(cfg: Config, paths: Paths, tracker, best: str, arch: str, results: dict, image_shape_HWC) -> dict:
+    """Register ``best`` (a sampler of ``image_shape_HWC`` images) and gate the champion; the
+    decision as a JSON-able record ({} when tracking is off)."""
     client, run_id = getattr(tracker, "client", None), getattr(tracker, "run_id", None)
     if client is None:
         print(f"{STAGE}: MLflow tracking is off: the best checkpoint is not registered")
         return {}
-    from core.registry import log_pyfunc, register_and_gate
+    from core.registry import log_pyfunc, register_and_gate, sampler_input_example, sampler_signature
 
     source = log_pyfunc(
         client,
@@ -655,6 +656,8 @@ def _register(cfg: Config, paths: Paths, tracker, best: str, arch: str, results:
         artifacts={"model": str(Path(paths.models) / best), "tokenizer": str(paths.tokenizer)},
         code_paths=[str(REPO / "models")],
         pip_requirements=["torch", "numpy", "safetensors", "einops", "pandas"],
+        signature=sampler_signature(image_shape_HWC),
+        input_example=sampler_input_example(),
     )
     name = f"arpipe-{arch}"
     value = _value(results, best, cfg)

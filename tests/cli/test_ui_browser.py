@@ -1,8 +1,9 @@
 """`arpipe ui` in a real browser: headless Chromium, driven by Playwright, on the MLflow UI of a
 tiny pipeline's store (a pipeline run with real `shard` and `train_tokenizer` stage runs nested
-under it), started through the command users run. Checks what a user looks for: the stage runs
-nested in the experiment's runs table, their metrics in the run-compare view and on each run's
-page, and their sample images in the artifact viewer with the pixels MLflow stored.
+under it), started through the command users run. Checks what a user looks for: the saved view's
+key-metric columns, the stage runs nested in the experiment's runs table, their metrics in the
+run-compare view and on each run's page, and their sample images in the artifact viewer with the
+pixels MLflow stored.
 
 Needs Debian's chromium (`make browser-deps`) and the dev extra's playwright; it never downloads a
 browser. Outside CI it is skipped when they are missing; in CI (env CI set) it fails instead.
@@ -210,6 +211,12 @@ def test_the_mlflow_ui_shows_stage_runs_metrics_and_sample_images(sync_playwrigh
             if close_assistant.is_visible():  # a chat side panel that only hides the table
                 close_assistant.click()
             row = page.locator(".ag-row", has=pipeline_link)
+            # It opens the saved view: the key metrics as columns (core/compare.py save_runs_view),
+            # here the tokenizer's PSNR, with the pipeline run's value on its line.
+            psnr = f"{float(pipeline_store['train_tokenizer']['metrics']['val_psnr'])!r}"  # as JS prints it
+            expect(page.get_by_role("columnheader", name="train_tokenizer/val_psnr").first).to_be_visible()
+            line = page.locator(f'.ag-row[row-index="{row.get_attribute("row-index")}"]')
+            expect(line.get_by_text(psnr, exact=True)).to_be_visible()
             for stage in pipeline_store:  # children stay folded until their parent is expanded
                 expect(page.get_by_role("link", name=stage, exact=True)).to_have_count(0)
             row.get_by_role("button").click()
@@ -239,12 +246,16 @@ def test_the_mlflow_ui_shows_stage_runs_metrics_and_sample_images(sync_playwrigh
             # 3. Each stage run's page: its metrics, its pipeline run, its sample image as decoded by
             # the browser from the artifact MLflow stored.
             base, experiment, view = re.fullmatch(r"(.+)#/experiments/(\d+)/runs(\?.*)", ui_url).groups()
-            shown = {"shard": ("accepted", "preview.png"), "train_tokenizer": ("val_psnr", "reconstructions.png")}
-            for stage, (metric, artifact) in shown.items():
+            # (MLflow name, metrics/<stage>.json key, artifact): the final PSNR ends the `val/psnr` curve
+            shown = {
+                "shard": ("accepted", "accepted", "preview.png"),
+                "train_tokenizer": ("val/psnr", "val_psnr", "reconstructions.png"),
+            }
+            for stage, (metric, key, artifact) in shown.items():
                 run_id = pipeline_store[stage]["run_id"]
                 page.goto(f"{base}#/experiments/{experiment}/runs/{run_id}{view}")
                 expect(page.get_by_role("heading", name=stage, exact=True)).to_be_visible()
-                value = f"{float(pipeline_store[stage]['metrics'][metric])!r}".removesuffix(".0")  # as JS prints it
+                value = f"{float(pipeline_store[stage]['metrics'][key])!r}".removesuffix(".0")  # as JS prints it
                 expect(page.get_by_role("row", name=f"{metric} {value}", exact=True)).to_be_visible()
                 expect(page.get_by_role("link", name="pipeline", exact=True)).to_be_visible()  # Parent run
                 page.screenshot(path=screenshots / f"run-{stage}.png")

@@ -46,3 +46,35 @@ def test_compare_shows_differing_params_key_metrics_and_the_champion(mlflow_stor
     assert "| param pretrain.lr | 0.002 | 0.001 |" in markdown
     csv_text = format_comparison(comparison, "csv")
     assert csv_text.splitlines()[0] == f"field,{new},{old}"
+
+
+def test_the_saved_runs_view_has_the_key_metrics_as_columns(mlflow_store):
+    """What `arpipe ui` opens (?viewStateShareKey=arpipe): the key metrics the pipeline runs hold,
+    in KEY_METRICS order (FID first), and nothing else of their hundreds of metrics."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from core.compare import VIEW_TAG, save_runs_view
+
+    client = MlflowClient(mlflow_store)
+    experiment = client.create_experiment("arpipe")
+    parent = make_pipeline_run(client, experiment, "0.001", 3.9)
+    for name in ("train_tokenizer/val_psnr", "evaluate/ddo/cfg3/fid", "evaluate/base/cfg3/fid", "shard/seen"):
+        client.log_metric(parent, name, 1.0)
+    client.log_metric(client.create_run(experiment).info.run_id, "evaluate/sar/cfg3/fid", 1.0)  # not a pipeline run
+
+    assert save_runs_view(client, experiment) == [
+        "evaluate/base/cfg3/fid",
+        "evaluate/ddo/cfg3/fid",
+        "pretrain/val_loss",
+        "train_tokenizer/val_psnr",
+    ]
+    state = json.loads(client.get_experiment(experiment).tags[VIEW_TAG])
+    assert state["selectedColumns"] == [
+        "attributes.`Duration`",
+        "metrics.`evaluate/base/cfg3/fid`",
+        "metrics.`evaluate/ddo/cfg3/fid`",
+        "metrics.`pretrain/val_loss`",
+        "metrics.`train_tokenizer/val_psnr`",
+    ]

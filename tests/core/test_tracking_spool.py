@@ -22,7 +22,7 @@ def test_unreachable_server_spools_the_run_and_sync_uploads_it(tmp_path, mlflow_
     monkeypatch.setenv("ARPIPE_PARENT_RUN_ID", "pipeline-that-was-never-created")
     with stage_run("pretrain", {"pretrain.lr": 0.001}) as tracker:
         tracker.log_metrics({"train/loss": 2.5}, step=10)
-        tracker.log_metrics({"val_loss": 3.1})
+        tracker.log_metrics({"train_loss": 2.5, "val_loss": 3.1})  # final values: the curve's name
         tracker.log_image(np.zeros((4, 4, 3), np.uint8), "samples.png")
         tracker.set_tags({"arpipe.note": "offline"})
     spooled = list(spool_dir(tmp_path).glob("pretrain-*"))
@@ -33,7 +33,9 @@ def test_unreachable_server_spools_the_run_and_sync_uploads_it(tmp_path, mlflow_
     assert [name for name, _ in uploaded] == [spooled[0].name] and not spooled[0].exists()
     run = MlflowClient(mlflow_store).get_run(uploaded[0][1])
     assert run.info.status == "FINISHED" and run.info.run_name == "pretrain"
-    assert run.data.params["pretrain.lr"] == "0.001" and run.data.metrics["val_loss"] == 3.1
+    assert run.data.params["pretrain.lr"] == "0.001"
+    assert run.data.metrics == {"train/loss": 2.5, "val/loss": 3.1}
+    assert len(MlflowClient(mlflow_store).get_metric_history(run.info.run_id, "train/loss")) == 1
     assert run.data.tags["arpipe.note"] == "offline" and run.data.tags["arpipe.stage"] == "pretrain"
     assert run.data.tags["arpipe.spooled_parent"] == "pipeline-that-was-never-created"
     artifacts = [a.path for a in MlflowClient(mlflow_store).list_artifacts(run.info.run_id)]

@@ -115,11 +115,14 @@ def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflo
     parents = client.search_runs([experiment], "tags.`arpipe.stage` = 'pipeline'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
+    commit = git(root, "rev-parse", "HEAD")
+    assert parent.info.run_name == f"pipeline {commit[:7]}"  # the first run: nothing to compare with
+    assert parent.data.params["shard.image_size"] == "16"  # params.yaml, flattened
     child = client.get_run(first[0]["run_id"])
     tags = child.data.tags
     assert tags["mlflow.parentRunId"] == parent.info.run_id
     assert tags["arpipe.stage"] == "shard"
-    assert tags["git.commit"] == git(root, "rev-parse", "HEAD")
+    assert tags["git.commit"] == commit
     assert tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"] != ""
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["shard"]
     shards_md5 = next(o["md5"] for o in lock["outs"] if o["path"] == "data/shards")
@@ -138,6 +141,8 @@ def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflo
     latest = client.search_runs(
         [experiment], "tags.`arpipe.stage` = 'pipeline'", order_by=["attributes.start_time DESC"]
     )[0]
+    # the first run wrote dvc.lock and metrics/shard.json: the tree differs from the commit
+    assert latest.info.run_name == f"pipeline {commit[:7]}+dirty no param changes"
     assert latest.data.tags["arpipe.shard.status"] == "skipped"
     assert latest.data.tags["arpipe.shard.run_id"] == child.info.run_id
     assert len(client.search_runs([experiment], "tags.`arpipe.stage` = 'shard'")) == 1
@@ -200,8 +205,13 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
     client = MlflowClient(mlflow_store)
     run = client.get_run(results[3]["run_id"])
     assert run.data.tags["arpipe.stage"] == "pretrain" and "mlflow.parentRunId" in run.data.tags
-    assert {"val_loss", "val_token_acc", "val_scale_loss/1x1", "speed/mfu"} <= set(run.data.metrics)
+    assert {"val/loss", "val/token_acc", "val/scale_loss/1x1", "train/loss", "speed/mfu"} <= set(run.data.metrics)
+    for result in results:  # one name per metric: no `train_loss` beside `train/loss`
+        logged = client.get_run(result["run_id"]).data.metrics
+        assert not [m for m in logged if m.startswith(("train_", "val_"))], (result["stage"], sorted(logged))
     assert "samples.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    curves = [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
+    assert curves == ["plots/train.png", "plots/val.png"]  # logged by the flow: viewable offline
     config = json.loads((root / "data" / "models" / "base" / "config.json").read_text())
     assert config["arch"] == "var" and config["model"]["scales"] == TINY_MSVQ["scales"]
     refined = client.get_run(results[4]["run_id"])

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +196,22 @@ def test_registered_champion_loads_as_pyfunc_and_samples_offline(chain, tmp_path
     tags = client.get_run(tracker.run_id).data.tags
     assert tags["arpipe.registry.champion_moved"] == "True" and tags["arpipe.registry.decision"] == "no champion yet"
     mlflow.set_tracking_uri(mlflow_store)
-    model = mlflow.pyfunc.load_model("models:/arpipe-gpt@champion")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = mlflow.pyfunc.load_model("models:/arpipe-gpt@champion")
+    assert not [w for w in caught if "type hints" in str(w.message)], [str(w.message) for w in caught]
+    signature = model.metadata.signature  # what the MLflow UI shows under the model's schema
+    assert signature.inputs.to_dict() == [
+        {"type": "any", "name": "label", "required": True},
+        {"type": "double", "name": "cfg", "required": False},
+        {"type": "long", "name": "seed", "required": False},
+    ]
+    assert signature.outputs.to_dict() == [
+        {"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, 8, 8, 3)}}
+    ]
+    example = model.input_example  # logged beside the signature; the model samples it as sent
+    assert list(example.columns) == ["label", "cfg", "seed"]
+    assert model.predict(example).shape == (len(example), 8, 8, 3)
     images = model.predict(pd.DataFrame({"label": [0, "1", 2], "cfg": [1.0, 2.0, 2.0], "seed": [0, 0, 1]}))
     assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
     again = model.predict(pd.DataFrame({"label": [0], "cfg": [1.0], "seed": [0]}))

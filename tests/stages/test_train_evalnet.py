@@ -72,6 +72,24 @@ def test_short_run_learns_and_the_checkpoint_reloads_into_the_same_model(tmp_pat
     assert class_accuracy(logits_NC, val.labels_N) == metrics["val_accuracy"]
 
 
+def test_its_mlflow_run_has_one_name_per_metric(tmp_path, shards, mlflow_store):
+    """The final val accuracy is the last point of the `val/accuracy` curve, not a second metric
+    `val_accuracy` (metrics/train_evalnet.json keeps DVC's name)."""
+    from mlflow import MlflowClient
+
+    from core.tracking import stage_run
+
+    with stage_run("train_evalnet") as tracker:
+        metrics = run(tiny(save_every=0), paths_for(tmp_path, shards), tracker)
+    client = MlflowClient(mlflow_store)
+    logged = client.get_run(tracker.run_id).data.metrics
+    assert not [name for name in logged if name.startswith(("train_", "val_"))], sorted(logged)
+    assert logged["val/accuracy"] == metrics["val_accuracy"] and logged["val/loss"] == metrics["val_loss"]
+    history = client.get_metric_history(tracker.run_id, "val/accuracy")
+    assert [point.step for point in history] == [3, 6, 8]  # eval_every 3, then the final one once
+    assert logged["steps"] == 8 and "train/loss" in logged
+
+
 def test_same_seed_gives_byte_identical_outs(tmp_path, shards):
     first, second = paths_for(tmp_path, shards, "a"), paths_for(tmp_path, shards, "b")
     assert run(tiny(), first, NullTracker()) == run(tiny(), second, NullTracker())
