@@ -27,6 +27,7 @@ import json
 import math
 import random
 import shutil
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,21 @@ def build_accelerator(mixed_precision: str = "no") -> Accelerator:
     """
     cpu = use_cpu()
     if cpu:
-        torch.use_deterministic_algorithms(True)
+        deterministic_kernels()
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+def deterministic_kernels() -> None:
+    """``torch.use_deterministic_algorithms(True)`` without its 2.6 s import of TorchInductor.
+
+    The public call imports ``torch._inductor.config`` only to set its ``deterministic`` flag; a stage
+    process that never compiles pays that import for nothing (12 stages: ~30 s of ``arpipe run`` on
+    2 cores). Set the same kernel flag here, and Inductor's when it is already loaded;
+    ``compile_model`` sets Inductor's before it compiles.
+    """
+    torch._C._set_deterministic_algorithms(True)
+    if "torch._inductor.config" in sys.modules:
+        sys.modules["torch._inductor.config"].deterministic = True
 
 
 def step_generator(seed: int, step: int, purpose: int = 0) -> torch.Generator:
@@ -318,7 +332,12 @@ def compile_model(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     only the training forward (and its backward) goes through the compiled graph, which is built on
     the first step (seconds to minutes: it pays on GPUs, see benchmarks/gpu_check.py).
     """
-    return torch.compile(model) if enabled else model
+    if not enabled:
+        return model
+    import torch._inductor.config as inductor_config
+
+    inductor_config.deterministic = torch.are_deterministic_algorithms_enabled()
+    return torch.compile(model)
 
 
 def recorded_config(cfg: Any) -> dict[str, Any]:

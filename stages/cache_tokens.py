@@ -31,7 +31,7 @@ from core.progress import progress as progress_iter
 from core.shards import load_split
 from core.stage import stage_main
 from core.token_store import token_dtype, write_tokens
-from core.training import process_state
+from core.training import deterministic_kernels, process_state
 from models.ar import tokenizer_from_state
 
 STAGE = "cache_tokens"
@@ -99,7 +99,7 @@ def encode_split(model, state: PartialState, images_NHWC: np.ndarray, views, cfg
 
 def run(cfg: Config, paths: Paths, tracker) -> dict:
     """Encode every split; the main process writes the outs and returns the metrics."""
-    torch.use_deterministic_algorithms(True)
+    deterministic_kernels()
     state = process_state()
     model, config = load_tokenizer(paths.tokenizer)
     model = model.to(state.device)

@@ -31,7 +31,7 @@ from core.checkpoint import read_checkpoint
 from core.config import Paths
 from core.pair_store import PairWriter
 from core.stage import stage_main
-from core.training import process_state, use_cpu
+from core.training import deterministic_kernels, process_state, use_cpu
 from models.ar import ar_from_state, tokenizer_from_state
 from models.dd import code_space, map_teacher, ode_grid
 from models.sampling import GuidanceScheduleName, family_filters, guidance_per_step
@@ -107,7 +107,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
 
     device = torch.device("cpu" if use_cpu() else "cuda")
     if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
+        deterministic_kernels()
     teacher, teacher_config, tokenizer, tok_config = load_teacher(cfg, paths)
     teacher.to(device)
     tokenizer.to(device)

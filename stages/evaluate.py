@@ -72,7 +72,7 @@ from core.metrics import flatten_metrics
 from core.reference_batch import read_reference_batch
 from core.shards import load_split
 from core.stage import stage_main
-from core.training import process_state
+from core.training import deterministic_kernels, process_state
 from core.verdicts import INTERVAL_LEVEL, fid_cell, verdicts
 from models.ar import ar_from_state, sample_images, tokenizer_from_state
 from models.dd_student import sample_distilled_images, student_from_state, token_latency_ms
@@ -287,7 +287,7 @@ def pass_throughs(models_dir: str | Path, names: list[str]) -> dict[str, str]:
 
 
 def run(cfg: Config, paths: Paths, tracker) -> dict:
-    torch.use_deterministic_algorithms(True)
+    deterministic_kernels()
     names = present_checkpoints(paths.models)
     if not names:
         raise FileNotFoundError(f"no checkpoint in {paths.models}/{{{','.join(CHAIN)}}}: run pretrain first")
