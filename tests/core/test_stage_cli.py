@@ -170,7 +170,7 @@ def test_ctrl_c_prints_one_line_exits_130(tmp_path):
     try:
         assert _HangingTracker.hung.wait(60), "the stage never reached the tracking server"
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=30)
+        out, err = process.communicate(timeout=90)
     finally:
         _HangingTracker.release.set()
         process.kill()

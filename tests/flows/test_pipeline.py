@@ -83,7 +83,7 @@ def test_interrupting_the_flow_stops_the_stage_it_is_running(dvc_project):
         else:
             pytest.fail("the stage never started")
         flow.send_signal(signal.SIGINT)
-        flow.wait(timeout=30)
+        flow.wait(timeout=90)
     finally:
         flow.kill()
     time.sleep(0.5)
