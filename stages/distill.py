@@ -67,7 +67,7 @@ TRAIN_COLUMNS = ("step", "loss", *MONITORS, "lr", "grad_norm")
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    steps: int = 1500
+    steps: int = 500
     """Optimizer steps."""
     batch_size: int = 64
     """Pairs per optimizer step over all processes."""

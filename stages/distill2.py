@@ -81,9 +81,9 @@ CSD_COLUMNS = ("step", "csd_loss", "fcs_loss", "gen_nll", "teacher_entropy", "co
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    gts_steps: int = 200
+    gts_steps: int = 60
     """GTS warm-up steps of the AR-diffusion model (teacher trunk + score head) on the exact score."""
-    steps: int = 300
+    steps: int = 90
     """CSD generator updates (each after ``fake_updates`` fake-score updates)."""
     batch_size: int = 32
     """Sequences per step (GTS: pairs' rows; CSD: generated), over all processes."""

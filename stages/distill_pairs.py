@@ -44,7 +44,7 @@ PAIRS_FILE = "pairs.parquet"
 class Config:
     teacher: str = "ddo"
     """Checkpoint folder under ``paths.models`` to distil (the chain's last: base -> sar -> cca -> ddo)."""
-    count: int = 10000
+    count: int = 6000
     """Pairs N to generate (DD1's FID keeps improving with N; each costs one teacher sampling)."""
     batch_size: int = 500
     """Rows sampled together (one KV cache); the pairs do not depend on it."""

@@ -87,7 +87,7 @@ class Config:
     model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
     """Architecture keys of models/gpt.py GPTConfig or models/var.py VARConfig (depth, width, heads,
     dropouts, ...). vocab_size, sequence layout and num_classes come from the token cache."""
-    steps: int = 1500
+    steps: int = 600
     """Optimizer steps."""
     batch_size: int = 64
     """Sequences per optimizer step over all processes and accumulation micro-batches."""

@@ -88,7 +88,7 @@ class Config:
     model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
     """Keys of the kind's config (models/vq.py VQConfig, models/msvq.py MSVQConfig), checked strictly;
     image_size and image_channels come from the shards."""
-    steps: int = 500
+    steps: int = 300
     """Optimizer steps."""
     batch_size: int = 64
     """Images per step, over all processes."""
@@ -113,7 +113,7 @@ class Config:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every: int = 10
     """Steps between logged loss terms (MLflow and loss.csv)."""
-    eval_every: int = 250
+    eval_every: int = 150
     """Steps between val PSNR/usage evaluations (the last step is always evaluated)."""
     save_every: int = 100
     """Steps between resume states (0 = never)."""
