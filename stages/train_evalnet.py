@@ -56,7 +56,7 @@ class Config:
     model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
     """Keys of models/evalnet.py EvalNetConfig (channels, feature_dim, norm_groups), checked
     strictly; image_size, image_channels and num_classes come from the shards."""
-    steps: int = 600
+    steps: int = 400
     """Optimizer steps."""
     batch_size: int = 64
     """Images per step, over all processes."""
