@@ -555,6 +555,23 @@ def compare(last: int, fmt: str) -> None:
 
 
 @cli.command()
+@click.argument("stages", nargs=-1, metavar="[STAGE]...")
+@click.option(
+    "--rev", metavar="REV", help="Also show the values at this git revision (HEAD~1, a branch) and the change."
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "md", "csv"]), default="table", show_default=True)
+def metrics(stages: tuple[str, ...], rev: str | None, fmt: str) -> None:
+    """The stages' metrics (metrics/<stage>.json), one line per key, floats to 4 significant
+    digits: a readable `dvc metrics show` (and, with --rev, `dvc metrics diff`)."""
+    root = _root()
+    from core.config import load_paths, read_params
+    from core.metrics_view import format_metrics, read_metrics
+
+    metrics_dir = Path(load_paths(read_params(root / "params.yaml")).metrics)
+    click.echo(format_metrics(read_metrics(root, metrics_dir, stages, rev), fmt), nl=False)
+
+
+@cli.command()
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
