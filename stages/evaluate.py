@@ -50,6 +50,9 @@ outs and metrics: MLflow (``speed/*``) and ``paths.last_run/evaluate_speed.json`
 With MLflow tracking on, the best checkpoint (``select_metric`` at ``select_guidance``) is logged
 as a pyfunc and registered as ``arpipe-<arch>``: alias ``candidate`` always, ``champion`` only
 when it beats the current champion.
+
+This module scores; the report's text is ``core/eval_report.py`` and the registry gate
+``core/eval_registry.py``.
 """
 
 from __future__ import annotations
@@ -67,13 +70,15 @@ import torch
 
 from core.checkpoint import read_checkpoint
 from core.config import Paths
+from core.eval_registry import registry_record
+from core.eval_report import DISTILLED, DISTILLED2, DISTILLED_MODES, guidance_key, report_markdown
 from core.images import labelled_grid, save_png
 from core.metrics import flatten_metrics
 from core.reference_batch import read_reference_batch
 from core.shards import load_split
 from core.stage import stage_main
 from core.training import deterministic_kernels, process_state
-from core.verdicts import INTERVAL_LEVEL, fid_cell, verdicts
+from core.verdicts import INTERVAL_LEVEL, verdicts
 from models.ar import ar_from_state, sample_images, tokenizer_from_state
 from models.dd_student import sample_distilled_images, student_from_state, token_latency_ms
 from models.evalnet import build_evalnet, embed_images
@@ -91,16 +96,12 @@ from models.sampling import GuidanceScheduleName, family_filters, guidance_per_s
 
 STAGE = "evaluate"
 CHAIN = ("base", "sar", "cca", "ddo", "distilled", "distilled2")
-DISTILLED = "distilled"
-DISTILLED2 = "distilled2"
-DISTILLED_MODES = {"1step": 1, "2step": 2}  # guidance column of the distilled rows -> sequential passes
 ONE_STEP_MODES = {"1step": 1}  # a DD2 generator (config "dd2") samples in one step only
 LATENCY_IMAGES = 20  # images generated one at a time for the latency speed-up
 METRICS = ("fid", "is", "precision", "recall", "class_acc")
 """Metrics in the evalnet (proxy) feature space, always computed."""
 INCEPTION_METRICS = ("inception_fid", "inception_is", "inception_precision", "inception_recall")
 """The same metrics in torch-fidelity's InceptionV3 space (with ``inception_weights``); no class accuracy."""
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,10 +180,6 @@ class Config:
     @property
     def higher_is_better(self) -> bool:
         return self.select_metric not in ("fid", "inception_fid")
-
-
-def guidance_key(scale: float) -> str:
-    return f"cfg{scale:g}"
 
 
 def load_evalnet(evalnet_dir: str | Path):
@@ -390,12 +387,17 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     tracker.log_artifact(eval_dir / "report.md")
     tracker.set_tags({"arpipe.eval.best_checkpoint": best, "arpipe.eval.grid_rows": " | ".join(row_names),
                       **{f"arpipe.eval.skipped.{name}": why for name, why in skipped.items()}})  # fmt: skip
-    image_shape_HWC = (tokenizer.config.image_size, tokenizer.config.image_size, tokenizer.config.image_channels)
-    registry = _register(cfg, paths, tracker, best, arches[best], results, image_shape_HWC) if cfg.register else {}
-    record = {"best_checkpoint": best, "select": f"{cfg.select_metric}@{guidance_key(cfg.select_guidance)}",
-              "best_value": _value(results, best, cfg), "registered": bool(registry), **registry}  # fmt: skip
-    if not registry:
-        record["why_not"] = "register: false" if not cfg.register else "MLflow tracking is off"
+    record = registry_record(
+        tracker,
+        paths,
+        best=best,
+        arch=arches[best],
+        select=f"{cfg.select_metric}@{guidance_key(cfg.select_guidance)}",
+        value=_value(results, best, cfg),
+        higher_is_better=cfg.higher_is_better,
+        register=cfg.register,
+        image_shape_HWC=(tokenizer.config.image_size, tokenizer.config.image_size, tokenizer.config.image_channels),
+    )
     write_last_run(paths, "evaluate_registry.json", record)
     print(f"{STAGE}: best checkpoint {best} ({cfg.select_metric} {_value(results, best, cfg):.3f}) -> {eval_dir}")
     for verdict in verdicts(results, cfg.select_metric, guidance_key(cfg.select_guidance)):
@@ -509,202 +511,6 @@ def _grid_row(images_NHWC: np.ndarray, labels_N: np.ndarray, num_classes: int, p
         picked = list(images_NHWC[labels_N == c][:per_class])
         row += picked + [blank] * (per_class - len(picked))
     return np.stack(row)
-
-
-def report_markdown(
-    results: dict,
-    names: list[str],
-    cfg: Config,
-    best: str,
-    evalnet_config: dict,
-    inception_identity: str | None = None,
-    skipped: dict | None = None,
-    speed: dict | None = None,
-) -> str:
-    """One side-by-side table per feature space: bounds first, then each checkpoint at each guidance
-    scale (the distilled student at 1 and 2 steps); then one line per pass-through checkpoint that
-    was not evaluated and the student against its teacher."""
-    lines = [
-        "# arpipe evaluation",
-        "",
-        f"Reference set: the val split. Samples: {cfg.samples_per_class} per class, class-balanced, "
-        f"seed {cfg.seed}, temperature {cfg.temperature}, top-k {cfg.top_k}, top-p {cfg.top_p}. "
-        "`cfg1` is guidance-free. Each number is computed in the feature space named by its table.",
-        "",
-        "## Feature space: evalnet (proxy)",
-        "",
-        f"FID, precision and recall on the penultimate features of the `train_evalnet` classifier (val accuracy "
-        f"{evalnet_config['val_accuracy']:.4f}), IS and class accuracy on its logits; "
-        "a proxy space, so FID/IS here are not comparable with published ImageNet (Inception) numbers. "
-        "Metric keys: `<checkpoint>/<guidance>/<metric>`."
-        + (
-            f" FID [lo, hi]: its {INTERVAL_LEVEL:.0%} bootstrap interval over the scored images ({cfg.fid_resamples} "
-            "resamples, the val set held fixed; keys `fid_lo`, `fid_hi`): overlapping intervals are within noise."
-            if cfg.fid_resamples
-            else ""
-        ),
-        "",
-        *_table(results, names, cfg, best, "", ("fid", "is", "precision", "recall", "class_acc")),
-    ]
-    if inception_identity is not None:
-        lines += [
-            "",
-            "## Feature space: Inception (torch-fidelity InceptionV3)",
-            "",
-            "FID, precision and recall on the 2048-d pool features of torch-fidelity's InceptionV3 "
-            f"(`inception-v3-compat`, weights {inception_identity}; images resized to 299×299 inside the network), "
-            "IS on the softmax of its 1008 unbiased logits; no class accuracy (its classes are ImageNet's, not the "
-            "dataset's). The reference is the val split (not ImageNet statistics) and the sample count is the one "
-            "above, so these are not comparable with published ImageNet numbers either. "
-            "Metric keys: `<checkpoint>/<guidance>/inception_<metric>`.",
-            "",
-            *_table(
-                results,
-                names,
-                cfg,
-                best,
-                "inception_",
-                ("fid", "is", "precision", "recall") + (("fid_ref",) if cfg.reference_batch else ()),
-            ),
-        ]
-        if cfg.reference_batch:
-            lines += [
-                "",
-                f"`FID vs ref`: against the reference batch `{Path(cfg.reference_batch).name}` (its mu/sigma, or its "
-                "images through the same network): the papers' protocol, comparable with their tables only at their "
-                "sample count (50,000) and resolution. Keys: `<checkpoint>/<guidance>/inception_fid_ref`.",
-            ]
-    lines += ["", f"Best by {cfg.select_metric} at {guidance_key(cfg.select_guidance)}: **{best}**.", ""]
-    lines += [verdict + "\n" for verdict in verdicts(results, cfg.select_metric, guidance_key(cfg.select_guidance))]
-    lines += [f"Not evaluated: `{name}`, {why}." for name, why in (skipped or {}).items()]
-    lines += [""] if skipped else []
-    student = (speed or {}).get(DISTILLED, {})
-    if "1step_speedup" in student:
-        # timings stay out of this file (a DVC out, byte-identical across runs): the measured
-        # speed-ups are in paths.last_run/evaluate_speed.json and on the MLflow run
-        lines += [
-            "Distilled student against its teacher (same run, same labels). The measured speed-ups "
-            "(images/s ratio at the sampling batch size; latency of one image's tokens at batch 1) are timings, "
-            "so they are kept out of this file and out of git: `evaluate_speed.json` in `paths.last_run` "
-            "(default `.arpipe/last_run/`; keys `distilled/<mode>_speedup`, "
-            "`distilled/<mode>_latency_speedup`) and the MLflow run (`speed/distilled/*`).",
-            "",
-            "| sampling | FID / teacher's ↓ | sequential passes: teacher / student |",
-            "|---|---|---|",
-        ]
-        for mode, steps in DISTILLED_MODES.items():
-            ratio = results[DISTILLED][mode].get("fid_vs_teacher", float("nan"))
-            passes = student[f"{mode}_step_reduction"] * steps
-            lines.append(f"| {mode} | {ratio:.2f}x | {passes:g} / {steps} |")
-        lines.append("")
-    generator = (speed or {}).get(DISTILLED2, {})
-    if "1step_speedup" in generator:
-        row = results[DISTILLED2]["1step"]
-        passes = generator["1step_step_reduction"]
-        gap = row.get("gap_closed_vs_dd1")
-        lines += [
-            "DD2 one-step generator (`distilled2`) against the same teacher (speed-ups in "
-            "`evaluate_speed.json` in `paths.last_run` and MLflow, `distilled2/1step_*`): "
-            f"FID / teacher's {row.get('fid_vs_teacher', float('nan')):.2f}x, sequential passes {passes:g} / 1"
-            + (f"; gap closed vs DD1's one step (FID_DD1 − FID_DD2) / (FID_DD1 − FID_teacher) = {gap:.2f}"
-               if gap is not None else "; gap closed vs DD1: not available (DD1 or the teacher not scored here)")
-            + ".",
-            "",
-        ]  # fmt: skip
-    return "\n".join(lines)
-
-
-def _table(results: dict, names: list[str], cfg: Config, best: str, prefix: str, metrics: tuple[str, ...]) -> list:
-    titles = {
-        "fid": "FID ↓",
-        "is": "IS ↑",
-        "precision": "precision ↑",
-        "recall": "recall ↑",
-        "class_acc": "class acc ↑",
-        "fid_ref": "FID vs ref ↓",
-    }
-    label = {
-        "reconstruction": "*train images through the tokenizer (ceiling)*",
-        "train": "*real train images (floor)*",
-    }
-    lines = [
-        "| checkpoint | guidance | " + " | ".join(titles[m] for m in metrics) + " |",
-        "|" + "---|" * (2 + len(metrics)),
-    ]
-    rows = [("reconstruction", "real"), ("train", "real")] + [(n, g) for n in names for g in results[n]]
-    for name, guidance in rows:
-        values = results[name][guidance]
-        shown = label.get(name, f"**{name}**" if name == best else name)
-        cells = [fid_cell(values, prefix + m) if m == "fid" else f"{values[prefix + m]:.3f}" for m in metrics]
-        lines.append(f"| {shown} | {guidance} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _register(cfg: Config, paths: Paths, tracker, best: str, arch: str, results: dict, image_shape_HWC) -> dict:
-    """Register ``best`` (a sampler of ``image_shape_HWC`` images) and gate the champion; the
-    decision as a JSON-able record ({} when tracking is off)."""
-    client, run_id = getattr(tracker, "client", None), getattr(tracker, "run_id", None)
-    if client is None:
-        print(f"{STAGE}: MLflow tracking is off: the best checkpoint is not registered")
-        return {}
-    from core.registry import log_pyfunc, register_and_gate, sampler_input_example, sampler_signature
-
-    source = log_pyfunc(
-        client,
-        run_id,
-        REPO / "arpipe" / "pyfunc_model.py",
-        artifacts={"model": str(Path(paths.models) / best), "tokenizer": str(paths.tokenizer)},
-        code_paths=[str(REPO / "models")],
-        pip_requirements=["torch", "numpy", "safetensors", "einops", "pandas"],
-        signature=sampler_signature(image_shape_HWC),
-        input_example=sampler_input_example(),
-    )
-    name = f"arpipe-{arch}"
-    value = _value(results, best, cfg)
-    version, decision = register_and_gate(
-        client,
-        name=name,
-        source=source,
-        run_id=run_id,
-        metric=f"{cfg.select_metric}@{guidance_key(cfg.select_guidance)}",
-        value=value,
-        higher_is_better=cfg.higher_is_better,
-        tags={"arpipe.checkpoint": best},
-    )
-    tracker.set_tags(
-        {
-            "arpipe.registry.model": name,
-            "arpipe.registry.version": version,
-            "arpipe.registry.champion_moved": decision.promote,
-            "arpipe.registry.decision": decision.reason,
-        }
-    )
-    tracker.log_metrics(
-        {
-            "registry/candidate_value": value,
-            **({"registry/champion_value": decision.champion_value} if decision.champion_value is not None else {}),
-        }
-    )
-    print(f"{STAGE}: {champion_sentence(name, version, decision.promote, decision.champion_version, decision.reason)}")
-    return {
-        "model": name,
-        "version": version,
-        "checkpoint": best,
-        "champion_moved": decision.promote,
-        "champion_version": version if decision.promote else decision.champion_version,
-        "previous_champion_version": decision.champion_version,
-        "previous_champion_value": decision.champion_value,
-        "reason": decision.reason,
-    }
-
-
-def champion_sentence(name: str, version: str, promoted: bool, previous: str | None, reason: str) -> str:
-    """``registered arpipe-gpt v3 (alias candidate); it is now the champion (no champion yet)``."""
-    head = f"registered {name} v{version} (alias candidate); "
-    if promoted:
-        was = f", was v{previous}" if previous else ""
-        return head + f"it is now the champion{was} ({reason})"
-    return head + f"the champion stays v{previous} ({reason})"
 
 
 def main() -> None:
