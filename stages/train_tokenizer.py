@@ -246,9 +246,11 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         _write_outputs(cfg, paths, raw_model, class_names(paths.shards), history, init)
         tracker.log_metrics(flatten_metrics(metrics))
         tracker.log_image(recon_grid(raw_model, val.images_NHWC[: cfg.num_grid]), "reconstructions.png")
+        recon_fid = metrics.get("val_recon_fid_pixels")
         print(
-            f"{STAGE}: val PSNR {metrics['val_psnr']:.2f} dB, reconstruction FID {metrics['val_recon_fid_pixels']:.3f} "
-            f"(pixels, val vs its reconstructions; 0 = same distribution), usage {metrics['usage']} (EMA), "
+            f"{STAGE}: val PSNR {metrics['val_psnr']:.2f} dB, reconstruction FID "
+            + (f"{recon_fid:.3f}" if recon_fid is not None else "n/a (fewer than 2 val images)")
+            + f" (pixels, val vs its reconstructions; 0 = same distribution), usage {metrics['usage']} (EMA), "
             f"{metrics[f'{split}_usage']} ({split} set) -> {paths.tokenizer}"
         )
     resume.finish()
@@ -354,8 +356,10 @@ def evaluate(model, images_NHWC: np.ndarray) -> dict:
     model.train(was_training)
     mse = float(np.mean((recon.astype(np.float64) / 255 - images_NHWC.astype(np.float64) / 255) ** 2))
     psnr = 10 * math.log10(1 / max(mse, 1e-12))
-    recon_fid = fid_from_features(pixel_features(recon), pixel_features(images_NHWC))
-    return {"val_mse": mse, "val_psnr": psnr, "val_recon_fid_pixels": recon_fid, "usage": model.codebook_usage()}
+    metrics = {"val_mse": mse, "val_psnr": psnr, "usage": model.codebook_usage()}
+    if len(images_NHWC) >= 2:  # FID needs two images a set: a tiny val split gets PSNR only
+        metrics["val_recon_fid_pixels"] = fid_from_features(pixel_features(recon), pixel_features(images_NHWC))
+    return metrics
 
 
 @torch.no_grad()

@@ -7,11 +7,6 @@ os.environ.setdefault("ARPIPE_TRACKING", "off")  # unit tests never touch the us
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `-n 2` (pyproject addopts): one thread per worker and per stage subprocess it starts, so two
-    # workers share 2 cores instead of oversubscribing them (set before torch is imported)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["MKL_NUM_THREADS"] = "1"
 
 
 REPO = Path(__file__).resolve().parents[1]

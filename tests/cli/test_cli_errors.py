@@ -31,7 +31,7 @@ def project(tmp_path: Path, params_text: str | None = None) -> Path:
 
 
 def test_run_with_a_mistyped_param_fails_in_one_line_before_starting(tmp_path):
-    text = (REPO / "params.yaml").read_text().replace("\n  steps: 1500", "\n  stepz: 1500", 1)
+    text = (REPO / "params.yaml").read_text().replace("\n  steps: 600 ", "\n  stepz: 600 ", 1)
     root = project(tmp_path, text)
     result = arpipe("run", cwd=root)
     assert result.returncode == 2
