@@ -166,6 +166,9 @@ def test_ctrl_c_prints_one_line_exits_130(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a terminal's Ctrl-C: a runner started in the background (`cmd &`) passes SIGINT on
+        # ignored, and Python then installs no KeyboardInterrupt handler
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert _HangingTracker.hung.wait(60), "the stage never reached the tracking server"

@@ -74,7 +74,8 @@ def test_interrupting_the_flow_stops_the_stage_it_is_running(dvc_project):
     root = dvc_project(f"bash -c 'exec -a {marker} sleep 60' && echo done > out.txt")
     code = f"from flows.pipeline import run_stage; run_stage.fn('work', {str(root)!r}, {{}}, 120.0)"
     flow = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         for _ in range(120):
             if subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 0:
