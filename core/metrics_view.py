@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from core.config import flatten_params
+
 MISSING = "–"  # a stage or key absent on one side of the comparison
 
 
@@ -26,16 +28,6 @@ class MetricsView:
     rev: str | None  # the git revision compared against; None: the workspace alone
     blocks: dict[str, list[tuple[str, Any, Any]]] = field(default_factory=dict)
     """stage -> (dotted key, workspace value, value at ``rev``); ``None`` where absent."""
-
-
-def flatten(metrics: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"base": {"cfg1": {"fid": 3.9}}}`` -> ``{"base.cfg1.fid": 3.9}``; every leaf kept (strings too)."""
-    if not isinstance(metrics, dict):
-        return {prefix.rstrip(".") or "value": metrics}
-    flat: dict[str, Any] = {}
-    for key, value in metrics.items():
-        flat |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
-    return flat
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -53,7 +45,7 @@ def _pipeline_order(root: Path, names: set[str]) -> list[str]:
 
 def _parse(text: str, where: str) -> dict[str, Any]:
     try:
-        return flatten(json.loads(text))
+        return flatten_params(json.loads(text))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
