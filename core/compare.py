@@ -1,7 +1,7 @@
 """Pipeline runs side by side: the params that differ, key metrics per checkpoint, the champion;
 and the same key metrics as the saved columns of the MLflow runs table (``save_runs_view``).
 
-Reads the tracking store with ``mlflow.search_runs`` (a DataFrame per query) and shapes it with
+Reads the tracking store through the given client (one DataFrame per query) and shapes it with
 DuckDB: every pipeline run contributes its stage runs' params (the stage runs that ran in it, or
 produced the outs it reused: ``arpipe.<stage>.run_id`` tags) and the stage metrics logged on the
 pipeline run itself (``<stage>/<metric>``). Only params whose values differ between the compared
@@ -40,16 +40,17 @@ class Comparison:
 
 def compare_pipeline_runs(experiment_id: str, last: int = 5, client=None) -> Comparison:
     import duckdb
-    import mlflow
     import pandas as pd
     from mlflow import MlflowClient
 
     client = client or MlflowClient()
-    parents = mlflow.search_runs(
-        [experiment_id],
-        "tags.`arpipe.stage` = 'pipeline'",
-        order_by=["attributes.start_time DESC"],
-        max_results=last,
+    parents = _runs_frame(
+        client.search_runs(
+            [experiment_id],
+            "tags.`arpipe.stage` = 'pipeline'",
+            order_by=["attributes.start_time DESC"],
+            max_results=last,
+        )
     )
     if parents.empty:
         raise LookupError("no pipeline runs in the tracking store yet: run `arpipe run` first")
@@ -92,6 +93,25 @@ def compare_pipeline_runs(experiment_id: str, last: int = 5, client=None) -> Com
         values = parents[f"metrics.{name}"]
         rows.append((name, ["–" if pd.isna(v) else f"{v:.4g}" for v in values]))
     return Comparison(runs=run_ids, rows=rows)
+
+
+def _runs_frame(runs):
+    """``runs`` (searched through a client) as ``mlflow.search_runs`` would give them: columns run_id,
+    start_time, status, tags.*, metrics.*. ``mlflow.search_runs`` itself reads the process-wide
+    tracking URI, not the client's store."""
+    import pandas as pd
+
+    rows = [
+        {
+            "run_id": run.info.run_id,
+            "start_time": pd.to_datetime(run.info.start_time, unit="ms", utc=True),
+            "status": run.info.status,
+            **{f"tags.{key}": value for key, value in run.data.tags.items()},
+            **{f"metrics.{key}": value for key, value in run.data.metrics.items()},
+        }
+        for run in runs
+    ]
+    return pd.DataFrame(rows, columns=None if rows else ["run_id", "start_time", "status"])
 
 
 def key_metric_names(names: Iterable[str]) -> list[str]:

@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,11 @@ os.environ.setdefault("ARPIPE_TRACKING", "off")  # unit tests never touch the us
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs 2 workers (-n 2): one thread per worker and per stage subprocess it starts,
+    # so the two share 2 cores instead of oversubscribing them (set before torch is imported)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +28,19 @@ def _tests_write_nothing_into_the_checkout():
     yield
     new = sorted({p.name for p in REPO.iterdir()} - before - _TOOL_OUTPUTS)
     assert not new, f"tests left {', '.join(new)} in {REPO}: write into tmp_path instead"
+
+
+@pytest.fixture(autouse=True)
+def _tests_leave_mlflow_on_the_environments_store():
+    """Fail the test that calls ``mlflow.set_tracking_uri``: the process-wide URI it sets outlives
+    the test and silently points later tests (in this worker) at its deleted store. Tests set
+    MLFLOW_TRACKING_URI with monkeypatch (``mlflow_store``) instead."""
+    yield
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    leaked = getattr(utils, "_tracking_uri", None)
+    if leaked is not None:
+        utils._tracking_uri = None
+        pytest.fail(f"the test set MLflow's process-wide tracking URI ({leaked}); use the mlflow_store fixture")
 
 
 @pytest.fixture

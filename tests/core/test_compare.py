@@ -48,6 +48,19 @@ def test_compare_shows_differing_params_key_metrics_and_the_champion(mlflow_stor
     assert csv_text.splitlines()[0] == f"field,{new},{old}"
 
 
+def test_compare_reads_the_clients_store_not_the_process_default(mlflow_store, tmp_path, monkeypatch):
+    """`arpipe compare` searches the store of the client it is given, whatever the process-wide
+    tracking URI says (mlflow.search_runs would read that one instead)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_store)
+    experiment = client.create_experiment("arpipe")
+    run = make_pipeline_run(client, experiment, "0.001", 3.9)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+
+    assert compare_pipeline_runs(experiment, client=client).runs == [run]
+
+
 def test_the_saved_runs_view_has_the_key_metrics_as_columns(mlflow_store):
     """What `arpipe ui` opens (?viewStateShareKey=arpipe): the key metrics the pipeline runs hold,
     in KEY_METRICS order (FID first), and nothing else of their hundreds of metrics."""

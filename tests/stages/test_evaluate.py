@@ -195,7 +195,6 @@ def test_registered_champion_loads_as_pyfunc_and_samples_offline(chain, tmp_path
     assert version.tags["arpipe.checkpoint"] == "base"
     tags = client.get_run(tracker.run_id).data.tags
     assert tags["arpipe.registry.champion_moved"] == "True" and tags["arpipe.registry.decision"] == "no champion yet"
-    mlflow.set_tracking_uri(mlflow_store)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = mlflow.pyfunc.load_model("models:/arpipe-gpt@champion")
