@@ -373,24 +373,26 @@ def test_a_reference_batch_adds_the_papers_fid_against_its_statistics_or_its_ima
     small_chain, inception_weights, tmp_path, no_network
 ):
     """ADM's reference batches carry mu/sigma (or only arr_0): with the val images as the reference
-    batch, in either form, FID against it is the Inception FID against val."""
+    batch, FID against it is the Inception FID against val; a batch with both carries its statistics
+    (as in ADM's evaluator), which evaluate then uses as they are."""
     import numpy as np
 
+    from core.reference_batch import read_reference_batch
     from core.shards import load_split
-    from models.inception import embed_inception, load_inception
-    from models.metrics import feature_statistics
 
     val = load_split(small_chain.shards, "val").images_NHWC
     np.savez(tmp_path / "images.npz", arr_0=val)
-    mu, sigma = feature_statistics(embed_inception(load_inception(str(inception_weights)), val)[0])
-    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma, arr_0=val[:2])  # the statistics win, as in ADM's evaluator
-    for name in ("images", "stats"):
-        paths = dataclasses.replace(small_chain, eval=str(tmp_path / name), metrics=str(tmp_path / name))
-        cfg = tiny(samples_per_class=1, cfg_scales=[1.0], register=False, inception_weights=str(inception_weights),
-                   reference_batch=str(tmp_path / f"{name}.npz"))  # fmt: skip
-        block = run(cfg, paths, NullTracker())["base"]["cfg1"]
-        assert block["inception_fid_ref"] == pytest.approx(block["inception_fid"], rel=1e-6, abs=1e-6)
-        assert "FID vs ref ↓" in (tmp_path / name / "report.md").read_text()
+    paths = dataclasses.replace(small_chain, eval=str(tmp_path / "eval"), metrics=str(tmp_path / "metrics"))
+    cfg = tiny(samples_per_class=1, cfg_scales=[1.0], register=False, inception_weights=str(inception_weights),
+               reference_batch=str(tmp_path / "images.npz"))  # fmt: skip
+    block = run(cfg, paths, NullTracker())["base"]["cfg1"]
+    assert block["inception_fid_ref"] == pytest.approx(block["inception_fid"], rel=1e-6, abs=1e-6)
+    assert "FID vs ref ↓" in (tmp_path / "eval" / "report.md").read_text()
+
+    mu, sigma = np.arange(3.0), np.eye(3)
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma, arr_0=val[:2])
+    batch = read_reference_batch(tmp_path / "stats.npz")
+    assert set(batch) == {"mu", "sigma"} and (batch["mu"] == mu).all() and (batch["sigma"] == sigma).all()
 
 
 def test_a_reference_batch_needs_inception_weights_and_a_readable_file(small_chain, tmp_path):
