@@ -92,6 +92,13 @@ def test_per_thousand_images_is_the_total_over_the_images(defaults, calibration_
     assert total.endswith(f"| {human_seconds(table.cpu_seconds)} | {human_seconds(table.gpu_seconds)} |")
 
 
+def test_the_committed_calibration_covers_every_default_stage():
+    calibration = load_calibration()
+    assert calibration.problem == "" and calibration.peak_flops > 0
+    assert set(calibration.efficiency) == set(STAGES) - {"shard"}
+    assert all(0 < e < 1 for e in calibration.efficiency.values())  # never above the matmul peak
+
+
 @pytest.mark.parametrize(
     "text, problem",
     [(None, "does not exist (run benchmarks/stage_times.py)"), ("{not json", "is malformed (JSONDecodeError"),
