@@ -683,9 +683,47 @@ def schedule(cron: str | None, interval: float | None, name: str, until: str | N
     help="Classes of the data (default: params shard.num_classes; else 1000 for a released model, 10 for the "
     "digits source, else classes.json of the built shards).",
 )
-def plan(params_file: Path, gpus: int, num_classes: int | None) -> None:
+@click.option(
+    "--images",
+    type=click.IntRange(min=1),
+    help="Images in the source, for the time table (default: 1,797 for the digits source, else the built "
+    "shards' manifest).",
+)
+@click.option(
+    "--gpu-peak-tflops",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Assumed dense peak of the one GPU (default: 989, one H100 SXM in bf16).",
+)
+@click.option(
+    "--gpu-mfu",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    help="Assumed share of that peak the stages reach (default: 0.35).",
+)
+@click.option(
+    "--cpu-peak-gflops",
+    type=click.FloatRange(min=0, min_open=True),
+    help="The CPU's fp32 matmul peak to scale the calibration to (default: measured now; "
+    "benchmarks/results/stage_times.json holds the calibrating machine's).",
+)
+@click.option(
+    "--stage-times",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CPU calibration (default: the committed benchmarks/results/stage_times.json).",
+)
+def plan(
+    params_file: Path,
+    gpus: int,
+    num_classes: int | None,
+    images: int | None,
+    gpu_peak_tflops: float | None,
+    gpu_mfu: float | None,
+    cpu_peak_gflops: float | None,
+    stage_times: Path | None,
+) -> None:
     """Per trained model (tokenizer, AR model, evalnet): parameter count, training FLOPs per step
     and the expected GPU memory, from the params alone (models built on the meta device: no memory).
+    Then per stage that computes: its work, FLOPs and estimated time on this CPU and on one GPU,
+    the total and the total per 1,000 images.
 
     \b
     Assumptions:
@@ -697,18 +735,37 @@ def plan(params_file: Path, gpus: int, num_classes: int | None) -> None:
       without attention score matrices (flash attention does not keep them), no checkpointing.
     - Not counted: CUDA context, allocator slack, data loading (budget 10-20% more), the
       tokenizer's discriminator and perceptual network.
+    - Stage FLOPs: arpipe/stage_work.py (e.g. cca/ddo: policy trained and reference run on 2x the
+      batch; sampling: forward per token x tokens x samples, 2x with guidance).
+    - CPU time, measured: per-stage efficiency (FLOP/s / the fp32 matmul peak) from a real
+      `arpipe run` (benchmarks/results/stage_times.json), x the peak measured now; shard per
+      image; the time between stages as measured. Missing or malformed file: marked UNCALIBRATED.
+    - GPU time, assumed (never measured here): FLOPs / (--gpu-peak-tflops x --gpu-mfu), default
+      one H100 SXM at 989 TFLOP/s dense bf16 x 35% MFU, but at least 10 ms per optimizer step,
+      1 ms per sampling pass and 0.2 ms per ODE step (launch overhead of tiny models).
     """
     from arpipe.plan import format_plan, plan_models
+    from arpipe.plan_time import GPU_MFU, GPU_PEAK_TFLOPS, STAGE_TIMES, GpuAssumption, time_table
+    from arpipe.stage_work import source_images
     from core.config import ConfigError, read_params
 
     try:
         params = read_params(params_file)
         num_classes, origin = _plan_classes(params, num_classes)
         rows = plan_models(params, gpus=gpus, num_classes=num_classes)
+        images, images_origin = source_images(params, images)
+        if images:
+            gpu = GpuAssumption(gpu_peak_tflops or GPU_PEAK_TFLOPS, gpu_mfu or GPU_MFU)
+            cpu_peak = cpu_peak_gflops * 1e9 if cpu_peak_gflops else None
+            times = time_table(params, num_classes, images, images_origin, gpu, cpu_peak, stage_times or STAGE_TIMES)
     except (ConfigError, ValueError) as exc:
         raise click.ClickException(f"{params_file}: {exc}") from exc
     click.echo(f"{params_file}: {num_classes} classes ({origin}), {gpus} GPU(s)\n")
-    click.echo(format_plan(rows, gpus), nl=False)
+    click.echo(format_plan(rows, gpus))
+    if not images:
+        click.echo(f"No time estimate: {images_origin}; pass --images N (the images in shard.source_path).")
+        return
+    click.echo(times, nl=False)
 
 
 def _plan_classes(params: dict, given: int | None) -> tuple[int, str]:

@@ -81,8 +81,9 @@ def _precision_factor(mixed_precision: str) -> float:
     return 0.5 if mixed_precision in ("bf16", "fp16") else 1.0
 
 
-def plan_models(params: dict[str, Any], *, gpus: int = 1, num_classes: int) -> list[ModelPlan]:
-    """The three trained models of ``params`` (already strictly loaded section by section)."""
+def meta_models(params: dict[str, Any], num_classes: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """(tokenizer, AR model, evalnet) of ``params`` on the meta device (shapes only, no memory);
+    the AR model gets the keys the token cache would fix (sequence length, vocabulary, classes)."""
     from core.config import load_section
     from models.ar import build_ar
     from models.evalnet import build_evalnet
@@ -96,10 +97,30 @@ def plan_models(params: dict[str, Any], *, gpus: int = 1, num_classes: int) -> l
     for section, cfg in (("train_tokenizer", tok_cfg), ("pretrain", ar_cfg)):
         if cfg.init_from == "released" and not cfg.model:
             raise ValueError(f"{section}.model is empty: restate the released architecture there to plan it")
+    with torch.device("meta"):
+        tokenizer = build_tokenizer(tok_cfg.kind, {**tok_cfg.model, "image_size": image_size})
+        arch_config = pretrain.model_config(
+            ar_cfg, {"class_names": [""] * num_classes, "model": tokenizer.config_dict()}, tokenizer.token_layout,
+            tokenizer.codebook_size, tokenizer.seq_len,
+        )  # fmt: skip
+        model = build_ar(ar_cfg.arch, arch_config, tokenizer.quantizer if ar_cfg.arch == "var" else None)
+        evalnet = build_evalnet({**eval_cfg.model, "image_size": image_size, "num_classes": num_classes})
+    return tokenizer, model, evalnet
+
+
+def plan_models(params: dict[str, Any], *, gpus: int = 1, num_classes: int) -> list[ModelPlan]:
+    """The three trained models of ``params`` (already strictly loaded section by section)."""
+    from core.config import load_section
+    from stages import pretrain, train_evalnet, train_tokenizer
+
+    tok_cfg = load_section(params, "train_tokenizer", train_tokenizer.Config)
+    ar_cfg = load_section(params, "pretrain", pretrain.Config)
+    eval_cfg = load_section(params, "train_evalnet", train_evalnet.Config)
+    image_size = params["shard"]["image_size"]
     rows = []
     with torch.device("meta"):
+        tokenizer, model, evalnet = meta_models(params, num_classes)
         # 1. tokenizer: encoder + decoder (the quantizer's lookups are small next to them)
-        tokenizer = build_tokenizer(tok_cfg.kind, {**tok_cfg.model, "image_size": image_size})
         micro = _per_gpu(tok_cfg.batch_size, gpus)
         images = torch.zeros(micro, 3, image_size, image_size)
         saved, flops = _saved_bytes(lambda: tokenizer.decode_latent(tokenizer.encode_latent(images)).square().mean())
@@ -108,13 +129,7 @@ def plan_models(params: dict[str, Any], *, gpus: int = 1, num_classes: int) -> l
                               micro, BYTES_PER_PARAM * _count(tokenizer),
                               saved * _precision_factor(tok_cfg.mixed_precision)))  # fmt: skip
 
-        # 2. the AR model, with the keys the token cache would fix
-        layout = tokenizer.token_layout
-        arch_config = pretrain.model_config(
-            ar_cfg, {"class_names": [""] * num_classes, "model": tokenizer.config_dict()}, layout,
-            tokenizer.codebook_size, tokenizer.seq_len,
-        )  # fmt: skip
-        model = build_ar(ar_cfg.arch, arch_config, tokenizer.quantizer if ar_cfg.arch == "var" else None)
+        # 2. the AR model
         seq_len = tokenizer.seq_len
         micro = _per_gpu(ar_cfg.batch_size, gpus, ar_cfg.grad_accum)
         tokens = torch.zeros(micro, seq_len, dtype=torch.long)
@@ -131,7 +146,6 @@ def plan_models(params: dict[str, Any], *, gpus: int = 1, num_classes: int) -> l
                               saved * _precision_factor(ar_cfg.mixed_precision)))  # fmt: skip
 
         # 3. the evaluation classifier
-        evalnet = build_evalnet({**eval_cfg.model, "image_size": image_size, "num_classes": num_classes})
         micro = _per_gpu(eval_cfg.batch_size, gpus)
         images = torch.zeros(micro, 3, image_size, image_size)
         saved, flops = _saved_bytes(lambda: evalnet(images).logsumexp(-1).mean())
@@ -149,8 +163,8 @@ def _released(cfg) -> str:
     return f"; released {name}, " + ("import only" if cfg.steps == 0 else f"fine-tuned {cfg.steps} steps")
 
 
-def _human(value: float, unit: str) -> str:
-    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+def human_units(value: float, unit: str) -> str:
+    for scale, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= scale:
             return f"{value / scale:.2f} {prefix}{unit}"
     return f"{value:.0f} {unit}"
@@ -165,7 +179,7 @@ def format_plan(rows: list[ModelPlan], gpus: int) -> str:
     for r in rows:
         gib = 1024**3
         lines.append(
-            f"| {r.name} | {r.params / 1e6:.1f}M | {_human(r.flops_per_step, 'FLOP')} | {r.micro_batch} | "
+            f"| {r.name} | {r.params / 1e6:.1f}M | {human_units(r.flops_per_step, 'FLOP')} | {r.micro_batch} | "
             f"{r.state_bytes / gib:.2f} GiB | {r.activation_bytes / gib:.2f} GiB | {r.total_bytes / gib:.2f} GiB |"
         )
     return "\n".join(lines) + "\n"
