@@ -33,26 +33,32 @@ import torch
 
 from core.checkpoint import read_checkpoint, write_checkpoint
 from core.config import Paths
+from core.finetune import (
+    FinetuneConfig,
+    apply_scheduled_lr,
+    batch_index,
+    end_step,
+    last_logged,
+    optimizer_step,
+    output_weights,
+    prepare_training,
+    restore_or_start,
+    start_accelerator,
+    write_train_csv,
+)
 from core.images import image_grid, save_png
-from core.metrics import write_rows_csv
 from core.pair_store import load_pairs, read_meta
 from core.stage import stage_main
 from core.training import (
     EMA,
-    Resume,
     add_to_window,
-    build_accelerator,
     check_finite,
-    compile_model,
     log_window,
     new_history,
     process_state,
     recorded_config,
-    resume_dir,
-    seed_everything,
     step_bar,
     step_generator,
-    warmup_decay_lr,
 )
 from models.ar import ar_from_state, tokenizer_from_state
 from models.dd import code_space, tokens_per_step
@@ -66,7 +72,9 @@ TRAIN_COLUMNS = ("step", "loss", *MONITORS, "lr", "grad_norm")
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(FinetuneConfig):
+    """DD1's fields; the optimizer and run fields are ``core.finetune.FinetuneConfig``'s."""
+
     steps: int = 500
     """Optimizer steps."""
     batch_size: int = 64
@@ -77,11 +85,6 @@ class Config:
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup, to ``min_lr_ratio·lr`` at the last step."""
     min_lr_ratio: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.05
-    """AdamW decay on matmul weights only."""
-    grad_clip: float = 1.0
-    """Max global gradient norm (0 = no clipping)."""
     ema_decay: float = 0.0
     """EMA of the weights written as the student (0 = off; DD1 evaluates EMA weights)."""
     split: int = 0
@@ -101,27 +104,17 @@ class Config:
     """Last pairs held out for the token agreement of 1- and 2-step sampling (0 = none)."""
     keep_dropout: bool = False
     """Train with the teacher's dropout on (off: the student is fit deterministically)."""
-    mixed_precision: Literal["no", "bf16"] = "no"
-    compile: bool = False
-    """torch.compile the prepared model for training (GPUs: faster steps after a first step that
-    compiles; off on CPU). Eager and compiled runs differ in rounding; resume is exact either way."""
-    seed: int = 0
     log_every: int = 25
     """Steps between logged rows (MLflow and plots/distill/train.csv); the last step is always logged."""
     save_every: int = 250
     """Steps between resume states (0 = never)."""
-    samples_per_class: int = 8
-    launcher: str = ""
-    """accelerate config file to run under; "" = this process."""
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "log_every", "samples_per_class"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if min(self.save_every, self.warmup_steps, self.split, self.two_step_at, self.val_count) < 0:
-            raise ValueError("save_every, warmup_steps, split, two_step_at and val_count must be >= 0")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.grad_clip < 0:
-            raise ValueError("lr must be > 0, min_lr_ratio in [0, 1] and grad_clip >= 0")
+        super().__post_init__()
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if min(self.split, self.two_step_at, self.val_count) < 0:
+            raise ValueError("split, two_step_at and val_count must be >= 0")
         if not 0 <= self.prefix_fraction <= 1 or self.continuous_weight < 0:
             raise ValueError("prefix_fraction must be in [0, 1] and continuous_weight >= 0")
         if not (self.ema_decay == 0 or 0 < self.ema_decay < 1):
@@ -162,15 +155,6 @@ def load_inputs(cfg: Config, paths: Paths):
     return student, pairs, teacher_config, tokenizer, tok_config
 
 
-def batch_at(cfg: Config, rows: int, step: int) -> np.ndarray:
-    """Row indices of the step's global batch: seeded permutations per epoch (a function of the
-    step alone); the last batch of an epoch wraps around."""
-    per_epoch = math.ceil(rows / cfg.batch_size)
-    epoch, within = divmod(step, per_epoch)
-    order = torch.randperm(rows, generator=step_generator(cfg.seed, epoch, purpose=2)).numpy()
-    return np.take(order, np.arange(within * cfg.batch_size, (within + 1) * cfg.batch_size), mode="wrap")
-
-
 def training_batch(cfg: Config, pairs, index: np.ndarray, prefix_positions: int, step: int):
     """(noise, tokens, data mask, labels) of the rows ``index``: a ``prefix_fraction`` of them hold
     the teacher's tokens on the first ``prefix_positions`` positions (drawn for the global batch)."""
@@ -184,30 +168,22 @@ def training_batch(cfg: Config, pairs, index: np.ndarray, prefix_positions: int,
 
 def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     """Train the student and write the outs; ``on_step(step)`` runs after each step (tests crash there)."""
-    accelerator = build_accelerator(cfg.mixed_precision)
-    seed_everything(cfg.seed)
+    accelerator = start_accelerator(STAGE, cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
-    if cfg.batch_size % world:
-        raise ValueError(f"distill.batch_size {cfg.batch_size} must be divisible by processes ({world})")
     raw_model, pairs, teacher_config, tokenizer, tok_config = load_inputs(cfg, paths)
     train_rows = len(pairs.labels_N) - cfg.val_count
     if train_rows < 1:
         raise ValueError(f"distill.val_count {cfg.val_count} leaves no training pairs of {len(pairs.labels_N)}")
     raw_model.train(cfg.keep_dropout)
-    raw_model.to(accelerator.device)
-    tokenizer.to(accelerator.device)
-    optimizer = torch.optim.AdamW(raw_model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    model, optimizer = accelerator.prepare(raw_model, optimizer)
-    model = compile_model(model, cfg.compile)  # after wrapping: see core.training.compile_model
+    model, optimizer = prepare_training(accelerator, cfg, raw_model, tokenizer)
     ema = EMA(raw_model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
     teacher_dir = Path(paths.models) / pairs.meta["teacher"]
     inputs = [Path(paths.distill) / PAIRS_FILE, paths.tokenizer, teacher_dir]
-    resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, inputs), cfg.save_every)
-    start, history = resume.restore()
-    history = history or new_history(("loss", *MONITORS))
+    resume, start, history = restore_or_start(accelerator, STAGE, cfg, paths.resume, inputs,
+                                              new_history(("loss", *MONITORS)))  # fmt: skip
     dd = raw_model.dd
     prefix_positions = raw_model.prefix_positions(dd.two_step_at)
     accelerator.print(
@@ -220,35 +196,27 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
 
     bar = step_bar(STAGE, start, cfg.steps, accelerator)
     for step in bar:
-        lr = warmup_decay_lr(step, steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                             min_lr_ratio=cfg.min_lr_ratio, decay=cfg.decay)  # fmt: skip
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = training_batch(cfg, pairs, batch_at(cfg, train_rows, step), prefix_positions, step)
+        lr = apply_scheduled_lr(optimizer, cfg, step, cfg.steps)
+        batch = training_batch(cfg, pairs, batch_index(cfg, train_rows, step), prefix_positions, step)
         noise_bLD, tokens_bL, data_bL, labels_b = (t[rank::world].to(accelerator.device) for t in batch)
         with accelerator.autocast():
             logits_bLV, continuous_bLD = model(noise_bLD, tokens_bL, data_bL, labels_b)
         loss, monitors = raw_model.loss(logits_bLV, continuous_bLD, tokens_bL, data_bL, cfg.continuous_weight)
         check_finite({"loss": loss}, step, resume)
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, model, optimizer, loss, cfg.grad_clip)
         if ema is not None:
             ema.update(raw_model)
         add_to_window(history, {"loss": float(loss.detach()), **monitors})
 
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            row = log_window(history, tracker, step=done, lr=lr, grad_norm=float(grad_norm))
+            row = log_window(history, tracker, step=done, lr=lr, grad_norm=grad_norm)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['token_acc']:.3f}", mse=f"{row['mse']:.4f}")
-        resume.step_done(done, history)
-        if on_step is not None:
-            on_step(done)
+        end_step(resume, done, history, on_step)
 
     metrics: dict = {}
     if accelerator.is_main_process:
-        student = _weights_for_output(raw_model, ema).eval()
+        student = output_weights(raw_model, ema).eval()
         metrics = _write_outputs(cfg, paths, student, pairs, teacher_config, tok_config, tokenizer, history)
         tracker.log_metrics(metrics)
         tracker.log_image(_samples(student, tokenizer, cfg), "samples.png")
@@ -259,16 +227,6 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         )
     resume.finish()
     return metrics
-
-
-def _weights_for_output(raw_model, ema: EMA | None):
-    if ema is None:
-        return raw_model
-    import copy
-
-    averaged = copy.deepcopy(raw_model)
-    ema.copy_to(averaged)
-    return averaged
 
 
 @torch.no_grad()
@@ -326,10 +284,9 @@ def _write_outputs(cfg, paths, student, pairs, teacher_config, tok_config, token
     }
     write_checkpoint(out_dir, student.state_dict(), config)
     save_png(_samples(student, tokenizer, cfg), out_dir / "samples.png")
-    write_rows_csv(Path(paths.plots) / STAGE / "train.csv", TRAIN_COLUMNS, history["train"])
-    last = history["train"][-1]
+    write_train_csv(paths, STAGE, TRAIN_COLUMNS, history["train"])
     metrics = {"steps": cfg.steps, "split": student.dd.split, "two_step_at": student.dd.two_step_at,
-               **{f"train_{k}": last[k] for k in ("loss", *MONITORS)}}  # fmt: skip
+               **last_logged(history, ("loss", *MONITORS))}  # fmt: skip
     if cfg.val_count:
         rows = np.arange(len(pairs.labels_N) - cfg.val_count, len(pairs.labels_N))
         metrics.update(agreement(student, pairs, rows))

@@ -47,21 +47,18 @@ import torch
 
 from core.checkpoint import read_checkpoint, write_checkpoint
 from core.config import Paths
+from core.finetune import end_step, optimizer_step, output_weights, restore_or_start, start_accelerator
 from core.images import image_grid, save_png
 from core.metrics import write_rows_csv
 from core.pair_store import load_pairs, read_meta
 from core.stage import stage_main
 from core.training import (
     EMA,
-    Resume,
     add_to_window,
-    build_accelerator,
     check_finite,
     log_window,
     new_history,
     process_state,
-    resume_dir,
-    seed_everything,
     step_bar,
     step_generator,
 )
@@ -195,11 +192,8 @@ def _groups(model, weight_decay):
 
 def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     """GTS, then CSD; write the generator. ``on_step(step)`` runs after each step (tests crash there)."""
-    accelerator = build_accelerator(cfg.mixed_precision)
-    seed_everything(cfg.seed)
+    accelerator = start_accelerator(STAGE, cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
-    if cfg.batch_size % world:
-        raise ValueError(f"{STAGE}.batch_size {cfg.batch_size} must be divisible by processes ({world})")
     teacher, teacher_config, pairs, tokenizer, tok_config = load_teacher(cfg, paths)
     device = accelerator.device
     teacher.model.to(device)
@@ -217,9 +211,8 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         accelerator.register_for_checkpointing(ema)
     teacher_dir = Path(paths.models) / pairs.meta["teacher"]
     inputs = [Path(paths.distill) / PAIRS_FILE, paths.tokenizer, teacher_dir]
-    resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, inputs), cfg.save_every)
-    start, history = resume.restore()
-    history = history or {"gts": new_history(["gts_loss"]), "csd": new_history(CSD_COLUMNS[1:6])}
+    fresh = {"gts": new_history(["gts_loss"]), "csd": new_history(CSD_COLUMNS[1:6])}
+    resume, start, history = restore_or_start(accelerator, STAGE, cfg, paths.resume, inputs, fresh)
     total = cfg.gts_steps + cfg.steps
     accelerator.print(
         f"{STAGE}: {arch} teacher {teacher_dir} ({teacher.model.config.seq_len} tokens, {teacher.codebook_VD.shape[0]} "
@@ -254,13 +247,11 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
             if window["window"]["steps"]:
                 logged = log_window(window, tracker, step=done, lr=lr, grad_norm=grad_norm)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in logged.items() if k in ("gts_loss", "csd_loss", "gen_nll")})
-        resume.step_done(done, history)
-        if on_step is not None:
-            on_step(done)
+        end_step(resume, done, history, on_step)
 
     metrics: dict = {}
     if accelerator.is_main_process:
-        generator = _weights_for_output(raw_gen, ema).eval()
+        generator = output_weights(raw_gen, ema).eval()
         metrics = _write_outputs(cfg, paths, generator, teacher, teacher_config, pairs, tok_config, tokenizer, history)
         tracker.log_metrics(metrics)
         tracker.log_image(_samples(generator, tokenizer, cfg), "samples.png")
@@ -269,13 +260,6 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
               f"{metrics.get('codes_used', 0)} codes used -> {Path(paths.models) / OUT_NAME}")  # fmt: skip
     resume.finish()
     return metrics
-
-
-def _clip_and_step(accelerator, model, optimizer, cfg: Config) -> float:
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
 
 
 def _gts_step(cfg, step, teacher, pairs, fake, fake_opt, raw_fake, accelerator, rank, world, resume) -> dict:
@@ -295,8 +279,7 @@ def _gts_step(cfg, step, teacher, pairs, fake, fake_opt, raw_fake, accelerator, 
         pred = fake(x_t, t_bL, tokens_bL, labels_b)
     loss = gts_loss(pred.reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1]))
     check_finite({f"{STAGE}.gts_loss": loss}, step, resume)
-    accelerator.backward(loss)
-    grad_norm = _clip_and_step(accelerator, fake, fake_opt, cfg)
+    grad_norm = optimizer_step(accelerator, fake, fake_opt, loss, cfg.grad_clip)
     return {"gts_loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm}
 
 
@@ -319,8 +302,7 @@ def _csd_step(cfg, step, csd_step, teacher, gen, fake, raw_gen, raw_fake, gen_op
             pred = fake(x_t, t_bL, tokens_bL, labels_b)
         fake_loss = fcs_loss(pred.reshape(-1, D), x_hat.detach().reshape(-1, D))
         check_finite({f"{STAGE}.fcs_loss": fake_loss}, step, resume)
-        accelerator.backward(fake_loss)
-        _clip_and_step(accelerator, fake, fake_opt, cfg)
+        optimizer_step(accelerator, fake, fake_opt, fake_loss, cfg.grad_clip)
     # generator: both denoisers frozen but differentiable in x_t; the prefix enters only via q̂ (no grad)
     x_t, t_bL = noised(x_hat, cfg.t_min, cfg.t_max, step_generator(cfg.seed, step, 5))
     with torch.no_grad():
@@ -330,22 +312,11 @@ def _csd_step(cfg, step, csd_step, teacher, gen, fake, raw_gen, raw_fake, gen_op
     real_x0 = teacher.denoise(x_t, t_bL, log_probs_bLV)
     loss = CSD_LOSSES[cfg.loss](x_hat, real_x0, fake_x0, **({"alpha": cfg.alpha} if cfg.loss == "sid" else {}))
     check_finite({f"{STAGE}.csd_loss": loss}, step, resume)
-    accelerator.backward(loss)
-    grad_norm = _clip_and_step(accelerator, gen, gen_opt, cfg)
+    grad_norm = optimizer_step(accelerator, gen, gen_opt, loss, cfg.grad_clip)
     nll, inside, entropy = token_statistics(log_probs_bLV, tokens_bL)
     return {"csd_loss": float(loss.detach()), "fcs_loss": float(fake_loss.detach()), "gen_nll": nll / max(inside, 1),
             "teacher_entropy": entropy / tokens_bL.numel(), "codes_used": float(tokens_bL.unique().numel()), "lr": lr,
             "grad_norm": grad_norm}  # fmt: skip
-
-
-def _weights_for_output(raw_gen, ema: EMA | None):
-    if ema is None:
-        return raw_gen
-    import copy
-
-    averaged = copy.deepcopy(raw_gen)
-    ema.copy_to(averaged)
-    return averaged
 
 
 def _samples(generator, tokenizer, cfg: Config) -> np.ndarray:

@@ -27,36 +27,42 @@ count. Run by DVC as ``python -m stages.sar``.
 
 from __future__ import annotations
 
-import math
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from core.checkpoint import finetuned_config, read_checkpoint, write_checkpoint
 from core.config import Paths
-from core.images import guidance_grid, save_png
-from core.metrics import write_rows_csv
+from core.finetune import (
+    GuidedFinetuneConfig,
+    apply_scheduled_lr,
+    batch_at,
+    end_step,
+    guided_sample_grid,
+    last_logged,
+    load_input,
+    optimizer_step,
+    pass_through,
+    prepare_training,
+    restore_or_start,
+    start_accelerator,
+    steps_or_one_epoch,
+    write_finetuned,
+    write_train_csv,
+)
 from core.stage import stage_main
 from core.token_store import load_tokens
 from core.training import (
-    Resume,
     add_to_window,
-    build_accelerator,
     check_finite,
-    compile_model,
     log_window,
     new_history,
     process_state,
     recorded_config,
-    resume_dir,
-    seed_everything,
     step_bar,
     step_generator,
-    warmup_decay_lr,
 )
 from models.ar import ar_from_state, sample_per_guidance, tokenizer_from_state
 from models.sar import (
@@ -76,7 +82,9 @@ GPT_SKIP_REASON = "arch gpt has no scales to roll out: SAR applies to next-scale
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(GuidedFinetuneConfig):
+    """SAR's fields; the optimizer and run fields are ``core.finetune.FinetuneConfig``'s."""
+
     input: Literal["base"] = "base"
     """Checkpoint folder under ``paths.models`` to refine."""
     steps: int = 100
@@ -88,13 +96,9 @@ class Config:
     lr: float = 1.5e-4
     """Peak AdamW learning rate. The reference continues pretraining's schedule at its tail
     (≈0.16 → 0.10 of the peak): 1.5e-4 → 1e-4 against pretrain's peak 1e-3 and floor 1e-4."""
-    warmup_steps: int = 0
     decay: Literal["cosine", "linear", "constant"] = "linear"
     """Decay after warmup, to ``min_lr_ratio·lr`` at the last step (the reference: linear)."""
     min_lr_ratio: float = 0.67
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.05
-    """AdamW decay on matmul weights only."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 = no clipping; the reference uses 2.0, pretrain here 1.0)."""
     sigma: float = 0.05
@@ -127,91 +131,40 @@ class Config:
     """Train with the model's dropout / drop-path on, as pretraining did."""
     label_dropout: bool = True
     """Drop labels to the null class with the model's ``class_dropout`` (keeps CFG working)."""
-    mixed_precision: Literal["no", "bf16"] = "no"
-    compile: bool = False
-    """torch.compile the prepared model for training (GPUs: faster steps after a first step that
-    compiles; off on CPU). Eager and compiled runs differ in rounding; resume is exact either way."""
-    seed: int = 0
     log_every: int = 10
     """Steps between logged rows (MLflow and plots/sar/train.csv); the last step is always logged."""
-    save_every: int = 25
-    """Steps between resume states (0 = never)."""
-    samples_per_class: int = 8
-    sample_cfg: list[float] = field(default_factory=lambda: [1.0, 3.0])
-    """Guidance scales of the sample grid (1.0 = guidance-free)."""
-    launcher: str = ""
-    """accelerate config file to run under; "" = this process."""
 
     def __post_init__(self):
-        for name in ("batch_size", "log_every", "samples_per_class"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps < 0 or self.save_every < 0 or self.warmup_steps < 0:
-            raise ValueError("steps, save_every and warmup_steps must be >= 0")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.grad_clip < 0:
-            raise ValueError("lr must be > 0, min_lr_ratio in [0, 1] and grad_clip >= 0")
+        super().__post_init__()
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
         if self.rollout_guidance < 0:
             raise ValueError(f"rollout_guidance must be >= 0, got {self.rollout_guidance}")
         if self.rollout_temperature <= 0 or self.rollout_top_k < 0 or not 0 < self.rollout_top_p <= 1:
             raise ValueError("rollout_temperature must be > 0, rollout_top_k >= 0 and rollout_top_p in (0, 1]")
-        if not self.sample_cfg:
-            raise ValueError("sample_cfg needs at least one guidance scale (1.0 = guidance-free)")
-
-
-def total_steps(cfg: Config, rows: int) -> int:
-    return cfg.steps or math.ceil(rows / cfg.batch_size)
-
-
-def batch_at(cfg: Config, tokens_NL: np.ndarray, labels_N: np.ndarray, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's global batch: epochs are seeded permutations of the rows (a function of the step
-    alone); the last batch of an epoch wraps around to the permutation's start."""
-    count = len(tokens_NL)
-    per_epoch = math.ceil(count / cfg.batch_size)
-    epoch, within = divmod(step, per_epoch)
-    order = torch.randperm(count, generator=step_generator(cfg.seed, epoch, purpose=2)).numpy()
-    index = np.take(order, np.arange(within * cfg.batch_size, (within + 1) * cfg.batch_size), mode="wrap")
-    return torch.from_numpy(tokens_NL[index].astype(np.int64)), torch.from_numpy(labels_N[index].astype(np.int64))
-
-
-def load_models(cfg: Config, paths: Paths):
-    """(tokenizer, its config, the input's weights, the input's config.json) on the CPU."""
-    tok_state, tok_config = read_checkpoint(paths.tokenizer, stage="train_tokenizer")
-    tokenizer = tokenizer_from_state(tok_state, tok_config)
-    state, in_config = read_checkpoint(Path(paths.models) / cfg.input, stage="pretrain")
-    if in_config["tokenizer_fingerprint"] != tok_config["fingerprint"]:
-        raise ValueError(f"{paths.models}/{cfg.input} was trained on another tokenizer; re-run its stage")
-    return tokenizer, tok_config, state, in_config
 
 
 def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     """Refine and write the outs; ``on_step(step)`` runs after each step (tests use it to crash)."""
-    accelerator = build_accelerator(cfg.mixed_precision)
-    seed_everything(cfg.seed)
+    accelerator = start_accelerator(STAGE, cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
-    if cfg.batch_size % world:
-        raise ValueError(f"sar.batch_size {cfg.batch_size} must be divisible by processes ({world})")
-    tokenizer, tok_config, state, in_config = load_models(cfg, paths)
+    tokenizer, tok_config, state, in_config = load_input(paths, cfg.input, "pretrain", tokenizer_from_state)
     if in_config["arch"] != "var":
         return _pass_through(cfg, paths, tracker, state, in_config, accelerator, GPT_SKIP_REASON)
     raw_model = ar_from_state(state, in_config, tokenizer).train(cfg.keep_dropout)
     train = load_tokens(Path(paths.tokens) / "train.parquet", expected_fingerprint=tok_config["fingerprint"])
-    steps = total_steps(cfg, len(train.tokens_NL))
-    for module in (tokenizer, raw_model):
-        module.to(accelerator.device)
-    optimizer = torch.optim.AdamW(raw_model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    model, optimizer = accelerator.prepare(raw_model, optimizer)
-    model = compile_model(model, cfg.compile)  # after wrapping: see core.training.compile_model
+    steps = steps_or_one_epoch(cfg.steps, cfg.batch_size, len(train.tokens_NL))
+    model, optimizer = prepare_training(accelerator, cfg, raw_model, tokenizer)
 
     scales = raw_model.config.scales
     forced = student_forced_scales(len(scales), cfg.transitions)
     forced_L = scale_mask(scales, forced, accelerator.device)
     rolled_L = scale_mask(scales, [k - 1 for k in forced], accelerator.device)
     inputs = [paths.tokens, paths.tokenizer, Path(paths.models) / cfg.input]
-    resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, inputs), cfg.save_every)
-    start, history = resume.restore()
-    history = history or new_history(("loss", *MONITORS))
+    resume, start, history = restore_or_start(accelerator, STAGE, cfg, paths.resume, inputs,
+                                              new_history(("loss", *MONITORS)))  # fmt: skip
     accelerator.print(
         f"{STAGE}: refining {paths.models}/{cfg.input} (var, scales {list(scales)}) for {steps} steps of "
         f"{cfg.batch_size} sequences, student-forced scales {forced} ({cfg.transitions}), {cfg.rollout} "
@@ -221,10 +174,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
 
     bar = step_bar(STAGE, start, steps, accelerator)
     for step in bar:
-        lr = warmup_decay_lr(step, steps=steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                             min_lr_ratio=cfg.min_lr_ratio, decay=cfg.decay)  # fmt: skip
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = apply_scheduled_lr(optimizer, cfg, step, steps)
         tokens_BL, labels_B = batch_at(cfg, train.tokens_NL, train.labels_N, step)
         # dropped for the whole global batch before it is split (any process count drops the same
         # rows) and shared by both passes, so the CSFL target comes from the same condition
@@ -252,19 +202,14 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
         loss, monitors = sar_loss(teacher_blV, student_blV, tokens_bl, predicted_bl, forced_L, rolled_L,
                                   sigma=cfg.sigma, target=cfg.target)  # fmt: skip
         check_finite({"loss": loss}, step, resume)
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, model, optimizer, loss, cfg.grad_clip)
         add_to_window(history, {"loss": float(loss.detach()), **monitors})
 
         done = step + 1
         if done % cfg.log_every == 0 or done == steps:
-            row = log_window(history, tracker, step=done, lr=lr, grad_norm=float(grad_norm))
+            row = log_window(history, tracker, step=done, lr=lr, grad_norm=grad_norm)
             bar.set_postfix(loss=f"{row['loss']:.4f}", csfl=f"{row['csfl']:.3f}", dis=f"{row['disagreement']:.2f}")
-        resume.step_done(done, history)
-        if on_step is not None:
-            on_step(done)
+        end_step(resume, done, history, on_step)
 
     metrics: dict = {}
     if accelerator.is_main_process:
@@ -282,33 +227,11 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
 
 def _pass_through(cfg, paths, tracker, state, in_config, accelerator, reason: str) -> dict:
     """Write the input unchanged as ``sar`` (marked as a pass-through) and record why."""
-    metrics = {"skipped": reason, "steps": 0}
     if accelerator.is_main_process:
-        out_dir = Path(paths.models) / OUT_NAME
-        config = {k: v for k, v in in_config.items() if k not in ("fingerprint", "stage_config")}
-        config.update(
-            stage=STAGE,
-            passthrough_of=cfg.input,
-            skipped=reason,
-            input_checkpoint={"name": cfg.input, "fingerprint": in_config["fingerprint"]},
-            stage_config=recorded_config(cfg),
-        )
-        write_checkpoint(out_dir, state, config)
-        samples = Path(paths.models) / cfg.input / "samples.png"
-        if samples.is_file():
-            shutil.copyfile(samples, out_dir / "samples.png")
-        _write_train_csv(paths, [])  # a DVC plots out: present, with no rows
         tracker.log_params({"sar.skipped": reason})
-        tracker.set_tags({"arpipe.sar.skipped": reason})
-        print(f"{STAGE}: skipped, {reason}; {paths.models}/{cfg.input} passed through unchanged -> {out_dir}")
-    return metrics
-
-
-def sample_grid(model, tokenizer, arch: str, cfg: Config) -> np.ndarray:
-    """One row per class: guidance-free samples, then each other scale of ``sample_cfg`` (the
-    family's authors' sampling: ``models.ar.sample_per_guidance``)."""
-    samples = sample_per_guidance(model, tokenizer, arch, cfg.samples_per_class, cfg.sample_cfg, cfg.seed)
-    return guidance_grid(samples, cfg.samples_per_class)
+        pass_through(paths, STAGE, OUT_NAME, cfg.input, state, in_config, reason=reason,
+                     stage_config=recorded_config(cfg), columns=TRAIN_COLUMNS, tracker=tracker)  # fmt: skip
+    return {"skipped": reason, "steps": 0}
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -319,17 +242,10 @@ def _read_png(path: Path) -> np.ndarray:
 
 
 def _write_outputs(cfg, paths, model, in_config, tokenizer, history, steps) -> dict:
-    out_dir = Path(paths.models) / OUT_NAME
-    config = finetuned_config(STAGE, cfg.input, in_config, model.config_dict(), recorded_config(cfg))
-    write_checkpoint(out_dir, model.state_dict(), config)
-    save_png(sample_grid(model, tokenizer, in_config["arch"], cfg), out_dir / "samples.png")
-    _write_train_csv(paths, history["train"])
-    last = history["train"][-1]
-    return {"steps": steps, **{f"train_{k}": last[k] for k in ("loss", *MONITORS)}}
-
-
-def _write_train_csv(paths: Paths, rows: list[dict]) -> None:
-    write_rows_csv(Path(paths.plots) / STAGE / "train.csv", TRAIN_COLUMNS, rows)
+    sample_grid = guided_sample_grid(sample_per_guidance, tokenizer, in_config["arch"], cfg)
+    write_finetuned(paths, STAGE, OUT_NAME, cfg.input, in_config, model, recorded_config(cfg), sample_grid)
+    write_train_csv(paths, STAGE, TRAIN_COLUMNS, history["train"])
+    return {"steps": steps, **last_logged(history, ("loss", *MONITORS))}
 
 
 def main() -> None:
