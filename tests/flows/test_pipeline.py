@@ -17,6 +17,7 @@ from flows.pipeline import StageFailed, run_stage, select_stages, stage_names, s
 def test_stage_order_comes_from_dvc_yaml_and_until_is_checked():
     names = stage_names(REPO)
     assert names[0] == "shard"
+    assert names.index("init_model") == names.index("pretrain") - 1  # pretrain's start point, fetched just before
     assert select_stages(names, "shard") == ["shard"]
     with pytest.raises(ValueError, match="unknown stage 'nope'"):
         select_stages(names, "nope")
