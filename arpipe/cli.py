@@ -62,7 +62,7 @@ def _check_params(root: Path, stages: list[str]) -> None:
     a mistyped key fails in a second, in one line, instead of after the stages before it."""
     import importlib
 
-    from core.config import ConfigError, load_paths, load_section, read_params
+    from core.config import ConfigError, load_paths, load_stage_config, read_params
 
     path = root / "params.yaml"
     params = read_params(path)
@@ -73,7 +73,7 @@ def _check_params(root: Path, stages: list[str]) -> None:
                 config = importlib.import_module(f"stages.{stage}").Config
             except (ImportError, AttributeError):  # a stage of a custom dvc.yaml: DVC checks it
                 continue
-            load_section(params, stage, config)
+            load_stage_config(params, stage, config)
     except ConfigError as exc:
         raise ConfigError(f"{path.name}: {exc}") from None
 

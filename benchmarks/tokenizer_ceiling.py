@@ -119,7 +119,8 @@ def run_stage(stage: str, params_file: Path, log) -> float:
         text=True,
     )
     seconds = time.perf_counter() - start
-    log.write(f"\n===== {stage} {params_file.name} ({seconds:.1f} s, exit {proc.returncode})\n{proc.stdout}\n{proc.stderr}")
+    header = f"===== {stage} {params_file.name} ({seconds:.1f} s, exit {proc.returncode})"
+    log.write(f"\n{header}\n{proc.stdout}\n{proc.stderr}")
     log.flush()
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
@@ -291,7 +292,8 @@ def main() -> None:
             rows.append(row)
             print("\n".join(table([row])[2:]), flush=True)
     lines = table(rows)
-    print(f"\n{args.label or args.source}: ceiling = FID of the tokenizer's reconstructions of the train images vs val, "
+    print(f"\n{args.label or args.source}: ceiling = FID of the tokenizer's reconstructions of the train images "
+          "vs val, "
           "floor = FID of the real train images vs val, both in the evalnet's space (evaluate's bounds)\n")  # fmt: skip
     print("\n".join(lines), flush=True)
     figures = {
@@ -300,8 +302,13 @@ def main() -> None:
         "set": args.set,
         "rows": rows,
         "data": {
-            g["folder"].name: {"timings": g["timings"], "counts": g["scorer"].counts, "shard": g["shard"],
-                               "evalnet": g["evalnet"], "floor": g["scorer"].floor}  # fmt: skip
+            g["folder"].name: {
+                "timings": g["timings"],
+                "counts": g["scorer"].counts,
+                "shard": g["shard"],
+                "evalnet": g["evalnet"],
+                "floor": g["scorer"].floor,
+            }  # fmt: skip
             for g in groups.values()
         },
         "table": lines,

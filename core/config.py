@@ -93,6 +93,20 @@ def load_section(params: dict[str, Any], section: str, cls: type[T], *, complete
     return from_dict(cls, params[section], prefix=section, complete=complete)
 
 
+def load_stage_config(params: dict[str, Any], stage: str, cls: type[T]) -> T:
+    """Stage ``stage``'s Config from its section. A Config that reads keys of another stage's section
+    (a ``params_section`` class attribute: ``init_model`` reads ``pretrain.arch``, ``init_from`` and
+    ``init_version``) takes its own fields from there, each required, and leaves the section's other
+    keys to the stage that owns it, so no key is written twice."""
+    section = getattr(cls, "params_section", stage)
+    if section == stage:
+        return load_section(params, stage, cls)
+    if not isinstance(params.get(section), dict):
+        return load_section(params, section, cls)  # fails naming the missing or malformed section
+    own = {f.name for f in dataclasses.fields(cls) if f.init}
+    return from_dict(cls, {k: v for k, v in params[section].items() if k in own}, prefix=section, complete=True)
+
+
 def load_paths(params: dict[str, Any]) -> Paths:
     """``paths``: a key left out keeps its default (dvc.yaml reads the same keys from params.yaml)."""
     return load_section(params, "paths", Paths, complete=False) if "paths" in params else Paths()

@@ -18,7 +18,6 @@ from core.verdicts import INTERVAL_LEVEL, fid_cell, verdicts
 
 DISTILLED = "distilled"
 DISTILLED2 = "distilled2"
-DISTILLED_MODES = {"1step": 1, "2step": 2}  # guidance column of the distilled rows -> sequential passes
 
 
 def guidance_key(scale: float) -> str:
@@ -106,7 +105,8 @@ def report_markdown(
             "| sampling | FID / teacher's ↓ | sequential passes: teacher / student |",
             "|---|---|---|",
         ]
-        for mode, steps in DISTILLED_MODES.items():
+        for mode in results[DISTILLED]:  # the student's step counts, in its order
+            steps = student[f"{mode}_steps_per_image"]
             ratio = results[DISTILLED][mode].get("fid_vs_teacher", float("nan"))
             passes = student[f"{mode}_step_reduction"] * steps
             lines.append(f"| {mode} | {ratio:.2f}x | {passes:g} / {steps} |")

@@ -31,7 +31,7 @@ from core.config import (
     field_default,
     field_docs,
     load_paths,
-    load_section,
+    load_stage_config,
     read_params,
     type_name,
 )
@@ -62,9 +62,10 @@ class _OneLineParser(argparse.ArgumentParser):
 def params_help(stage: str, config_cls: type) -> str:
     """One entry per ``Config`` field: ``name (type, default: value)`` and its docstring."""
     hints, docs = get_type_hints(config_cls), field_docs(config_cls)
+    section = getattr(config_cls, "params_section", stage)
     lines = textwrap.wrap(
-        f"parameters (params file section `{stage}`; set them there or with "
-        f"`dvc exp run -S {stage}.KEY=VALUE`, not by flags):",
+        f"parameters (params file section `{section}`; set them there or with "
+        f"`dvc exp run -S {section}.KEY=VALUE`, not by flags):",
         width=100,
     )
     for field in (f for f in dataclasses.fields(config_cls) if f.init):
@@ -126,7 +127,7 @@ def stage_main(
     args = parse_stage_args(stage, config_cls, argv)
     with reported_errors(stage, debug=args.debug, params_file=args.params):
         params = read_params(args.params)
-        cfg = load_section(params, stage, config_cls)
+        cfg = load_stage_config(params, stage, config_cls)
         paths = load_paths(params)
         launcher = getattr(cfg, "launcher", "")
         if launcher and not os.environ.get(LAUNCHED_ENV):

@@ -31,7 +31,10 @@ teacher's is baked in): it is sampled in one and in two steps, reported as guida
 teacher's distillation guidance (``fid_vs_teacher``) and its speed-up over that teacher measured
 in this run: in throughput (images/s ratio at ``batch_size``) and in latency (one image's tokens
 at a time, decode excluded), with the sequential forward passes, 1 or 2 against the teacher's steps. It is
-reported, not registered: the champion is chosen among the AR checkpoints.
+reported, not registered: the champion is chosen among the AR checkpoints. Every checkpoint is
+sampled through the same interface (``models/samplers.py``: its modes, ``sample``, latency), so the
+scoring loop does not know which kind it holds; the comparisons with the teacher are made after it,
+over its results.
 
 The DD2 generator (``distilled2``, from ``distill2``) is scored the same way in one step only
 (``distilled2/1step/*``; DD1's keep-prefix second step has no DD2 counterpart), with its speed-ups
@@ -71,7 +74,7 @@ import torch
 from core.checkpoint import read_checkpoint
 from core.config import Paths
 from core.eval_registry import registry_record
-from core.eval_report import DISTILLED, DISTILLED2, DISTILLED_MODES, guidance_key, report_markdown
+from core.eval_report import DISTILLED, DISTILLED2, guidance_key, report_markdown
 from core.images import labelled_grid, save_png
 from core.metrics import flatten_metrics
 from core.reference_batch import read_reference_batch
@@ -79,8 +82,7 @@ from core.shards import load_split
 from core.stage import stage_main
 from core.training import deterministic_kernels, process_state
 from core.verdicts import INTERVAL_LEVEL, verdicts
-from models.ar import ar_from_state, sample_images, tokenizer_from_state
-from models.dd_student import sample_distilled_images, student_from_state, token_latency_ms
+from models.ar import tokenizer_from_state
 from models.evalnet import build_evalnet, embed_images
 from models.inception import embed_inception, load_inception
 from models.metrics import (
@@ -92,11 +94,11 @@ from models.metrics import (
     inception_score,
     precision_recall,
 )
-from models.sampling import GuidanceScheduleName, family_filters, guidance_per_step
+from models.samplers import Sampler, SamplingSettings, sampler_from_state
+from models.sampling import GuidanceScheduleName
 
 STAGE = "evaluate"
 CHAIN = ("base", "sar", "cca", "ddo", "distilled", "distilled2")
-ONE_STEP_MODES = {"1step": 1}  # a DD2 generator (config "dd2") samples in one step only
 LATENCY_IMAGES = 20  # images generated one at a time for the latency speed-up
 METRICS = ("fid", "is", "precision", "recall", "class_acc")
 """Metrics in the evalnet (proxy) feature space, always computed."""
@@ -308,67 +310,46 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     for bound, images in (("reconstruction", recon_NHWC), ("train", train.images_NHWC)):
         results[bound] = {"real": score_images(images, train.labels_N, spaces, cfg)}
 
-    # 2. every checkpoint at every guidance scale, same labels and seeds
+    # 2. every checkpoint in each of its modes (guidance scales; a student's step counts), same labels
+    # and seeds, all through one sampler interface (models/samplers.py)
     order = torch.randperm(num_classes * cfg.samples_per_class, generator=torch.Generator().manual_seed(cfg.seed))
     labels_N = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)[order]
     speed: dict = {}
     grid_rows = [_grid_row(val.images_NHWC, val.labels_N, num_classes, cfg.grid_per_class)]
     row_names = ["val (real)"]
-    arches, models, teachers = {}, {}, {}
+    settings = SamplingSettings(
+        guidance={guidance_key(scale): scale for scale in cfg.scales},
+        guidance_schedule=cfg.guidance_schedule,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+    )
+    samplers: dict[str, Sampler] = {}
     for name in names:
         state, config = read_checkpoint(Path(paths.models) / name)
         if config.get("tokenizer_fingerprint") != tok_config["fingerprint"]:
             raise ValueError(
                 f"{paths.models}/{name} was trained on another tokenizer: re-run the stages after train_tokenizer"
             )
-        if config.get("distilled"):
-            student = student_from_state(state, config, tokenizer)
-            results[name], speed[name] = {}, {}
-            modes = ONE_STEP_MODES if "dd2" in config else DISTILLED_MODES
-            for mode, steps in modes.items():
-                start = time.perf_counter()
-                images = sample_distilled_images(
-                    student, tokenizer, labels_N, steps=steps, seed=cfg.seed, batch_size=cfg.batch_size
-                ).numpy()
-                speed[name][f"{mode}_images_per_s"] = len(images) / (time.perf_counter() - start)
-                speed[name][f"{mode}_steps_per_image"] = steps
-                results[name][mode] = score_images(images, labels_N.numpy(), spaces, cfg)
-                grid_rows.append(_grid_row(images, labels_N.numpy(), num_classes, cfg.grid_per_class))
-                row_names.append(f"{name} {mode}")
-            _compare_with_teacher(
-                cfg, config["teacher"], results, speed, models, arches, tokenizer, labels_N, name, student, modes
-            )
-            teachers[name] = config["teacher"]
-            print(f"{STAGE}: {name}: " + ", ".join(_fid_line(g, m) for g, m in results[name].items()))
-            continue
-        model = ar_from_state(state, config, tokenizer)
-        models[name] = model
-        arches[name] = config["arch"]
-        results[name], speed[name] = {}, {"steps_per_image": model.steps}
-        top_k, top_p = family_filters(cfg.top_k, cfg.top_p, arch=config["arch"], vocab_size=model.config.vocab_size)
-        for scale in cfg.scales:
+        sampler = samplers[name] = sampler_from_state(state, config, tokenizer, settings)
+        results[name], speed[name] = {}, _passes(sampler)
+        for mode in sampler.modes:
             start = time.perf_counter()
-            images = sample_images(
-                model,
-                tokenizer,
-                labels_N,
-                cfg=guidance_per_step(scale, cfg.guidance_schedule, arch=config["arch"], steps=model.steps),
-                temperature=cfg.temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=cfg.seed,
-                batch_size=cfg.batch_size,
-            ).numpy()
-            speed[name][f"{guidance_key(scale)}_images_per_s"] = len(images) / (time.perf_counter() - start)
-            results[name][guidance_key(scale)] = score_images(images, labels_N.numpy(), spaces, cfg)
+            images = sampler.sample(labels_N, mode, seed=cfg.seed, batch_size=cfg.batch_size).numpy()
+            speed[name][f"{mode}_images_per_s"] = len(images) / (time.perf_counter() - start)
+            results[name][mode] = score_images(images, labels_N.numpy(), spaces, cfg)
             grid_rows.append(_grid_row(images, labels_N.numpy(), num_classes, cfg.grid_per_class))
-            row_names.append(f"{name} {guidance_key(scale)}")
+            row_names.append(f"{name} {mode}")
         print(f"{STAGE}: {name}: " + ", ".join(_fid_line(g, m) for g, m in results[name].items()))
 
+    # 3. the distilled students against their teachers: ratios over the results, timings in this run
+    teachers = {name: sampler.teacher for name, sampler in samplers.items() if sampler.teacher is not None}
+    for name in teachers:
+        _compare_with_teacher(cfg, name, samplers, results, speed, labels_N)
     _gap_closed(results, teachers)
 
-    # 3. outs, the best checkpoint (among the AR checkpoints, which the registry can serve) and the registry
-    ar_names = [name for name in names if name in models]
+    # 4. outs, the best checkpoint (among the AR checkpoints, which the registry can serve) and the registry
+    ar_names = [name for name in names if samplers[name].registrable]
     if not ar_names:
         raise FileNotFoundError(f"no AR checkpoint in {paths.models} besides the distilled student")
     best = _best(ar_names, results, cfg)
@@ -391,7 +372,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
         tracker,
         paths,
         best=best,
-        arch=arches[best],
+        arch=samplers[best].arch,
         select=f"{cfg.select_metric}@{guidance_key(cfg.select_guidance)}",
         value=_value(results, best, cfg),
         higher_is_better=cfg.higher_is_better,
@@ -411,6 +392,14 @@ def write_last_run(paths: Paths, name: str, record: dict) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return target
+
+
+def _passes(sampler: Sampler) -> dict[str, int]:
+    """Sequential forward passes per image for the speed record: ``steps_per_image`` when every mode
+    takes the same (AR models), else ``<mode>_steps_per_image`` (students)."""
+    if sampler.steps_per_image is not None:
+        return {"steps_per_image": sampler.steps_per_image}
+    return {f"{mode}_steps_per_image": sampler.passes(mode) for mode in sampler.modes}
 
 
 def _fid_line(guidance: str, metrics: dict) -> str:
@@ -438,38 +427,32 @@ def _gap_closed(results: dict, teachers: dict) -> None:
         results[DISTILLED2]["1step"][prefix + "gap_closed_vs_dd1"] = (fid_dd1 - fid_dd2) / gap if gap else float("nan")
 
 
-def _compare_with_teacher(
-    cfg: Config, teacher: dict, results, speed, models, arches, tokenizer, labels_N, name, student, modes
-) -> None:
-    """The student's FID ratio and speed-up against its teacher at the teacher's distillation
+def _compare_with_teacher(cfg: Config, name: str, samplers: dict, results: dict, speed: dict, labels_N) -> None:
+    """Student ``name``'s FID ratio and speed-up against its teacher at the teacher's distillation
     guidance, timed in this run (the teacher is sampled again for timing if that guidance was not
     among ``cfg_scales``). Skipped when the teacher checkpoint is not evaluated here."""
+    student, teacher = samplers[name], samplers[name].teacher
     teacher_name, guidance = teacher["name"], guidance_key(teacher["cfg"])
-    if teacher_name not in models:
+    if teacher_name not in samplers:
         print(f"{STAGE}: {name}: teacher {teacher_name} is not evaluated here; no speed-up or FID ratio")
         return
-    teacher_model, teacher_speed = models[teacher_name], speed[teacher_name]
     # the pairs' guidance, spread as distill_pairs spread it (students before the schedule: constant)
-    arch = arches[teacher_name]
-    teacher_cfg = guidance_per_step(
-        teacher["cfg"], teacher.get("guidance_schedule", "constant"), arch=arch, steps=teacher_model.steps
+    at_distillation = samplers[teacher_name].with_guidance(
+        {guidance: (teacher["cfg"], teacher.get("guidance_schedule", "constant"))}
     )
+    teacher_speed = speed[teacher_name]
     key = f"{guidance}_images_per_s"
     if key not in teacher_speed:
         start = time.perf_counter()
-        top_k, top_p = family_filters(cfg.top_k, cfg.top_p, arch=arch, vocab_size=teacher_model.config.vocab_size)
-        sample_images(teacher_model, tokenizer, labels_N, cfg=teacher_cfg, temperature=cfg.temperature,
-                      top_k=top_k, top_p=top_p, seed=cfg.seed, batch_size=cfg.batch_size)  # fmt: skip
+        at_distillation.sample(labels_N, guidance, seed=cfg.seed, batch_size=cfg.batch_size)
         teacher_speed[key] = len(labels_N) / (time.perf_counter() - start)
     # latency: one image's tokens at a time, decode excluded (the same decoder serves both)
     latency_labels = labels_N[:LATENCY_IMAGES]
-    teacher_speed[f"{guidance}_token_ms_b1"] = token_latency_ms(
-        teacher_model, latency_labels, cfg=teacher_cfg, seed=cfg.seed
-    )
-    for mode, steps in modes.items():
+    teacher_speed[f"{guidance}_token_ms_b1"] = at_distillation.token_latency_ms(latency_labels, guidance, seed=cfg.seed)
+    for mode in student.modes:
         speed[name][f"{mode}_speedup"] = speed[name][f"{mode}_images_per_s"] / teacher_speed[key]
-        speed[name][f"{mode}_step_reduction"] = teacher_speed["steps_per_image"] / steps
-        speed[name][f"{mode}_token_ms_b1"] = token_latency_ms(student, latency_labels, steps=steps, seed=cfg.seed)
+        speed[name][f"{mode}_step_reduction"] = at_distillation.passes(guidance) / student.passes(mode)
+        speed[name][f"{mode}_token_ms_b1"] = student.token_latency_ms(latency_labels, mode, seed=cfg.seed)
         speed[name][f"{mode}_latency_speedup"] = (
             teacher_speed[f"{guidance}_token_ms_b1"] / speed[name][f"{mode}_token_ms_b1"]
         )

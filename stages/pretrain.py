@@ -14,10 +14,12 @@ Writes:
   (one row per class; guidance-free on the left, then each ``sample_cfg`` scale)
 - ``paths.plots/pretrain/{train,val}.csv`` and ``metrics/pretrain.json``
 
-With ``init_from: released`` the model starts from a released checkpoint file (``released.file``
-under ``paths.released``, converted by ``models.released`` and paired with the tokenizer in
-``paths.tokenizer``): ``steps: 0`` writes it as is (an import, with the val loss and sample
-grid), ``steps > 0`` fine-tunes it on the token cache.
+With ``init_from: champion`` the model starts from the registered champion that the
+``init_model`` stage fetched into ``paths.models/init`` (read there, never from MLflow, so DVC sees
+the start point). With ``init_from: released`` the model starts from a released checkpoint file
+(``released.file`` under ``paths.released``, converted by ``models.released`` and paired with the
+tokenizer in ``paths.tokenizer``): ``steps: 0`` writes it as is (an import, with the val loss and
+sample grid), ``steps > 0`` fine-tunes it on the token cache.
 
 A killed run resumes from ``paths.resume`` and ends with weights byte-identical to an
 uninterrupted one (CPU). Run by DVC as ``python -m stages.pretrain``.
@@ -41,8 +43,10 @@ from core.checkpoint import read_checkpoint, write_checkpoint
 from core.config import Paths
 from core.images import guidance_grid, save_png
 from core.metrics import flatten_metrics
+from core.registry import check_state_fits
 from core.released import ImportFailed, ReleasedModel, load_released, merge_model, source_entry
 from core.stage import stage_main
+from core.start_point import read_start_point, start_point_dir
 from core.token_store import load_tokens
 from core.training import (
     EMA,
@@ -132,12 +136,12 @@ class Config:
     tokenizer in ``paths.tokenizer`` (its architecture; ``model`` may restate it and change only
     ``FINETUNE_KEYS``); ``steps: 0`` imports it, ``steps > 0`` fine-tunes it. ``champion``: start
     from the weights of the MLflow registry's ``arpipe-<arch>@champion`` (or version
-    ``init_version``), e.g. for scheduled retraining. The registry is state outside DVC: moving
-    the alias does not make DVC re-run this stage (pin ``init_version`` for a start point DVC
-    sees); the version used is recorded in config.json."""
+    ``init_version``), e.g. for scheduled retraining, which the ``init_model`` stage fetches into
+    ``paths.models/init`` (a DVC dependency of this stage: DVC re-runs it when the champion moved,
+    and only then); the version used is recorded in config.json."""
     init_version: int = 0
     """With ``init_from: champion``: the registered version of ``arpipe-<arch>`` to start from;
-    0 = whichever version the champion alias points to when the stage runs."""
+    0 = whichever version the champion alias points to when ``init_model`` runs."""
     released: ReleasedModel = field(default_factory=ReleasedModel)
     """With ``init_from: released``: ``format`` (llamagen-gpt | var), ``file`` (under
     ``paths.released``) and ``model`` (GPT-B ... GPT-3B, d16 ... d30: heads are in no tensor)."""
@@ -279,6 +283,8 @@ def sample_grid(model, tokenizer, cfg: Config) -> np.ndarray:
 def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     """Train and write the outs; ``on_step(step)`` runs after each step (tests use it to crash)."""
     released = cfg.released.path(paths.released, f"{STAGE}.released") if cfg.init_from == "released" else None
+    # (folder, its init.json): a missing or stale start point is refused before any work
+    champion = champion_folder(cfg, paths) if cfg.init_from == "champion" else None
     accelerator = build_accelerator(cfg.mixed_precision)
     seed_everything(cfg.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -298,11 +304,11 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     else:
         raw_model, released_init = import_model(cfg, released, tok_config, tokenizer)
         arch_config = raw_model.config_dict()
-    inputs = [paths.tokens, paths.tokenizer, *([released] if released else [])]
+    inputs = [paths.tokens, paths.tokenizer, *([released] if released else []), *([champion[0]] if champion else [])]
     resume = Resume(accelerator, resume_dir(paths.resume, STAGE, cfg, inputs), cfg.save_every)
-    # a resumed run keeps the start point recorded in its state (the alias may have moved since)
-    fresh_champion_start = cfg.init_from == "champion" and not resume.has_state()
-    init = warm_start(cfg, raw_model, tok_config["fingerprint"]) if fresh_champion_start else None
+    # a resumed run holds its start point in its state (the same champion: it is one of the inputs)
+    fresh_champion_start = champion is not None and not resume.has_state()
+    init = champion_start(*champion, raw_model, tok_config["fingerprint"]) if fresh_champion_start else None
     init = released_init if released else init
     raw_model.to(accelerator.device)
     optimizer = torch.optim.AdamW(raw_model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
@@ -440,47 +446,28 @@ def import_model(cfg: Config, file: Path, tok_config: dict, tokenizer):
                                                           found, rebuilt)}  # fmt: skip
 
 
-def warm_start(cfg: Config, raw_model, tokenizer_fingerprint: str) -> dict:
-    """Load the registered champion's (or ``init_version``'s) weights into ``raw_model``; returns
-    what was loaded, recorded in config.json (``init``) and as ``arpipe.init.*`` run tags."""
-    import tempfile
+def champion_folder(cfg: Config, paths: Paths) -> tuple[Path, dict]:
+    """(``paths.models/init``, its ``init.json``): the champion ``init_model`` fetched, refused when
+    that folder is missing or was written for other params."""
+    folder = start_point_dir(paths.models)
+    expected = {"init_from": "champion", "arch": cfg.arch, "init_version": cfg.init_version}
+    return folder, read_start_point(folder, expected)
 
-    from core.registry import (
-        WarmStartError,
-        check_state_fits,
-        download_registered_checkpoint,
-        registered_model_name,
-        resolve_version,
-    )
-    from core.tracking import client_for, tracking_enabled, tracking_reachable, tracking_uri
 
-    if not tracking_enabled():
-        raise WarmStartError(
-            "pretrain.init_from: champion reads the MLflow registry, but tracking is off (ARPIPE_TRACKING=off); "
-            "turn tracking on or set init_from: scratch"
-        )
-    uri = tracking_uri()
-    if not tracking_reachable(uri):
-        raise WarmStartError(f"pretrain.init_from: champion: the tracking server {uri} is unreachable")
-    client = client_for()
-    name = registered_model_name(cfg.arch)
-    version = resolve_version(client, name, cfg.init_version)
-    what = f"{name} v{version.version}"
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = download_registered_checkpoint(client, version, tmp)
-        state, config = read_checkpoint(folder, stage=f"evaluate ({what})")
-    if config.get("arch") != cfg.arch:
-        raise WarmStartError(
-            f"pretrain.init_from: {what} holds a {config.get('arch')} model; pretrain.arch is {cfg.arch}"
-        )
+def champion_start(folder: Path, record: dict, raw_model, tokenizer_fingerprint: str) -> dict:
+    """Load the champion in ``folder`` (``init.json`` = ``record``) into ``raw_model``; returns what
+    was loaded, recorded in config.json (``init``) and as ``arpipe.init.*`` run tags."""
+    state, config = read_checkpoint(folder, stage="init_model")
+    what = f"{record['model']} v{record['version']}"
     check_state_fits(state, raw_model.state_dict(), what)
     raw_model.load_state_dict(state)
     same_tokenizer = config.get("tokenizer_fingerprint") == tokenizer_fingerprint
     print(f"{STAGE}: starting from {what} (fingerprint {config['fingerprint'][:12]})")
     if not same_tokenizer:
         print(f"{STAGE}: warning: {what} was trained on another tokenizer; its token ids mean other codes here")
-    return {"from": "champion", "model": name, "version": str(version.version), "fingerprint": config["fingerprint"],
-            "run_id": version.run_id, "same_tokenizer": same_tokenizer}  # fmt: skip
+    return {"from": "champion", "model": record["model"], "version": record["version"],
+            "fingerprint": config["fingerprint"], "run_id": record["run_id"],
+            "same_tokenizer": same_tokenizer}  # fmt: skip
 
 
 def _weights_for_output(raw_model, ema: EMA | None):

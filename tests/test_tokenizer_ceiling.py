@@ -18,7 +18,8 @@ def test_two_configs_two_sizes_one_row_each(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "tokenizer_ceiling.py"), "--source", str(folder),
            "--label", "tiny", "--work", str(tmp_path / "work"), "--results", "tiny",
            "--config", "default", "--config", "at8 shard.image_size=8 train_tokenizer.model.channel_multipliers=[1,2]",
-           "--set", "train_tokenizer.steps=2", "--set", "train_evalnet.steps=2", "--set", "evaluate.fid_resamples=0"]  # fmt: skip
+           "--set", "train_tokenizer.steps=2", "--set", "train_evalnet.steps=2",
+           "--set", "evaluate.fid_resamples=0"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads((tmp_path / "results" / "tiny.json").read_text())["figures"]

@@ -338,8 +338,28 @@ def test_inception_metrics_need_inception_weights():
         Config(select_metric="inception_fid")
 
 
-def test_the_distilled_student_is_scored_at_one_and_two_steps_against_its_teacher(chain, tmp_path):
+def test_the_distilled_student_is_scored_at_one_and_two_steps_against_its_teacher(chain, tmp_path, monkeypatch):
+    """One loop for every checkpoint: the student and its AR teacher are both sampled through the
+    sampler interface (models/samplers.py), each in its own modes."""
+    from models import samplers
     from stages import distill, distill_pairs
+
+    sampled = []
+
+    class Recorded:
+        """A sampler that notes each ``sample`` call: (its kind, the mode)."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def sample(self, labels_N, mode, **kwargs):
+            sampled.append((type(self.inner).__name__, mode))
+            return self.inner.sample(labels_N, mode, **kwargs)
+
+    monkeypatch.setattr(evaluate, "sampler_from_state", lambda *args: Recorded(samplers.sampler_from_state(*args)))
 
     models = tmp_path / "models"
     models.mkdir()
@@ -351,6 +371,8 @@ def test_the_distilled_student_is_scored_at_one_and_two_steps_against_its_teache
     distill.run(distill.Config(steps=4, batch_size=16, warmup_steps=1, val_count=8, save_every=0, samples_per_class=1),
                 paths, NullTracker())  # fmt: skip
     metrics = run(tiny(register=False), paths, NullTracker())
+    assert sampled == [("ARSampler", "cfg1"), ("ARSampler", "cfg2"), ("StudentSampler", "1step"),
+                       ("StudentSampler", "2step")]  # fmt: skip
     assert set(metrics["distilled"]) == {"1step", "2step"}
     for block in metrics["distilled"].values():
         assert set(block) == {*evaluate.METRICS, *INTERVAL, "fid_vs_teacher"}

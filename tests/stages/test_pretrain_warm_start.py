@@ -1,4 +1,5 @@
-"""pretrain.init_from: champion: a warm start from the MLflow registry's champion, and its refusals."""
+"""pretrain.init_from: champion: init_model fetches the MLflow registry's champion into
+paths.models/init (a DVC out), pretrain warm-starts from that folder; the refusals of both."""
 
 import csv
 import dataclasses
@@ -12,7 +13,9 @@ from helpers import REPO
 from core.checkpoint import read_checkpoint
 from core.registry import WarmStartError, log_pyfunc, register_and_gate
 from core.tracking import NullTracker
-from stages.pretrain import Config, batch_at, run, token_loss
+from stages import init_model
+from stages.pretrain import Config, batch_at, token_loss
+from stages.pretrain import run as pretrain
 
 # no dropout, so the step-0 loss is a function of the weights and the batch alone
 MODEL = {"depth": 2, "width": 32, "heads": 2, "token_dropout": 0.0, "resid_dropout": 0.0, "ffn_dropout": 0.0}
@@ -38,17 +41,28 @@ def paths_in(tiny_caches, root: Path):
 def champion_dir(tiny_caches, tmp_path_factory) -> Path:
     """A GPT trained for 40 steps: its loss is well below a fresh model's log V."""
     paths = paths_in(tiny_caches, tmp_path_factory.mktemp("champion"))
-    run(tiny(steps=40, lr=3e-3, warmup_steps=3, log_every=10, eval_every=40), paths, NullTracker())
+    pretrain(tiny(steps=40, lr=3e-3, warmup_steps=3, log_every=10, eval_every=40), paths, NullTracker())
     return Path(paths.models) / "base"
 
 
-def register(store_uri: str, checkpoint: Path, tokenizer: str, name: str = "arpipe-gpt") -> str:
-    """Log ``checkpoint`` as evaluate does (pyfunc, weights as artifacts) and make it the champion."""
+def run(cfg: Config, paths, tracker) -> dict:
+    """What DVC runs for these params: init_model (its keys of the pretrain section), then pretrain."""
+    start = init_model.Config(arch=cfg.arch, init_from=cfg.init_from, init_version=cfg.init_version)
+    init_model.run(start, paths, NullTracker())
+    return pretrain(cfg, paths, tracker)
+
+
+def register(store_uri: str, checkpoint: Path, tokenizer: str, name: str = "arpipe-gpt", value: float = 1.0) -> str:
+    """Log ``checkpoint`` as evaluate does (pyfunc, weights as artifacts) and make it the champion
+    (its FID ``value`` must beat the current champion's)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(store_uri)
     artifacts = Path(store_uri.removeprefix("sqlite:///")).parent / "artifacts"  # not ./mlruns in the cwd
-    experiment = client.create_experiment(f"registry-{name}", artifact_location=artifacts.as_uri())
+    existing = client.get_experiment_by_name(f"registry-{name}")
+    experiment = existing.experiment_id if existing else client.create_experiment(
+        f"registry-{name}", artifact_location=artifacts.as_uri()
+    )  # fmt: skip
     run_id = client.create_run(experiment).info.run_id
     source = log_pyfunc(
         client,
@@ -59,7 +73,7 @@ def register(store_uri: str, checkpoint: Path, tokenizer: str, name: str = "arpi
         pip_requirements=["torch"],
     )
     version, decision = register_and_gate(
-        client, name=name, source=source, run_id=run_id, metric="fid@cfg1", value=1.0, higher_is_better=False
+        client, name=name, source=source, run_id=run_id, metric="fid@cfg1", value=value, higher_is_better=False
     )
     assert decision.promote
     return version
@@ -142,6 +156,89 @@ def test_refuses_another_architecture_naming_the_key(tiny_caches, champion_dir, 
     with pytest.raises(WarmStartError, match="models with a champion: arpipe-gpt \\(does pretrain.arch match"):
         run(tiny(arch="var", model={"depth": 2, "width": 32, "heads": 2}, init_from="champion"),
             paths_in({"vq": tiny_caches["msvq"]}, tmp_path), NullTracker())  # fmt: skip
+
+
+def test_without_a_champion_init_model_writes_a_stable_marker_and_pretrain_refuses_a_stale_folder(
+    tiny_caches, tmp_path
+):
+    paths = paths_in(tiny_caches, tmp_path)
+    with pytest.raises(FileNotFoundError, match="init.json not found: run init_model first"):
+        pretrain(tiny(init_from="champion"), paths, NullTracker())
+    folder = Path(paths.models) / "init"
+    for _ in range(2):  # the same bytes every time: DVC sees no change, pretrain is not re-run
+        assert init_model.run(init_model.Config(), paths, NullTracker()) == {}
+        assert sorted(p.name for p in folder.iterdir()) == ["init.json"]
+        assert json.loads((folder / "init.json").read_text()) == {"init_from": "scratch"}
+    # params now say champion, but init_model has not run since: the folder is refused, by name
+    with pytest.raises(WarmStartError, match=r"holds the start point for init_from 'scratch', but pretrain.init_from"):
+        pretrain(tiny(init_from="champion"), paths, NullTracker())
+
+
+def tiny_checkpoint(folder: Path, value: float) -> Path:
+    """A checkpoint folder that init_model accepts (arch gpt, valid fingerprint): weights do not matter."""
+    from core.checkpoint import write_checkpoint
+
+    write_checkpoint(folder, {"w": torch.full((2,), value)}, {"arch": "gpt"})
+    return folder
+
+
+@pytest.mark.slow
+def test_dvc_reruns_pretrain_only_when_the_materialised_champion_changed(tiny_caches, tmp_path, mlflow_store):
+    """init_model (from dvc.yaml as shipped) runs on every repro; a stage that depends on its out,
+    as pretrain does, re-runs only after the champion alias moved to another version."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from helpers import make_project
+
+    shipped = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert shipped["init_model"]["always_changed"] is True
+    assert "${paths.models}/init" in shipped["pretrain"]["deps"]
+    trainer = {"cmd": "python -c \"import shutil; shutil.copy('data/models/init/init.json', 'started.json')\"",
+               "deps": ["${paths.models}/init"], "outs": ["started.json"]}  # fmt: skip
+    project = make_project(
+        tmp_path / "project",
+        params={"paths": {"models": "data/models", "metrics": "metrics"},
+                "pretrain": {"arch": "gpt", "init_from": "champion", "init_version": 0}},
+        dvc_yaml={"stages": {"init_model": shipped["init_model"], "trainer": trainer}},
+    )  # fmt: skip
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
+           "OMP_NUM_THREADS": "1", "ARPIPE_TRACKING": "on", "MLFLOW_TRACKING_URI": mlflow_store}  # fmt: skip
+
+    def repro() -> str:
+        done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    tokenizer = tiny_caches["vq"].tokenizer
+    first = register(mlflow_store, tiny_checkpoint(tmp_path / "v1", 1.0), tokenizer, value=2.0)
+    assert "Running stage 'trainer'" in repro()
+    out = repro()
+    assert "Running stage 'init_model'" in out, "always_changed: the registry is read on every repro"
+    assert "Stage 'trainer' didn't change, skipping" in out
+    assert json.loads((project / "started.json").read_text())["version"] == first
+
+    second = register(mlflow_store, tiny_checkpoint(tmp_path / "v2", 2.0), tokenizer, value=1.0)
+    assert "Running stage 'trainer'" in repro()
+    assert json.loads((project / "started.json").read_text())["version"] == second != first
+    assert json.loads((project / "metrics" / "init_model.json").read_text()) == {"version": int(second)}
+
+
+def test_init_model_reads_its_keys_from_the_pretrain_section_which_owns_them():
+    from core.config import ConfigError, load_stage_config, read_params
+    from core.stage import params_help
+
+    params = read_params(REPO / "params.yaml")
+    assert load_stage_config(params, "init_model", init_model.Config) == init_model.Config()
+    assert "params file section `pretrain`" in params_help("init_model", init_model.Config)
+    with pytest.raises(ConfigError, match="pretrain.init_from: expected one of 'scratch', 'champion', 'released'"):
+        load_stage_config({"pretrain": {**params["pretrain"], "init_from": "x"}}, "init_model", init_model.Config)
+    del params["pretrain"]["init_version"]
+    with pytest.raises(ConfigError, match="pretrain.init_version: missing key"):
+        load_stage_config(params, "init_model", init_model.Config)
 
 
 def test_init_version_needs_init_from_champion():
