@@ -154,10 +154,10 @@ def test_pipeline_runs_shard_through_dvc_with_nested_mlflow_runs(tmp_path, mlflo
 
 @pytest.mark.slow
 def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_store, prefect_harness, monkeypatch):
-    """shard -> train_tokenizer (msvq) -> cache_tokens -> pretrain (var) -> sar -> cca -> ddo -> distill_pairs ->
-    distill -> distill2 -> train_evalnet -> evaluate,
+    """shard -> train_tokenizer (msvq) -> cache_tokens -> init_model -> pretrain (var) -> sar -> cca -> ddo ->
+    distill_pairs -> distill -> distill2 -> train_evalnet -> evaluate,
     each a DVC stage run by the flow, each an MLflow child run; the champion is registered; a second
-    run skips everything."""
+    run skips everything but init_model (always_changed: it reads the registry; its out unchanged)."""
     from helpers import TINY_MSVQ
 
     from flows.pipeline import pipeline
@@ -194,6 +194,7 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
         ("shard", "ran"),
         ("train_tokenizer", "ran"),
         ("cache_tokens", "ran"),
+        ("init_model", "ran"),
         ("pretrain", "ran"),
         ("sar", "ran"),
         ("cca", "ran"),
@@ -205,7 +206,7 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
         ("evaluate", "ran"),
     ]
     client = MlflowClient(mlflow_store)
-    run = client.get_run(results[3]["run_id"])
+    run = client.get_run(results[4]["run_id"])
     assert run.data.tags["arpipe.stage"] == "pretrain" and "mlflow.parentRunId" in run.data.tags
     assert {"val/loss", "val/token_acc", "val/scale_loss/1x1", "train/loss", "speed/mfu"} <= set(run.data.metrics)
     for result in results:  # one name per metric: no `train_loss` beside `train/loss`
@@ -216,7 +217,7 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
     assert curves == ["plots/train.png", "plots/val.png"]  # logged by the flow: viewable offline
     config = json.loads((root / "data" / "models" / "base" / "config.json").read_text())
     assert config["arch"] == "var" and config["model"]["scales"] == TINY_MSVQ["scales"]
-    refined = client.get_run(results[4]["run_id"])
+    refined = client.get_run(results[5]["run_id"])
     assert refined.data.tags["arpipe.stage"] == "sar" and refined.data.params["sar.forced_scales"] == "[2]"
     assert {"train/tf_loss", "train/csfl", "train/sf_loss", "train/disagreement"} <= set(refined.data.metrics)
     cca_config = json.loads((root / "data" / "models" / "cca" / "config.json").read_text())
@@ -235,8 +236,9 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
     distilled = json.loads((root / "data" / "models" / "distilled" / "config.json").read_text())
     assert distilled["distilled"] is True and distilled["teacher"]["name"] == "ddo"
     assert (root / "data" / "eval" / "report.md").is_file()
+    always = {"init_model": "ran"}  # always_changed; pretrain after it is skipped: the start point did not change
     again = pipeline(root=str(root))
-    assert {r["status"] for r in again} == {"skipped"}
+    assert {r["stage"]: r["status"] for r in again} == {**{r["stage"]: "skipped" for r in results}, **always}
 
     # remote artifacts: push to a local-directory DVC remote; a fresh clone pulls and has nothing to do
     def dvc(cwd, *args):
@@ -249,6 +251,7 @@ def test_whole_chain_through_pretrain_var_on_a_tiny_config(tmp_path, mlflow_stor
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
     dvc(clone, "pull")
-    assert "Data and pipelines are up to date" in dvc(clone, "status").stdout
+    assert set(json.loads(dvc(clone, "status", "--json").stdout)) == set(always)
     assert (clone / "data" / "models" / "base" / "model.safetensors").is_file()
-    assert {r["status"] for r in pipeline(root=str(clone))} == {"skipped"}
+    in_clone = pipeline(root=str(clone))
+    assert {r["stage"]: r["status"] for r in in_clone} == {**{r["stage"]: "skipped" for r in results}, **always}
