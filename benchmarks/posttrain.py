@@ -112,13 +112,16 @@ def chain_stages(root: Path) -> list[str]:
     return [name for name in stages if name in POSTTRAIN]
 
 
-def run_stage(root: Path, stage: str, log) -> float:
-    """``python -m stages.<stage>`` in ``root`` (tracking off); returns wall seconds."""
-    env = {**os.environ, "ARPIPE_TRACKING": "off", "PYTHONPATH": str(root), "TQDM_MININTERVAL": "30"}
+def run_stage(root: Path, stage: str, log, *args: str, code: Path | None = None) -> float:
+    """``python -m stages.<stage> [args]`` in ``root`` with the stages of ``code`` (default: ``root``)
+    importable, tracking off; returns wall seconds."""
+    env = {**os.environ, "ARPIPE_TRACKING": "off", "PYTHONPATH": str(code or root), "TQDM_MININTERVAL": "30"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=root, env=env, capture_output=True, text=True)
+    command = [sys.executable, "-m", f"stages.{stage}", *args]
+    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    log.write(f"\n===== {stage} ({seconds:.1f} s, exit {proc.returncode})\n{proc.stdout}\n{proc.stderr}")
+    header = f"===== {' '.join([stage, *args])} ({seconds:.1f} s, exit {proc.returncode})"
+    log.write(f"\n{header}\n{proc.stdout}\n{proc.stderr}")
     log.flush()
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])

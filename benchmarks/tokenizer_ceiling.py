@@ -29,13 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -44,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/ first, not the root
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks import posttrain  # noqa: E402
 from benchmarks._results import write_results  # noqa: E402
 from benchmarks.posttrain import merge  # noqa: E402
 
@@ -108,24 +106,8 @@ def parse_config(spec: str) -> tuple[str, dict]:
 
 
 def run_stage(stage: str, params_file: Path, log) -> float:
-    """``python -m stages.<stage> --params FILE`` (tracking off); wall seconds."""
-    env = {**os.environ, "ARPIPE_TRACKING": "off", "PYTHONPATH": str(REPO_ROOT), "TQDM_MININTERVAL": "30"}
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", f"stages.{stage}", "--params", str(params_file)],
-        cwd=params_file.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    seconds = time.perf_counter() - start
-    header = f"===== {stage} {params_file.name} ({seconds:.1f} s, exit {proc.returncode})"
-    log.write(f"\n{header}\n{proc.stdout}\n{proc.stderr}")
-    log.flush()
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
-        raise SystemExit(f"stage {stage} failed ({params_file}, exit {proc.returncode}):\n{tail}")
-    return seconds
+    """``python -m stages.<stage> --params FILE`` in the file's folder (tracking off); wall seconds."""
+    return posttrain.run_stage(params_file.parent, stage, log, "--params", str(params_file), code=REPO_ROOT)
 
 
 def scratch_paths(folder: Path, tokenizer: str = "tokenizer", metrics: str = "metrics") -> dict:
