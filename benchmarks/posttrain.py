@@ -13,10 +13,17 @@ recall and class accuracy, each seed's FID, and the papers' directions checked s
 (CCA guidance-free FID below the base's and near the base with CFG; DDO guidance-free FID below
 the base; SAR FID below the base, VAR only). ``--json`` also writes every number.
 
-Run from the repository root (about 8 min per family and seed on 2 CPU cores)::
+A family can start from a params file instead (``--params gpt=presets/photos-gpt.yaml``: the
+file as is, its ``paths`` kept inside the copy), and ``--source DIR`` points ``shard`` at an image
+folder (``<class>/<image>``). The figures also go to ``benchmarks/results/<--results>.json``.
+
+Run from the repository root (about 8 min per family and seed on 2 CPU cores at the digits
+defaults)::
 
     .venv/bin/python benchmarks/posttrain.py                        # both families, seeds 0 1 2
     .venv/bin/python benchmarks/posttrain.py --families gpt --seeds 0
+    .venv/bin/python benchmarks/posttrain.py --source /data/photos --results posttrain_photos \
+        --params gpt=presets/photos-gpt.yaml --params var=presets/photos-var.yaml
 """
 
 from __future__ import annotations
@@ -36,6 +43,11 @@ from pathlib import Path
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/ first, not the root
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks._results import write_results  # noqa: E402
+
 POSTTRAIN = ("sar", "cca", "ddo")
 DATA_STAGES = ("shard", "train_tokenizer", "cache_tokens", "train_evalnet")
 METRICS = ("fid", "is", "precision", "recall", "class_acc")
@@ -129,9 +141,31 @@ def run_stage(root: Path, stage: str, log, *args: str, code: Path | None = None)
     return seconds
 
 
-def run_family(family: str, seeds: list[int], work: Path, samples_per_class: int | None, log, overrides: dict) -> dict:
+def family_params(root: Path, family: str, params_file: Path | None, source: Path | None, overrides: dict) -> dict:
+    """The family's params: ``params_file`` as is (its ``paths`` replaced by the copy's own), or the
+    copy's ``params.yaml`` with the family's recipe; then ``--source`` and the ``--set`` overrides."""
+    shipped = yaml.safe_load((root / "params.yaml").read_text())
+    if params_file is None:
+        params = merge(shipped, FAMILIES[family])
+    else:
+        params = {**yaml.safe_load(params_file.read_text()), "paths": shipped["paths"]}
+    if source is not None:
+        params = merge(params, {"shard": {"source": "imagefolder", "source_path": str(source.resolve())}})
+    return merge(params, overrides)
+
+
+def run_family(
+    family: str,
+    seeds: list[int],
+    work: Path,
+    samples_per_class: int | None,
+    log,
+    overrides: dict,
+    params_file: Path | None = None,
+    source: Path | None = None,
+) -> dict:
     root = make_copy(work / family)
-    params = merge(merge(yaml.safe_load((root / "params.yaml").read_text()), FAMILIES[family]), overrides)
+    params = family_params(root, family, params_file, source, overrides)
     if samples_per_class:
         params["evaluate"]["samples_per_class"] = samples_per_class
     params["evaluate"]["register"] = False
@@ -157,7 +191,7 @@ def run_family(family: str, seeds: list[int], work: Path, samples_per_class: int
             if metrics_file.is_file() and (reason := json.loads(metrics_file.read_text()).get("skipped")):
                 skipped[stage] = reason
         per_seed[seed]["_skipped"] = skipped
-    return {"stages": stages, "per_seed": per_seed, "timings": timings}
+    return {"stages": stages, "per_seed": per_seed, "timings": timings, "params": params}
 
 
 def lookup(metrics: dict, key: str) -> float | None:
@@ -258,12 +292,31 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="override a param for every family, e.g. --set pretrain.steps=300 --set cca.lam=100 (YAML value)",
     )
+    parser.add_argument(
+        "--params",
+        action="append",
+        default=[],
+        metavar="FAMILY=FILE",
+        help="start FAMILY from this params file (e.g. a preset) instead of params.yaml and its recipe",
+    )
+    parser.add_argument("--source", type=Path, default=None, help="image folder (<class>/<image>) to shard")
+    parser.add_argument("--results", default="posttrain", help="benchmarks/results/<NAME>.json")
     args = parser.parse_args()
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         parser.error(f"unknown family {unknown[0]!r}; expected gpt or var")
     seeds = [int(s) for s in args.seeds.split(",")]
+    params_files: dict[str, Path] = {}
+    for item in args.params:
+        family, sep, file = item.partition("=")
+        if not sep or family not in FAMILIES:
+            parser.error(f"--params {item!r}: expected FAMILY=FILE with FAMILY gpt or var")
+        if not Path(file).is_file():
+            parser.error(f"--params {item!r}: {file} is not a file")
+        params_files[family] = Path(file).resolve()
+    if args.source is not None and not args.source.is_dir():
+        parser.error(f"--source {args.source}: not a folder")
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -280,13 +333,24 @@ def main() -> None:
     with open(work / "stages.log", "a") as log:
         print(f"scratch projects and stage logs in {work}", flush=True)
         for family in families:
-            results[family] = run_family(family, seeds, work, args.samples_per_class, log, overrides)
+            results[family] = run_family(
+                family, seeds, work, args.samples_per_class, log, overrides, params_files.get(family), args.source
+            )
             lines += report(family, results[family]) + [""]
             print("\n".join(report(family, results[family])), flush=True)
     if len(families) > 1:
         print("\n" + "\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    figures = {
+        "source": str(args.source or "params.yaml's"),
+        "seeds": seeds,
+        "set": args.set,
+        "params_files": {f: str(p) for f, p in params_files.items()},
+        "families": results,
+        "table": lines,
+    }
+    write_results(args.results, figures)  # fmt: skip
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
