@@ -163,6 +163,7 @@ def run_family(
     overrides: dict,
     params_file: Path | None = None,
     source: Path | None = None,
+    reuse_data: bool = False,
 ) -> dict:
     root = make_copy(work / family)
     params = family_params(root, family, params_file, source, overrides)
@@ -172,9 +173,15 @@ def run_family(
     write_params(root, params)
     stages = chain_stages(root)
     timings: dict[str, float] = {}
-    for stage in DATA_STAGES:
-        timings[stage] = run_stage(root, stage, log)
-        print(f"  [{family}] {stage}: {timings[stage]:.0f} s", flush=True)
+    done_file = root / "data_stages.json"  # the data stages' params, written when all of them finished
+    data_params = {stage: params[stage] for stage in ("paths", *DATA_STAGES)}
+    if reuse_data and done_file.is_file() and json.loads(done_file.read_text()) == data_params:
+        print(f"  [{family}] {', '.join(DATA_STAGES)}: kept from an earlier run in {root} (--reuse-data)", flush=True)
+    else:
+        for stage in DATA_STAGES:
+            timings[stage] = run_stage(root, stage, log)
+            print(f"  [{family}] {stage}: {timings[stage]:.0f} s", flush=True)
+        done_file.write_text(json.dumps(data_params))
     per_seed = {}
     for seed in seeds:
         for stage in ("pretrain", *stages):
@@ -301,6 +308,11 @@ def main() -> None:
     )
     parser.add_argument("--source", type=Path, default=None, help="image folder (<class>/<image>) to shard")
     parser.add_argument("--results", default="posttrain", help="benchmarks/results/<NAME>.json")
+    parser.add_argument(
+        "--reuse-data",
+        action="store_true",
+        help="keep the data stages' outputs already in --work (same params) and run only the seeds' stages",
+    )
     args = parser.parse_args()
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = [f for f in families if f not in FAMILIES]
@@ -334,7 +346,15 @@ def main() -> None:
         print(f"scratch projects and stage logs in {work}", flush=True)
         for family in families:
             results[family] = run_family(
-                family, seeds, work, args.samples_per_class, log, overrides, params_files.get(family), args.source
+                family,
+                seeds,
+                work,
+                args.samples_per_class,
+                log,
+                overrides,
+                params_files.get(family),
+                args.source,
+                args.reuse_data,
             )
             lines += report(family, results[family]) + [""]
             print("\n".join(report(family, results[family])), flush=True)
