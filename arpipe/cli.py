@@ -250,14 +250,17 @@ def _class_ids(spec: str, class_names: list[str]) -> list[int]:
     show_default=True,
     help="Samples per class (one grid row per class); with --npz the total number of samples.",
 )
-@click.option("--cfg", default=1.0, show_default=True, help="Guidance scale: logits = u + cfg*(c - u); 1 = none.")
+@click.option(
+    "--cfg-scale", default=1.0, show_default=True, help="Guidance scale: logits = u + cfg_scale*(c - u); 1 = none."
+)
 @click.option(
     "--guidance-schedule",
     type=click.Choice(["auto", "constant", "linear"]),
     default="auto",
     show_default=True,
-    help="Spread of --cfg over the sampling steps: constant, or linear from 1 at the first step to --cfg at the "
-    "last (VAR's ramp: its cfg 1.5 is --cfg 2.5); auto = the family's authors' (gpt constant, var linear).",
+    help="Spread of --cfg-scale over the sampling steps: constant, or linear from 1 at the first step to "
+    "--cfg-scale at the last (VAR's ramp: its own cfg 1.5 is --cfg-scale 2.5); auto = the family's authors' "
+    "(gpt constant, var linear).",
 )
 @click.option("--temperature", default=1.0, show_default=True, help="Softmax temperature (0 = greedy).")
 @click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0 = off).")
@@ -269,7 +272,7 @@ def _class_ids(spec: str, class_names: list[str]) -> list[int]:
     default="1",
     show_default=True,
     help="Distilled student only (data/models/distilled): one- or two-step sampling. Its teacher's guidance "
-    "is baked in, so --cfg/--temperature/--top-k/--top-p do not apply to it.",
+    "is baked in, so --cfg-scale/--temperature/--top-k/--top-p do not apply to it.",
 )
 @click.option(
     "--out",
@@ -286,7 +289,7 @@ def _class_ids(spec: str, class_names: list[str]) -> list[int]:
 )
 @click.option("--batch", default=64, show_default=True, help="Images sampled per forward batch.")
 def sample(
-    checkpoint, registered, tokenizer_dir, classes, per_class, cfg, guidance_schedule, temperature, top_k, top_p,
+    checkpoint, registered, tokenizer_dir, classes, per_class, cfg_scale, guidance_schedule, temperature, top_k, top_p,
     seed, steps, out, npz, batch,
 ) -> None:  # fmt: skip
     """Sample a grid of images from a trained AR model: one row per class, offline, on CPU or GPU."""
@@ -295,7 +298,7 @@ def sample(
     if registered:
         if checkpoint is not None:
             raise click.UsageError("give --checkpoint FOLDER or --model ALIAS|URI, not both")
-        _sample_registered(registered, classes, per_class, cfg, seed, out)
+        _sample_registered(registered, classes, per_class, cfg_scale, seed, out)
         return
     checkpoint = checkpoint or Path("data/models/base")
     if not checkpoint.is_dir():
@@ -304,7 +307,7 @@ def sample(
             param_hint="--checkpoint",
         )
 
-    from core.checkpoint import read_checkpoint
+    from core.checkpoint import read_checkpoint, teacher_cfg_scale
     from core.images import image_grid, save_png
     from models.ar import ar_from_state, sample_images, tokenizer_from_state
 
@@ -348,9 +351,10 @@ def sample(
         images = draw(labels)
         save_png(image_grid(images, per_class), out)
         teacher = config.get("teacher", {})
+        scale = teacher_cfg_scale(teacher) if teacher else "?"
         click.echo(
             f"wrote {out}: {len(images)} samples ({per_class} per class: {names}), distilled student, "
-            f"{steps}-step (teacher {teacher.get('name', '?')} at cfg {teacher.get('cfg', '?')})"
+            f"{steps}-step (teacher {teacher.get('name', '?')} at cfg_scale {scale})"
         )
         return
     model = ar_from_state(state, config, tokenizer)
@@ -358,10 +362,10 @@ def sample(
         model, tokenizer = model.cuda(), tokenizer.cuda()
     from models.sampling import guidance_per_step
 
-    guidance = guidance_per_step(cfg, guidance_schedule, arch=config["arch"], steps=model.steps)
+    guidance = guidance_per_step(cfg_scale, guidance_schedule, arch=config["arch"], steps=model.steps)
 
     def draw(labels_N, first_batch=0):
-        return sample_images(model, tokenizer, labels_N, cfg=guidance, temperature=temperature, top_k=top_k,
+        return sample_images(model, tokenizer, labels_N, cfg_scale=guidance, temperature=temperature, top_k=top_k,
                              top_p=top_p, seed=seed, batch_size=batch, first_batch=first_batch).numpy()  # fmt: skip
 
     if npz:
@@ -369,7 +373,7 @@ def sample(
         return
     images = draw(labels)
     save_png(image_grid(images, per_class), out)
-    click.echo(f"wrote {out}: {len(images)} samples ({per_class} per class: {names}), cfg {cfg}")
+    click.echo(f"wrote {out}: {len(images)} samples ({per_class} per class: {names}), cfg_scale {cfg_scale}")
 
 
 def _write_sample_batch(path: Path, draw, ids: list[int], count: int, batch: int, seed: int, side: int) -> None:
@@ -399,27 +403,31 @@ def _refuse_unusable_options(checkpoint: Path, config: dict) -> None:
     the distilled student has its teacher's guidance and sampling baked in; only it has --steps."""
     from click.core import ParameterSource
 
+    from core.checkpoint import teacher_cfg_scale
+
     ctx = click.get_current_context()
     given = {
         name
-        for name in ("cfg", "guidance_schedule", "temperature", "top_k", "top_p", "steps")
+        for name in ("cfg_scale", "guidance_schedule", "temperature", "top_k", "top_p", "steps")
         if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
     }
     if config.get("distilled"):
-        defaults = {"cfg": 1.0, "guidance_schedule": "auto", "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        defaults = {"cfg_scale": 1.0, "guidance_schedule": "auto", "temperature": 1.0, "top_k": 0, "top_p": 1.0}
         unusable = [name for name in defaults if name in given and ctx.params[name] != defaults[name]]
         if unusable:
             teacher = config.get("teacher", {})
             flags = ", ".join("--" + name.replace("_", "-") for name in unusable)
             raise click.BadParameter(
-                f"{checkpoint} is a distilled student: its teacher's guidance (cfg {teacher.get('cfg', '?')}) and "
+                f"{checkpoint} is a distilled student: its teacher's guidance "
+                f"(cfg_scale {teacher_cfg_scale(teacher) if teacher else '?'}) and "
                 f"sampling are baked in, so {flags} cannot apply; drop {flags} (choose --steps 1 or 2)",
                 param_hint=flags,
             )
     elif "steps" in given:
         raise click.BadParameter(
             f"{checkpoint} is not a distilled student: --steps applies only to data/models/distilled "
-            f"(this model takes {config.get('arch', 'its')} sampling options --cfg, --temperature, --top-k, --top-p)",
+            f"(this model takes {config.get('arch', 'its')} sampling options --cfg-scale, --temperature, --top-k, "
+            "--top-p)",
             param_hint="--steps",
         )
 
@@ -514,7 +522,7 @@ def _without_type_hint_warning():
         yield
 
 
-def _sample_registered(alias_or_uri: str, classes, per_class: int, cfg: float, seed: int, out: Path) -> None:
+def _sample_registered(alias_or_uri: str, classes, per_class: int, cfg_scale: float, seed: int, out: Path) -> None:
     import mlflow
     import pandas as pd
 
@@ -528,12 +536,15 @@ def _sample_registered(alias_or_uri: str, classes, per_class: int, cfg: float, s
     if names is None:
         names = list(range(len(model.unwrap_python_model().class_names)))
     labels = [name for name in names for _ in range(per_class)]
+    schema = model.metadata.get_input_schema()
+    # a model registered before the rename takes its guidance scale as column "cfg"
+    scale_column = "cfg" if schema is not None and "cfg" in schema.input_names() else "cfg_scale"
     try:
-        images = model.predict(pd.DataFrame({"label": labels, "cfg": cfg, "seed": seed}))
+        images = model.predict(pd.DataFrame({"label": labels, scale_column: cfg_scale, "seed": seed}))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--classes") from exc
     save_png(image_grid(images, per_class), out)
-    click.echo(f"wrote {out}: {len(images)} samples from {uri}, cfg {cfg}")
+    click.echo(f"wrote {out}: {len(images)} samples from {uri}, cfg_scale {cfg_scale}")
 
 
 @cli.command()

@@ -2,11 +2,12 @@
 
 Logged by the ``evaluate`` stage with two artifacts, ``model`` (an AR checkpoint folder) and
 ``tokenizer`` (its tokenizer folder), both safetensors + config.json, and ``models/`` as code.
-Input: a DataFrame with a ``label`` column (class index or class name) and optional ``cfg``
-(guidance scale, default 1.0 = guidance-free; a VAR ramps it over its scales, as its authors do)
-and ``seed`` (default 0) columns. Output: uint8 images (N, H, W, 3), one per row, in row order.
-Rows sharing (cfg, seed) are sampled as one batch. The logged model's signature says the same
-(``core.registry.sampler_signature``): label any type, cfg double, seed long, images uint8.
+Input: a DataFrame with a ``label`` column (class index or class name) and optional
+``cfg_scale`` (guidance scale, default 1.0 = guidance-free; a VAR ramps it over its scales, as its
+authors do) and ``seed`` (default 0) columns. Output: uint8 images (N, H, W, 3), one per row, in
+row order. Rows sharing (cfg_scale, seed) are sampled as one batch. The logged model's signature
+says the same (``core.registry.sampler_signature``): label any type, cfg_scale double, seed long,
+images uint8.
 
     mlflow models predict -m models:/arpipe-gpt@champion --env-manager local \\
         -i labels.json -t json     # labels.json: {"dataframe_split": {"columns": ["label"], "data": [[3], [7]]}}
@@ -57,16 +58,16 @@ class ARImageGenerator(PythonModel):
         if "label" not in frame.columns:
             raise ValueError(f"input needs a 'label' column, got columns {list(frame.columns)}")
         labels = [self._label(v) for v in frame["label"]]
-        cfgs = [float(v) for v in frame["cfg"]] if "cfg" in frame.columns else [1.0] * len(labels)
+        scales = [float(v) for v in frame["cfg_scale"]] if "cfg_scale" in frame.columns else [1.0] * len(labels)
         seeds = [int(v) for v in frame["seed"]] if "seed" in frame.columns else [0] * len(labels)
         out: list[np.ndarray | None] = [None] * len(labels)
         # the family's authors' sampling, as evaluate scored it (VAR: linear guidance ramp, top-k/p)
         top_k, top_p = family_filters("auto", "auto", arch=self.arch, vocab_size=self.model.config.vocab_size)
-        for cfg, seed in dict.fromkeys(zip(cfgs, seeds, strict=True)):
-            rows = [i for i in range(len(labels)) if (cfgs[i], seeds[i]) == (cfg, seed)]
-            guidance = guidance_per_step(cfg, "auto", arch=self.arch, steps=self.model.steps)
-            images = sample_images(self.model, self.tokenizer, torch.tensor([labels[i] for i in rows]), cfg=guidance,
-                                   top_k=top_k, top_p=top_p, seed=seed).numpy()  # fmt: skip
+        for scale, seed in dict.fromkeys(zip(scales, seeds, strict=True)):
+            rows = [i for i in range(len(labels)) if (scales[i], seeds[i]) == (scale, seed)]
+            guidance = guidance_per_step(scale, "auto", arch=self.arch, steps=self.model.steps)
+            images = sample_images(self.model, self.tokenizer, torch.tensor([labels[i] for i in rows]),
+                                   cfg_scale=guidance, top_k=top_k, top_p=top_p, seed=seed).numpy()  # fmt: skip
             for i, image in zip(rows, images, strict=True):
                 out[i] = image
         return np.stack(out) if out else np.zeros((0, 0, 0, 3), np.uint8)

@@ -247,8 +247,8 @@ def _pretrain(cfg, costs: ModelCosts, images: Images, num_classes: int) -> Stage
                 optimizer_steps=cfg.steps * cfg.grad_accum)  # fmt: skip
     work += _val(costs.ar_forward_per_sequence, images.val, evaluations)
     for _ in range(grids):
-        work += _grid(costs, num_classes, cfg.samples_per_class, cfg.sample_cfg)
-    samples = grids * num_classes * cfg.samples_per_class * len(cfg.sample_cfg)
+        work += _grid(costs, num_classes, cfg.samples_per_class, cfg.sample_cfg_scales)
+    samples = grids * num_classes * cfg.samples_per_class * len(cfg.sample_cfg_scales)
     trained = f"{cfg.steps:,} steps x {cfg.batch_size}" if cfg.steps else "imported"  # steps 0: a released model
     return StageWork("pretrain", f"{trained} + {samples:,} samples", work)
 
@@ -263,7 +263,7 @@ def _sar(cfg, costs: ModelCosts, rows: int, num_classes: int) -> StageWork:
     per_row = 2 * costs.ar_train_per_sequence + (costs.ar_forward_per_sequence if cfg.rollout_guidance > 0 else 0)
     work = Work(flops=steps * cfg.batch_size * per_row, optimizer_steps=steps)
     return StageWork("sar", f"{steps:,} steps{how} x {cfg.batch_size}, 2 passes",
-                     work + _grid(costs, num_classes, cfg.samples_per_class, cfg.sample_cfg))  # fmt: skip
+                     work + _grid(costs, num_classes, cfg.samples_per_class, cfg.sample_cfg_scales))  # fmt: skip
 
 
 def _contrastive(costs: ModelCosts, steps: int, batch_size: int) -> Work:
@@ -276,7 +276,7 @@ def _cca(cfg, costs: ModelCosts, rows: int, num_classes: int) -> StageWork:
     steps, how = _epoch(cfg.steps, rows, cfg.batch_size)
     return StageWork("cca", f"{steps:,} steps{how} x 2·{cfg.batch_size}",
                      _contrastive(costs, steps, cfg.batch_size)
-                     + _grid(costs, num_classes, cfg.samples_per_class, cfg.sample_cfg))  # fmt: skip
+                     + _grid(costs, num_classes, cfg.samples_per_class, cfg.sample_cfg_scales))  # fmt: skip
 
 
 def _ddo(cfg, costs: ModelCosts, rows: int, num_classes: int) -> StageWork:
@@ -284,10 +284,10 @@ def _ddo(cfg, costs: ModelCosts, rows: int, num_classes: int) -> StageWork:
     fakes = per_round * cfg.batch_size
     work = _contrastive(costs, cfg.rounds * per_round, cfg.batch_size)
     for _ in range(cfg.rounds):
-        work += _sampling(costs, fakes, guided=cfg.fake_cfg != 1.0, batch=cfg.sample_batch_size)
+        work += _sampling(costs, fakes, guided=cfg.fake_cfg_scale != 1.0, batch=cfg.sample_batch_size)
         if cfg.round_trip:  # decoded above, re-encoded here
             work += Work(flops=fakes * costs.encode_per_image)
-    work += _grid(costs, num_classes, cfg.samples_per_class, cfg.sample_cfg)
+    work += _grid(costs, num_classes, cfg.samples_per_class, cfg.sample_cfg_scales)
     return StageWork("ddo", f"{cfg.rounds} rounds x {per_round:,} steps{how} x 2·{cfg.batch_size} "
                      f"+ {cfg.rounds * fakes:,} fakes", work)  # fmt: skip
 
@@ -299,7 +299,7 @@ def _flow_map(costs: ModelCosts, ode_steps: int) -> float:
 
 def _distill_pairs(cfg, costs: ModelCosts) -> StageWork:
     batches = math.ceil(cfg.count / cfg.batch_size)
-    per_pair = costs.ar_forward_per_sequence * (2 if cfg.cfg != 1.0 else 1) + costs.seq_len * _flow_map(
+    per_pair = costs.ar_forward_per_sequence * (2 if cfg.cfg_scale != 1.0 else 1) + costs.seq_len * _flow_map(
         costs, cfg.ode_steps
     )
     work = Work(flops=cfg.count * per_pair, forward_passes=batches * costs.ar_steps,
@@ -318,7 +318,7 @@ def _distill(cfg, costs: ModelCosts, num_classes: int) -> StageWork:
 
 def _distill2(cfg, pairs_cfg, costs: ModelCosts, num_classes: int) -> StageWork:
     L, f, F = costs.seq_len, costs.ar_forward_per_sequence, costs.ar_train_per_sequence
-    teacher = f * (2 if pairs_cfg.cfg != 1.0 else 1)  # the teacher's log-probs, guided as the pairs
+    teacher = f * (2 if pairs_cfg.cfg_scale != 1.0 else 1)  # the teacher's log-probs, guided as the pairs
     denoise = L * 4 * costs.codebook_size * costs.code_dim  # the teacher's exact denoiser
     head = L * costs.score_head_forward_per_position
     trained = F + 3 * head  # the AR-diffusion model (trunk + score head), forward and backward
@@ -349,8 +349,8 @@ def _evaluate(cfg: dict, costs: ModelCosts, images: Images, num_classes: int, ar
         for scale in ev.cfg_scales:
             work += _sampling(costs, n, guided=scale != 1.0, batch=ev.batch_size)
             sets += 1
-    if cfg["distill_pairs"].cfg not in ev.cfg_scales:  # the teacher again, for the speed-up
-        work += _sampling(costs, n, guided=cfg["distill_pairs"].cfg != 1.0, batch=ev.batch_size)
+    if cfg["distill_pairs"].cfg_scale not in ev.cfg_scales:  # the teacher again, for the speed-up
+        work += _sampling(costs, n, guided=cfg["distill_pairs"].cfg_scale != 1.0, batch=ev.batch_size)
     # students: distilled in 1 and 2 steps (3 forwards), distilled2 in 1; decoded each time
     work += Work(flops=n * (4 * costs.ar_forward_per_sequence + 3 * costs.decode_per_image), forward_passes=4)
     sets += 3

@@ -50,7 +50,7 @@ def timed(fn):
 
 
 def measure(project: Path, samples_per_class: int | None, batch_size: int, latency_images: int = 100) -> dict | str:
-    from core.checkpoint import read_checkpoint
+    from core.checkpoint import read_checkpoint, teacher_cfg_scale
     from core.config import load_paths, load_section, read_params
     from core.shards import load_split
     from models.ar import ar_from_state, sample_images, tokenizer_from_state
@@ -74,6 +74,7 @@ def measure(project: Path, samples_per_class: int | None, batch_size: int, laten
     student_state, student_config = read_checkpoint(student_dir)
     student = student_from_state(student_state, student_config, tokenizer)
     teacher_info = student_config["teacher"]
+    teacher_scale = teacher_cfg_scale(teacher_info)
     teacher = ar_from_state(*read_checkpoint(Path(paths.models) / teacher_info["name"]), tokenizer)
     evalnet, _ = evaluate.load_evalnet(paths.evalnet)
     real_feats, _ = embed_images(evalnet, load_split(paths.shards, "val").images_NHWC)
@@ -83,7 +84,7 @@ def measure(project: Path, samples_per_class: int | None, batch_size: int, laten
 
     samplers = {
         "teacher": (teacher.steps, lambda labels: sample_images(
-            teacher, tokenizer, labels, cfg=teacher_info["cfg"], seed=cfg.seed, batch_size=batch_size)),
+            teacher, tokenizer, labels, cfg_scale=teacher_scale, seed=cfg.seed, batch_size=batch_size)),
         "1step": (1, lambda labels: sample_distilled_images(
             student, tokenizer, labels, steps=1, seed=cfg.seed, batch_size=batch_size)),
         "2step": (2, lambda labels: sample_distilled_images(
@@ -99,7 +100,7 @@ def measure(project: Path, samples_per_class: int | None, batch_size: int, laten
         sample(single[:1])
         _, latency = timed(lambda sample=sample, single=single: [sample(single[i : i + 1]) for i in range(len(single))])
         model, steps = (teacher, None) if name == "teacher" else (student, passes)
-        token_ms = token_latency_ms(model, single, steps=steps, cfg=teacher_info["cfg"], seed=cfg.seed)
+        token_ms = token_latency_ms(model, single, steps=steps, cfg_scale=teacher_scale, seed=cfg.seed)
         rows[name] = {"passes": passes, "images_per_s": len(images) / seconds,
                       "ms_per_image_b1": 1e3 * latency / len(single), "token_ms_b1": token_ms, **scores}  # fmt: skip
     for name in ("1step", "2step"):
@@ -115,9 +116,12 @@ def verdict(met: bool) -> str:
 
 
 def report(project: Path, result: dict) -> None:
+    from core.checkpoint import teacher_cfg_scale
+
     rows, teacher_steps = result["rows"], result["rows"]["teacher"]["passes"]
     print(
-        f"\n{project}: {result['arch']}, teacher {result['teacher']['name']} (cfg {result['teacher']['cfg']:g}, "
+        f"\n{project}: {result['arch']}, teacher {result['teacher']['name']} "
+        f"(cfg_scale {teacher_cfg_scale(result['teacher']):g}, "
         f"{teacher_steps} steps), {result['N']} samples per sampler, {torch.get_num_threads()} threads"
     )
     print(f"{'sampler':<10} {'passes':>6} {'FID':>8} {'FID/teacher':>11} {'IS':>6} {'class acc':>9} "

@@ -23,8 +23,8 @@ Rows of the table:
   ``compile_model``) and runs a few steps: it passes when the losses are finite and the gathered
   full state dict has the bare module's keys and shapes. Its step time is shown, not compared
   (one process shards nothing).
-- ``sample b64`` / ``sample b256``: ``model.generate`` with guidance (GPT cfg 2.0 constant; VAR
-  VAR's linear ramp for cfg 1.5, i.e. ``linear_guidance_ramp(2.5, steps)``), temperature 1, no
+- ``sample b64`` / ``sample b256``: ``model.generate`` with guidance (GPT: scale 2.0 constant; VAR:
+  VAR's linear ramp for its cfg 1.5, i.e. ``linear_guidance_ramp(2.5, steps)``), temperature 1, no
   top-k/top-p, one untimed call then the median of ``--sample-repeats``: images/s (tokens only).
 - peak memory: ``torch.cuda.max_memory_allocated`` per row (GiB); on CPU the process's max RSS.
 
@@ -253,7 +253,7 @@ def sample_rows(family: str, setup: Setup, device: torch.device, repeats: int) -
     from models.sampling import linear_guidance_ramp
 
     model = build_model(family, setup, device).eval()
-    cfg = GUIDANCE[family] if family == "gpt" else linear_guidance_ramp(1 + GUIDANCE[family], model.steps)
+    cfg_scale = GUIDANCE[family] if family == "gpt" else linear_guidance_ramp(1 + GUIDANCE[family], model.steps)
     rows = []
     for batch in setup.sample_batches:
         reset_memory(device)
@@ -263,12 +263,13 @@ def sample_rows(family: str, setup: Setup, device: torch.device, repeats: int) -
         for i in range(1 + repeats):  # the first call warms up
             start = time.perf_counter()
             with autocast(device):
-                model.generate(labels_B, cfg=cfg, generator=torch.Generator(device=device).manual_seed(SEED))
+                generator = torch.Generator(device=device).manual_seed(SEED)
+                model.generate(labels_B, cfg_scale=cfg_scale, generator=generator)
             sync(device)
             if i:
                 seconds.append(time.perf_counter() - start)
         median = statistics.median(seconds)
-        what = "cfg 2.0" if family == "gpt" else "cfg 1.5, VAR ramp"
+        what = "cfg_scale 2.0" if family == "gpt" else "VAR's cfg 1.5 ramp"
         rows.append(Row(family, f"sample b{batch}", batch, median, images_per_s=batch / median,
                         memory_gib=memory_gib(device), note=f"{what}, {model.steps} steps, tokens only"))  # fmt: skip
     return rows

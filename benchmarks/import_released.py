@@ -7,7 +7,7 @@ saved as LlamaGen's scripts save them (``{"model": state_dict}``), then:
 1. imports each with ``arpipe.released.import_released`` in a fresh process (so peak RSS is the import's
    alone): wall time and peak resident memory;
 2. samples 256 tokens from the imported GPT-B at batch 1 and 16, guidance-free and with CFG
-   (cfg 2.0, which runs 2·batch rows), and decodes one image with the imported VQ-16: seconds
+   (cfg_scale 2.0, which runs 2·batch rows), and decodes one image with the imported VQ-16: seconds
    and tokens/s, one thread.
 
     python benchmarks/import_released.py [--work /tmp/arpipe-import-bench] [--threads 1]
@@ -75,19 +75,19 @@ def sampling_speed(base: Path, tokenizer_dir: Path) -> dict:
     del state, tok_state
     rows = {}
     for batch in (1, 16):
-        for cfg in (1.0, 2.0):
+        for cfg_scale in (1.0, 2.0):
             labels = torch.arange(batch) % model.num_classes
             generator = torch.Generator().manual_seed(0)
             start = time.perf_counter()
-            tokens = model.generate(labels, cfg=cfg, generator=generator)
+            tokens = model.generate(labels, cfg_scale=cfg_scale, generator=generator)
             seconds = time.perf_counter() - start
-            rows[f"batch{batch}_cfg{cfg:g}"] = {
+            rows[f"batch{batch}_cfg{cfg_scale:g}"] = {
                 "seconds": seconds,
                 "tokens_per_s": batch * model.steps / seconds,
-                "rows_run": batch * (2 if cfg != 1.0 else 1),
+                "rows_run": batch * (2 if cfg_scale != 1.0 else 1),
             }
-            print(f"  GPT-B sample 256 tokens, batch {batch:>2}, cfg {cfg:g}: {seconds:7.1f} s "
-                  f"({rows[f'batch{batch}_cfg{cfg:g}']['tokens_per_s']:.0f} tokens/s)")  # fmt: skip
+            print(f"  GPT-B sample 256 tokens, batch {batch:>2}, cfg_scale {cfg_scale:g}: {seconds:7.1f} s "
+                  f"({rows[f'batch{batch}_cfg{cfg_scale:g}']['tokens_per_s']:.0f} tokens/s)")  # fmt: skip
     start = time.perf_counter()
     tokenizer.decode(tokens[:1])
     rows["vq16_decode_1_image_seconds"] = time.perf_counter() - start

@@ -93,10 +93,11 @@ def sample(tokenizer_dir: Path, model_dir: Path) -> dict:
     top_k, top_p = family_filters("auto", "auto", arch="var", vocab_size=model.config.vocab_size)
 
     def tokens(batch: int, guided: bool) -> tuple[torch.Tensor, float]:
-        cfg = guidance_per_step(2.5 if guided else 1.0, "auto", arch="var", steps=model.steps)
+        cfg_scale = guidance_per_step(2.5 if guided else 1.0, "auto", arch="var", steps=model.steps)
         labels = torch.arange(batch) * 37 % model.num_classes
         start = time.perf_counter()
-        out = model.generate(labels, cfg=cfg, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        out = model.generate(labels, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p, generator=generator)
         return out, time.perf_counter() - start
 
     tokens(1, False)  # warm-up

@@ -172,10 +172,10 @@ def run_llamagen_gpt(lg, model: nn.Module, meta: dict, batch: int, generate: boo
     # teacher forcing as train_c2i.py feeds it: [class, t_0 … t_{L-2}], eval mode (no dropout)
     logits, _ = model(tokens[:, :-1], labels, input_pos=torch.arange(seq_len))
     case = {"input/tokens": tokens, "input/labels": labels, "output/logits": logits}
-    if generate:  # greedy through their KV cache, guidance-free and cfg 2.0
+    if generate:  # greedy through their KV cache, guidance-free and cfg_scale 2.0
         real = labels[:-1]
-        for name, cfg in (("output/greedy", 1.0), ("output/greedy_cfg2", 2.0)):
-            case[name] = lg.generate.generate(model, real, seq_len, cfg_scale=cfg, sample_logits=False).long()
+        for name, cfg_scale in (("output/greedy", 1.0), ("output/greedy_cfg2", 2.0)):
+            case[name] = lg.generate.generate(model, real, seq_len, cfg_scale=cfg_scale, sample_logits=False).long()
     return case
 
 
@@ -197,9 +197,9 @@ def compare_llamagen_gpt(released: dict, case: dict, meta: dict) -> dict[str, fl
         "logits_reference_std": float(case["output/logits"].std()),
         "logits_max_abs": float((logits - case["output/logits"]).abs().max()),
     }
-    for name, cfg in (("output/greedy", 1.0), ("output/greedy_cfg2", 2.0)):
+    for name, cfg_scale in (("output/greedy", 1.0), ("output/greedy_cfg2", 2.0)):
         if name in case:
-            tokens = model.generate(case["input/labels"][:-1], cfg=cfg, temperature=0.0)
+            tokens = model.generate(case["input/labels"][:-1], cfg_scale=cfg_scale, temperature=0.0)
             result[f"{name.split('/')[1]}_token_mismatches"] = int((tokens != case[name]).sum())
     return result
 

@@ -148,7 +148,7 @@ def compare(vqvae_file: Path, var_file: Path) -> dict[str, float]:
         logits = model(var_data["in.tokens"], var_data["in.labels"], label_dropout=False)
         ramp = linear_guidance_ramp(1 + sampling["cfg"], model.steps)
         generator = torch.Generator().manual_seed(sampling["seed"])
-        sampled_tokens = model.generate(var_data["in.sample_labels"], cfg=ramp, top_k=sampling["top_k"],
+        sampled_tokens = model.generate(var_data["in.sample_labels"], cfg_scale=ramp, top_k=sampling["top_k"],
                                         top_p=sampling["top_p"], generator=generator)  # fmt: skip
         sampled = (tokenizer.decode(sampled_tokens) + 1) / 2
     return {

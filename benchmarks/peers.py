@@ -6,13 +6,13 @@ The configuration of ``../shared/reference/performance.md`` (fp32, CPU, batch 64
   vocab 512, 64 tokens, 10 classes) against LlamaGen's ``Transformer(ModelArgs(dim=256,
   n_layer=8, n_head=8, vocab_size=512, num_classes=10, block_size=64))`` (its default dropouts);
   training ``model(idx=tokens[:, :-1], cond_idx=labels, targets=tokens)``; sampling its
-  ``generate(model, labels, 64, cfg_scale=2.0)`` against ``GPT.generate(labels, cfg=2.0)``.
+  ``generate(model, labels, 64, cfg_scale=2.0)`` against ``GPT.generate(labels, cfg_scale=2.0)``.
 - ``var``: arpipe's ``VAR`` as train_step.py builds it (depth 6 x 256, 4 heads, vocab 512, scales
   1,2,3,4,6,8 = 130 tokens) against VAR's ``VAR(vae, depth=6, embed_dim=256, num_heads=4,
   patch_nums=(1,2,3,4,6,8))`` with a narrow VQVAE backbone (only its quantizer is used: the
   teacher-forcing input for training, the next-scale input for sampling); sampling its
   ``autoregressive_infer_cfg(B, labels, cfg=1.5)`` against ``VAR.generate(labels,
-  cfg=linear_guidance_ramp(2.5, 6))`` (the same ramp in arpipe's convention), tokens only (the
+  cfg_scale=linear_guidance_ramp(2.5, 6))`` (the same ramp in arpipe's convention), tokens only (the
   authors' final decode is replaced by a no-op on their VQVAE instance, in the child process).
 
 Both sides: uniformly random tokens and labels, fp32 cross-entropy, backward, clip at 1.0, AdamW
@@ -166,10 +166,10 @@ def child(args) -> dict:
         def loss_fn():
             return F.cross_entropy(forward(tokens_BL, labels_B).float().flatten(0, 1), tokens_BL.flatten())
 
-        cfg = GUIDANCE["gpt"] if family == "gpt" else linear_guidance_ramp(1 + GUIDANCE["var"], len(SCALES))
+        cfg_scale = GUIDANCE["gpt"] if family == "gpt" else linear_guidance_ramp(1 + GUIDANCE["var"], len(SCALES))
 
         def sample():
-            model.generate(sample_labels, cfg=cfg, generator=torch.Generator().manual_seed(SEED))
+            model.generate(sample_labels, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(SEED))
 
     elif args.child == "llamagen":
         gpt, generate = _authors_llamagen(args.llamagen)

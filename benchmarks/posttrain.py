@@ -58,7 +58,7 @@ FAMILIES: dict[str, dict[str, dict]] = {
     "var": {
         # the benchmark's tokenizer: the earlier msvq recipe (share 2.0, 1000 steps; 28.1 dB, 1x1 usage
         # 77%), with which the README's post-training table was measured. Its guided VAR is the
-        # stronger one (cfg-3 FID 9.0 vs 12.1 with the share-16, 2000-step usage recipe).
+        # stronger one (FID at guidance 3: 9.0 vs 12.1 with the share-16, 2000-step usage recipe).
         "train_tokenizer": {
             "kind": "msvq",
             "steps": 1000,

@@ -214,7 +214,7 @@ def time_sampling(model, family: str, args, device: torch.device) -> tuple[float
     labels_B = torch.arange(args.sample_batch, device=device) % NUM_CLASSES
 
     def cached():
-        return model.generate(labels_B, cfg=1.0, generator=torch.Generator(device=device).manual_seed(SEED))
+        return model.generate(labels_B, cfg_scale=1.0, generator=torch.Generator(device=device).manual_seed(SEED))
 
     reference_BL = cached()  # untimed warm-up; its tokens are the reference for the check below
     cached_seconds = [timed(cached, device)[1] for _ in range(args.sample_repeats)]
@@ -339,7 +339,7 @@ def figures(results: list[Result], args, precision: str) -> dict:
     """What ``report`` printed, for benchmarks/results/train_step.json."""
     return {
         "config": {"batch": args.batch, "steps": args.steps, "warmup_steps": WARMUP_STEPS, "device": args.device,
-                   "precision": precision, "sample_batch": args.sample_batch, "sample_cfg": 1.0},
+                   "precision": precision, "sample_batch": args.sample_batch, "sample_cfg_scale": 1.0},
         "families": {
             r.family: {
                 "params": r.params, "seq_len": r.seq_len, "sample_steps": r.sample_steps,

@@ -63,6 +63,12 @@ def read_checkpoint(model_dir: str | Path, stage: str = "the stage that wrote it
     return load_file(weights_file), config
 
 
+def teacher_cfg_scale(record: dict[str, Any]) -> float:
+    """The teacher's guidance scale in a distilled checkpoint's ``teacher`` record or the pairs'
+    ``stage_config``: ``cfg_scale``, or ``cfg`` in files written before that key was renamed."""
+    return record["cfg_scale"] if "cfg_scale" in record else record["cfg"]
+
+
 def finetuned_config(stage: str, input_name: str, in_config: dict[str, Any], model_config: dict[str, Any],
                      stage_config: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """config.json of a checkpoint finetuned from ``in_config`` (a post-training stage's out): the

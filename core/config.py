@@ -24,6 +24,10 @@ T = TypeVar("T")
 
 PARAMS_FILE = Path("params.yaml")
 
+RENAMED = {"sample_cfg": "sample_cfg_scales", "fake_cfg": "fake_cfg_scale", "cfg": "cfg_scale"}
+"""Old key -> its new name, for a params file written before the rename: the unknown-key error names
+the new key when the section has it (``cfg`` only in ``distill_pairs``)."""
+
 
 class ConfigError(ValueError):
     """A params.yaml key is unknown, missing or mistyped; the message names it."""
@@ -120,7 +124,10 @@ def from_dict(cls: type[T], data: Any, *, prefix: str, complete: bool = False) -
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(fields))})")
+        name = unknown[0]
+        if RENAMED.get(name) in fields:
+            raise ConfigError(f"{prefix}.{name}: unknown key ({name} was renamed {RENAMED[name]}; rename it)")
+        raise ConfigError(f"{prefix}.{name}: unknown key (known keys: {', '.join(sorted(fields))})")
     hints = get_type_hints(cls)
     values = {name: _check(hints[name], data[name], f"{prefix}.{name}", complete) for name in fields if name in data}
     for name, field in fields.items():

@@ -93,13 +93,13 @@ class FinetuneConfig:
 class GuidedFinetuneConfig(FinetuneConfig):
     """A fine-tuned AR model's config (sar, cca, ddo): its sample grid has a block per guidance scale."""
 
-    sample_cfg: list[float] = field(default_factory=lambda: [1.0, 3.0])
+    sample_cfg_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
     """Guidance scales of the sample grid (1.0 = guidance-free)."""
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.sample_cfg:
-            raise ValueError("sample_cfg needs at least one guidance scale (1.0 = guidance-free)")
+        if not self.sample_cfg_scales:
+            raise ValueError("sample_cfg_scales needs at least one guidance scale (1.0 = guidance-free)")
 
 
 # 1. Setup: the accelerator, the input checkpoint, the optimizer, the resume state.
@@ -220,10 +220,10 @@ def write_finetuned(paths: Paths, stage: str, out_name: str, input_name: str, in
 
 def guided_sample_grid(sample_per_guidance: Callable, tokenizer, arch: str, cfg: GuidedFinetuneConfig):
     """``sample_grid`` for ``write_finetuned``: one row per class, guidance-free samples, then each
-    other scale of ``sample_cfg`` (the family's authors' sampling: ``models.ar.sample_per_guidance``)."""
+    other scale of ``sample_cfg_scales`` (the family's authors' sampling: ``models.ar.sample_per_guidance``)."""
 
     def sample_grid(model) -> np.ndarray:
-        samples = sample_per_guidance(model, tokenizer, arch, cfg.samples_per_class, cfg.sample_cfg, cfg.seed)
+        samples = sample_per_guidance(model, tokenizer, arch, cfg.samples_per_class, cfg.sample_cfg_scales, cfg.seed)
         return guidance_grid(samples, cfg.samples_per_class)
 
     return sample_grid

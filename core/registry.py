@@ -42,7 +42,7 @@ def champion_decision(candidate: float, champion: float | None, higher_is_better
 
 def sampler_signature(image_shape_HWC: tuple[int, int, int]):
     """The registered sampler's signature (arpipe/pyfunc_model.py): rows of ``label`` (a class name
-    or index, so any type), optional ``cfg`` (float guidance scale) and ``seed`` (int) in; one uint8
+    or index, so any type), optional ``cfg_scale`` (float guidance scale) and ``seed`` (int) in; one uint8
     image (N, H, W, C) per row out."""
     import numpy as np
     from mlflow.models import ModelSignature
@@ -52,7 +52,7 @@ def sampler_signature(image_shape_HWC: tuple[int, int, int]):
     inputs = Schema(
         [
             ColSpec(AnyType(), "label"),
-            ColSpec(DataType.double, "cfg", required=False),
+            ColSpec(DataType.double, "cfg_scale", required=False),
             ColSpec(DataType.long, "seed", required=False),
         ]
     )
@@ -64,7 +64,7 @@ def sampler_input_example():
     """Two rows a user could send: class 0 guidance-free, class 1 at guidance 2 with seed 7."""
     import pandas as pd
 
-    return pd.DataFrame({"label": [0, 1], "cfg": [1.0, 2.0], "seed": [0, 7]})
+    return pd.DataFrame({"label": [0, 1], "cfg_scale": [1.0, 2.0], "seed": [0, 7]})
 
 
 def log_pyfunc(

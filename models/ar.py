@@ -58,7 +58,7 @@ def sample_images(
     tokenizer: nn.Module,
     labels_N: torch.Tensor,
     *,
-    cfg: GuidanceSchedule = 1.0,
+    cfg_scale: GuidanceSchedule = 1.0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -71,14 +71,14 @@ def sample_images(
     Batch b draws from its own generator seeded ``seed·1_000_003 + first_batch + b``, so samples
     are not repeated across batches, a batch's images do not depend on how many batches come after,
     and a long run split into chunks (``first_batch`` = the chunk's first batch) draws the same.
-    ``cfg``: a guidance scale or one per step (``sampling.guidance_per_step``)."""
+    ``cfg_scale``: a guidance scale or one per step (``sampling.guidance_per_step``)."""
     device = next(model.parameters()).device
     images = []
     for b, start in enumerate(range(0, len(labels_N), batch_size)):
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + first_batch + b)
         labels_B = labels_N[start : start + batch_size].to(device)
         tokens_BL = model.generate(
-            labels_B, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            labels_B, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
         )
         x_BCHW = tokenizer.decode(tokens_BL)
         images.append(((x_BCHW + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
@@ -96,7 +96,7 @@ def sample_per_guidance(
     labels = torch.arange(model.num_classes).repeat_interleave(per_class)
     top_k, top_p = family_filters("auto", "auto", arch=arch, vocab_size=model.config.vocab_size)
     return [
-        sample_images(model, tokenizer, labels, cfg=guidance_per_step(scale, "auto", arch=arch, steps=model.steps),
-                      top_k=top_k, top_p=top_p, seed=seed).numpy()
+        sample_images(model, tokenizer, labels, top_k=top_k, top_p=top_p, seed=seed,
+                      cfg_scale=guidance_per_step(scale, "auto", arch=arch, steps=model.steps)).numpy()
         for scale in scales
     ]  # fmt: skip

@@ -143,17 +143,17 @@ def map_teacher(
     codebook_VD: torch.Tensor,
     grid: torch.Tensor,
     *,
-    cfg: GuidanceSchedule = 1.0,
+    cfg_scale: GuidanceSchedule = 1.0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     statistics: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The teacher's deterministic (label, noise) -> tokens_BL: its KV-cached ``generate`` with
-    every draw replaced by the flow-matching map (guidance ``cfg`` as in models/sampling.py)."""
+    every draw replaced by the flow-matching map (guidance ``cfg_scale`` as in models/sampling.py)."""
     draw = flow_draw(noise_BLD, codebook_VD, grid, tokens_per_step(model), temperature=temperature,
                      top_k=top_k, top_p=top_p, statistics=statistics)  # fmt: skip
-    return model.generate(labels_B, cfg=cfg, draw=draw)
+    return model.generate(labels_B, cfg_scale=cfg_scale, draw=draw)
 
 
 # -- the codebook-embedding space ---------------------------------------------------------------

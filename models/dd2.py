@@ -14,7 +14,7 @@ differences, and x0 regression has no 1/t² blow-up near t = 0.
 Pieces (the stage ``stages/distill2.py`` wires them):
 - ``teacher_denoiser``: D_T in row chunks with an analytic backward (no V-wide graph is kept);
 - ``teacher_log_probs``: the teacher's sampling distribution at every position for a given token
-  sequence (guidance per position, temperature, top-k/p), one teacher-forced pass (two with cfg);
+  sequence (guidance per position, temperature, top-k/p), one teacher-forced pass (two when guided);
 - ``ScoreHead``: MAR-style MLP with AdaLN over (x_t, t) conditioned on the trunk's hidden state,
   predicting x0; ``ARDiffusion`` = an AR trunk + that head (the GTS model and the fake score);
 - the losses: ``gts_loss`` (regress D_T), ``fcs_loss`` (denoising on generator samples),

@@ -305,11 +305,11 @@ def token_latency_ms(
     labels_N: torch.Tensor,
     *,
     steps: int | None = None,
-    cfg: float | list[float] = 1.0,
+    cfg_scale: float | list[float] = 1.0,
     seed: int = 0,
 ) -> float:
     """Mean milliseconds to generate ONE image's tokens, one label at a time (batch 1), decode
-    excluded: an AR teacher's KV-cached ``generate`` at guidance ``cfg`` (``steps`` None), or a
+    excluded: an AR teacher's KV-cached ``generate`` at guidance ``cfg_scale`` (``steps`` None), or a
     student's ``sample`` in ``steps`` passes, its noise drawn inside the timed call. The decoder
     is the same for both, so this is the part a distilled student changes. Latency rather than
     throughput is where the cut in sequential passes shows: on a GPU each small pass is
@@ -322,7 +322,7 @@ def token_latency_ms(
 
     def one(label_1: torch.Tensor) -> None:
         if steps is None:
-            model.generate(label_1, cfg=cfg, generator=torch.Generator(device=device).manual_seed(seed))
+            model.generate(label_1, cfg_scale=cfg_scale, generator=torch.Generator(device=device).manual_seed(seed))
         else:
             noise_1LD = torch.randn(1, model.seq_len, model.dd.code_dim, generator=generator)
             model.sample(noise_1LD.to(device), label_1, steps=steps)

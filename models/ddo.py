@@ -111,10 +111,10 @@ def sample_fakes(
     seed: int,
     batch_size: int = 256,
     tokenizer=None,
-    cfg: GuidanceSchedule = 1.0,
+    cfg_scale: GuidanceSchedule = 1.0,
 ) -> torch.Tensor:
     """Fake sequences (N, L) int64 from the reference, one per label, on the reference's device:
-    plain sampling (no guidance unless ``cfg``, temperature 1, no top-k/top-p), then
+    plain sampling (no guidance unless ``cfg_scale``, temperature 1, no top-k/top-p), then
     ``tokenizer_round_trip`` when a tokenizer is given. Batch b draws from its own generator seeded
     ``seed·1_000_003 + b``, so the fakes are a function of the reference's weights, the labels and
     the seed."""
@@ -123,6 +123,8 @@ def sample_fakes(
     for b, start in enumerate(range(0, len(labels_N), batch_size)):
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
         labels_B = labels_N[start : start + batch_size].to(device)
-        tokens_BL = reference.generate(labels_B, cfg=cfg, temperature=1.0, top_k=0, top_p=1.0, generator=generator)
+        tokens_BL = reference.generate(
+            labels_B, cfg_scale=cfg_scale, temperature=1.0, top_k=0, top_p=1.0, generator=generator
+        )
         out.append(tokenizer_round_trip(tokenizer, tokens_BL) if tokenizer is not None else tokens_BL)
     return torch.cat(out)

@@ -13,9 +13,9 @@ it with probability ``class_dropout``, which is what classifier-free guidance ne
 Shared AR interface (DESIGN.md §5, the same for ``models/var.py``):
     forward(tokens_BL, labels_B) -> logits_BLV        teacher-forced
     sequence_log_prob(tokens_BL, labels_B) -> logp_B  fp32 sum of token log-probs
-    generate(labels_B, *, cfg, temperature, top_k, top_p, generator) -> tokens_BL
+    generate(labels_B, *, cfg_scale, temperature, top_k, top_p, generator) -> tokens_BL
     steps, num_classes, null_class, config_dict()
-Guidance convention (models/sampling.py): logits = u + cfg·(c − u); ``cfg = 1.0`` is guidance-free.
+Guidance convention (models/sampling.py): logits = u + cfg_scale·(c − u); ``cfg_scale = 1.0`` is guidance-free.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ class GPT(ClassConditionalAR, nn.Module):
         self,
         labels_B: torch.Tensor,
         *,
-        cfg: GuidanceSchedule = 1.0,
+        cfg_scale: GuidanceSchedule = 1.0,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -235,7 +235,7 @@ class GPT(ClassConditionalAR, nn.Module):
     ) -> torch.Tensor:
         """Sample tokens_BL (int64) for ``labels_B`` one token per step with a preallocated KV cache.
 
-        ``cfg``: guidance scale, logits = u + cfg·(c − u) with c conditional and u null-class
+        ``cfg_scale``: guidance scale, logits = u + cfg_scale·(c − u) with c conditional and u null-class
         logits. ``1.0`` is guidance-free and runs only the conditional batch; any other value (or
         a per-step list/tensor/callable ``step -> scale``, see ``sampling.guidance_schedule``)
         runs conditional and null class together as one batch of 2B, and the token drawn from the
@@ -245,7 +245,7 @@ class GPT(ClassConditionalAR, nn.Module):
         (the temperature and filters are then the callable's; models/dd.py's flow-matching map is
         one). Dropout is off while sampling; the train/eval mode is restored afterwards.
         """
-        scales = guidance_schedule(cfg, self.steps)
+        scales = guidance_schedule(cfg_scale, self.steps)
         guided = any(scale != 1.0 for scale in scales)
         B, L = labels_B.shape[0], self.config.seq_len
         if guided:

@@ -10,7 +10,7 @@ builds the sampler that fits it; a caller loops over ``sampler.modes`` and draws
 - A distilled student (``StudentSampler``; config.json ``distilled``, from ``distill`` or
   ``distill2``): its guidance is baked in by the pairs, so its modes are step counts, ``1step`` and
   (a DD1 student with a kept prefix) ``2step``; it knows its ``teacher`` (config.json's record:
-  name, distillation guidance ``cfg`` and ``guidance_schedule``) for the comparisons made after
+  name, distillation guidance ``cfg_scale`` and ``guidance_schedule``) for the comparisons made after
   sampling.
 
 Both give uint8 (N, H, W, C) images on the CPU, batch b drawn from its own generator seeded
@@ -39,7 +39,7 @@ class SamplingSettings:
     """How an AR model is sampled; a student ignores them (its guidance is baked in)."""
 
     guidance: dict[str, float] = field(default_factory=lambda: {"cfg1": 1.0})
-    """Mode name -> guidance scale (logits = u + cfg·(c − u); 1.0 = guidance-free), in order."""
+    """Mode name -> guidance scale (logits = u + cfg_scale·(c − u); 1.0 = guidance-free), in order."""
     guidance_schedule: GuidanceScheduleName = "auto"
     """How each scale is spread over the steps (``models.sampling.guidance_per_step``)."""
     temperature: float = 1.0
@@ -109,12 +109,12 @@ class ARSampler:
         return self.model.steps
 
     def sample(self, labels_N: torch.Tensor, mode: str, *, seed: int, batch_size: int) -> torch.Tensor:
-        return sample_images(self.model, self.tokenizer, labels_N, cfg=self._per_step[mode],
+        return sample_images(self.model, self.tokenizer, labels_N, cfg_scale=self._per_step[mode],
                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=seed,
                              batch_size=batch_size)  # fmt: skip
 
     def token_latency_ms(self, labels_N: torch.Tensor, mode: str, *, seed: int) -> float:
-        return token_latency_ms(self.model, labels_N, cfg=self._per_step[mode], seed=seed)
+        return token_latency_ms(self.model, labels_N, cfg_scale=self._per_step[mode], seed=seed)
 
 
 class StudentSampler:

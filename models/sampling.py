@@ -38,14 +38,14 @@ def classifier_free_guidance(cond_logits: torch.Tensor, uncond_logits: torch.Ten
     return uncond_logits + scale * (cond_logits - uncond_logits)
 
 
-def guidance_schedule(cfg: GuidanceSchedule, steps: int) -> list[float]:
+def guidance_schedule(cfg_scale: GuidanceSchedule, steps: int) -> list[float]:
     """One guidance scale per sampling step from a constant, a per-step sequence or tensor, or a
     callable ``step_index -> scale``."""
-    if isinstance(cfg, int | float):
-        return [float(cfg)] * steps
-    if callable(cfg):
-        return [float(cfg(step)) for step in range(steps)]
-    scales = cfg.tolist() if isinstance(cfg, torch.Tensor) else [float(s) for s in cfg]
+    if isinstance(cfg_scale, int | float):
+        return [float(cfg_scale)] * steps
+    if callable(cfg_scale):
+        return [float(cfg_scale(step)) for step in range(steps)]
+    scales = cfg_scale.tolist() if isinstance(cfg_scale, torch.Tensor) else [float(s) for s in cfg_scale]
     if len(scales) != steps:
         raise ValueError(f"guidance schedule has {len(scales)} scales for {steps} steps")
     return scales
@@ -53,7 +53,7 @@ def guidance_schedule(cfg: GuidanceSchedule, steps: int) -> list[float]:
 
 def linear_guidance_ramp(final_scale: float, steps: int) -> list[float]:
     """Scales rising linearly from 1.0 (guidance-free) at step 0 to ``final_scale`` at the last step.
-    VAR's ``cfg=x`` ramp is ``linear_guidance_ramp(1 + x, steps)`` in this convention."""
+    VAR's own ``cfg=x`` ramp is ``linear_guidance_ramp(1 + x, steps)`` in this convention."""
     if steps == 1:
         return [float(final_scale)]
     return [1.0 + (final_scale - 1.0) * step / (steps - 1) for step in range(steps)]
@@ -72,7 +72,7 @@ FAMILY_SAMPLING = {
 
 
 def guidance_per_step(scale: float, schedule: str, *, arch: str, steps: int) -> float | list[float]:
-    """The ``cfg`` to give ``generate`` for a run at guidance ``scale`` (its strongest step) under
+    """The ``cfg_scale`` to give ``generate`` for a run at guidance ``scale`` (its strongest step) under
     ``schedule``: a float for a constant scale (the per-step path is then not taken at all), else
     one scale per step. ``arch`` ("gpt" / "var") picks the schedule for ``auto``."""
     if schedule == "auto":

@@ -87,7 +87,7 @@ class Config(GuidedFinetuneConfig):
     """Decay after warmup, to ``min_lr_ratio·lr`` at the last step (the LlamaGen recipe is constant)."""
     beta: float = 0.5
     """Inverse temperature of the reward β·(log p_θ − log p_ref). The optimum tilts the reference by
-    PMI/β, as CFG at scale s tilts by (s − 1)·PMI: 0.5 aims at cfg 3 (the paper's 0.02 on 576-680
+    PMI/β, as CFG at scale s tilts by (s − 1)·PMI: 0.5 aims at scale 3 (the paper's 0.02 on 576-680
     tokens is far from its optimum after one epoch; 16-21 tokens get there faster)."""
     lam: float = 30.0
     """λ: weight of the negative term, the guidance-strength knob (the loss is divided by max(λ, 1))."""

@@ -108,11 +108,11 @@ class Config(GuidedFinetuneConfig):
     """ρ: fraction of rows, real and fake, whose label is nulled; nulled fakes get no fake term."""
     round_trip: bool = True
     """Decode the fakes to pixels and encode them again, as the real tokens were made."""
-    fake_cfg: float = 1.0
-    """Guidance of the fakes (logits = u + cfg·(c − u)); 1.0 = none, the DDO protocol: the fakes are
+    fake_cfg_scale: float = 1.0
+    """Guidance of the fakes (logits = u + cfg_scale·(c − u)); 1.0 = none, the DDO protocol: the fakes are
     samples of the reference itself, which the loss's optimum assumes."""
     fake_guidance_schedule: GuidanceScheduleName = "auto"
-    """How ``fake_cfg`` spreads over the sampling steps: ``constant``, ``linear`` (VAR's ramp) or
+    """How ``fake_cfg_scale`` spreads over the sampling steps: ``constant``, ``linear`` (VAR's ramp) or
     ``auto``, the family's (gpt: constant, var: linear)."""
     keep_dropout: bool = False
     """Train the policy with its dropout / drop-path on (the reference is always deterministic)."""
@@ -161,12 +161,12 @@ def begin_round(
     cfg: Config, round_index: int, policy, reference, tokenizer, buffer: FakeBuffer, count: int, guidance=1.0
 ) -> None:
     """Freeze the policy's current weights as the reference and fill the buffer with its fakes
-    (``guidance``: ``generate``'s cfg, a scale or one per step)."""
+    (``guidance``: ``generate``'s ``cfg_scale``, a scale or one per step)."""
     reference.load_state_dict(policy.state_dict())
     labels_N = fake_labels(cfg, policy.num_classes, count, round_index)
     tokens_NL = sample_fakes(
         reference, labels_N, seed=cfg.seed * 1_000 + round_index, batch_size=cfg.sample_batch_size,
-        tokenizer=tokenizer if cfg.round_trip else None, cfg=guidance,
+        tokenizer=tokenizer if cfg.round_trip else None, cfg_scale=guidance,
     )  # fmt: skip
     buffer.round, buffer.tokens_NL, buffer.labels_N = round_index, tokens_NL.cpu(), labels_N
 
@@ -185,7 +185,7 @@ def run(cfg: Config, paths: Paths, tracker, on_step=None) -> dict:
     tokenizer, tok_config, raw_model, reference, in_config = load_models(cfg, paths)
     if cfg.rounds == 0:
         return _pass_through(cfg, paths, tracker, raw_model, in_config, accelerator)
-    fake_guidance = guidance_per_step(cfg.fake_cfg, cfg.fake_guidance_schedule, arch=in_config["arch"],
+    fake_guidance = guidance_per_step(cfg.fake_cfg_scale, cfg.fake_guidance_schedule, arch=in_config["arch"],
                                       steps=raw_model.steps)  # fmt: skip
     train = load_tokens(Path(paths.tokens) / "train.parquet", expected_fingerprint=tok_config["fingerprint"])
     per_round = steps_or_one_epoch(cfg.steps_per_round, cfg.batch_size, len(train.tokens_NL))

@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from core.checkpoint import read_checkpoint, write_checkpoint
+from core.checkpoint import read_checkpoint, teacher_cfg_scale, write_checkpoint
 from core.config import Paths
 from core.finetune import (
     FinetuneConfig,
@@ -276,7 +276,7 @@ def _write_outputs(cfg, paths, student, pairs, teacher_config, tok_config, token
             "name": meta["teacher"],
             "fingerprint": teacher_config["fingerprint"],
             "steps": len(student.step_sizes),
-            "cfg": meta["stage_config"]["cfg"],
+            "cfg_scale": teacher_cfg_scale(meta["stage_config"]),
             "guidance_schedule": meta["stage_config"].get("guidance_schedule", "constant"),
         },  # fmt: skip
         "pairs": {"count": len(pairs.labels_N), **meta["stage_config"]},

@@ -1,7 +1,7 @@
 """distill2: the teacher -> a one-step DD2 generator by conditional score distillation (either family).
 
 Reads ``paths.distill/pairs.parquet`` only for what ``distill_pairs`` decided: the teacher (its name
-and fingerprint), its sampling distribution (cfg, guidance schedule, temperature, top-k/p, so DD1
+and fingerprint), its sampling distribution (guidance scale and schedule, temperature, top-k/p, so DD1
 and DD2 share one target) and its exact samples (the tokens), which serve as GTS prefixes (no
 data beyond the teacher; the pairs' noise is not used). The math is ``models/dd2.py``.
 
@@ -45,7 +45,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from core.checkpoint import read_checkpoint, write_checkpoint
+from core.checkpoint import read_checkpoint, teacher_cfg_scale, write_checkpoint
 from core.config import Paths
 from core.finetune import end_step, optimizer_step, output_weights, restore_or_start, start_accelerator
 from core.images import image_grid, save_png
@@ -172,8 +172,8 @@ def load_teacher(cfg: Config, paths: Paths):
         )
     sampling = meta["stage_config"]
     arch = config["arch"]
-    guidance = guidance_per_step(sampling["cfg"], sampling.get("guidance_schedule", "constant"), arch=arch,
-                                 steps=teacher.steps)  # fmt: skip
+    guidance = guidance_per_step(teacher_cfg_scale(sampling), sampling.get("guidance_schedule", "constant"),
+                                 arch=arch, steps=teacher.steps)  # fmt: skip
     top_k, top_p = family_filters(sampling["top_k"], sampling["top_p"], arch=arch, vocab_size=teacher.config.vocab_size)
     guidance_L = per_position(guidance, tokens_per_step(teacher))
     sampler = TeacherSampler(
@@ -344,10 +344,13 @@ def _write_outputs(cfg, paths, generator, teacher, teacher_config, pairs, tok_co
             "name": meta["teacher"],
             "fingerprint": teacher_config["fingerprint"],
             "steps": len(generator.step_sizes),
-            "cfg": meta["stage_config"]["cfg"],
+            "cfg_scale": teacher_cfg_scale(meta["stage_config"]),
             "guidance_schedule": meta["stage_config"].get("guidance_schedule", "constant"),
         },
-        "sampling": {k: meta["stage_config"][k] for k in ("cfg", "guidance_schedule", "temperature", "top_k", "top_p")},
+        "sampling": {
+            "cfg_scale": teacher_cfg_scale(meta["stage_config"]),
+            **{k: meta["stage_config"][k] for k in ("guidance_schedule", "temperature", "top_k", "top_p")},
+        },
         "stage_config": dataclasses.asdict(cfg),
     }
     write_checkpoint(out_dir, generator.state_dict(), config)

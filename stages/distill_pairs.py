@@ -6,7 +6,7 @@ quantizer builds the teacher's inputs). Draws ``count`` rows: label ``n mod num_
 (class-balanced) and Gaussian noise (L positions × D code dimensions) from a generator seeded per
 row, and sends the noise through the teacher's KV-cached sampling with every draw replaced by
 DD1's deterministic flow-matching map (models/dd.py): one map per token (GPT) or per scale, all
-positions in parallel (VAR), with the teacher's guidance ``cfg`` and filters. No images needed.
+positions in parallel (VAR), with the teacher's guidance ``cfg_scale`` and filters. No images needed.
 
 Writes ``paths.distill/pairs.parquet`` (core/pair_store.py: noise as a fixed-size float32 list of
 L·D values per row, tokens as a fixed-size uint16 list, the teacher's name and fingerprint and the
@@ -48,12 +48,12 @@ class Config:
     """Pairs N to generate (DD1's FID keeps improving with N; each costs one teacher sampling)."""
     batch_size: int = 500
     """Rows sampled together (one KV cache); the pairs do not depend on it."""
-    cfg: float = 1.0
-    """Teacher guidance baked into the pairs (logits = u + cfg·(c − u); 1.0 = guidance-free, the
+    cfg_scale: float = 1.0
+    """Teacher guidance baked into the pairs (logits = u + cfg_scale·(c − u); 1.0 = guidance-free, the
     natural choice for a CCA/DDO teacher). The student cannot apply guidance afterwards."""
     guidance_schedule: GuidanceScheduleName = "auto"
-    """How ``cfg`` is spread over the teacher's steps: ``constant``, ``linear`` (1.0 at the first step
-    up to ``cfg`` at the last: VAR's ramp) or ``auto``, the family's (gpt: constant, var: linear)."""
+    """How ``cfg_scale`` is spread over the teacher's steps: ``constant``, ``linear`` (1.0 at the first
+    step up to ``cfg_scale`` at the last: VAR's ramp) or ``auto``, the family's (gpt: constant, var: linear)."""
     temperature: float = 1.0
     top_k: int | Literal["auto"] = "auto"
     """0 = off; ``auto``: the family's (gpt: off, var: 900, capped at the vocabulary)."""
@@ -116,7 +116,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     grid = ode_grid(cfg.ode_steps, cfg.t_min, cfg.spacing)
     seq_len, code_dim, num_classes = teacher.config.seq_len, codebook_VD.shape[1], teacher.num_classes
     arch = teacher_config["arch"]
-    guidance = guidance_per_step(cfg.cfg, cfg.guidance_schedule, arch=arch, steps=teacher.steps)
+    guidance = guidance_per_step(cfg.cfg_scale, cfg.guidance_schedule, arch=arch, steps=teacher.steps)
     top_k, top_p = family_filters(cfg.top_k, cfg.top_p, arch=arch, vocab_size=teacher.config.vocab_size)
     meta = {
         "teacher": cfg.teacher,
@@ -134,7 +134,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
     out = Path(paths.distill) / PAIRS_FILE
     print(
         f"{STAGE}: {cfg.count} pairs from {paths.models}/{cfg.teacher} ({meta['arch']}, {teacher.steps} steps, "
-        f"cfg {cfg.cfg:g}) through a {cfg.ode_steps}-step flow-matching map to t_min {cfg.t_min:g}, "
+        f"cfg_scale {cfg.cfg_scale:g}) through a {cfg.ode_steps}-step flow-matching map to t_min {cfg.t_min:g}, "
         f"noise {seq_len}x{code_dim} per image -> {out}"
     )
     writer = PairWriter(out, meta)
@@ -149,7 +149,7 @@ def run(cfg: Config, paths: Paths, tracker) -> dict:
             noise_BLD = row_noise(cfg, start, rows, seq_len, code_dim)
             statistics: dict = {}
             tokens_BL = map_teacher(
-                teacher, labels_B.to(device), noise_BLD.to(device), codebook_VD, grid, cfg=guidance,
+                teacher, labels_B.to(device), noise_BLD.to(device), codebook_VD, grid, cfg_scale=guidance,
                 temperature=cfg.temperature, top_k=top_k, top_p=top_p, statistics=statistics,
             ).cpu()  # fmt: skip
             writer.write(labels_B.numpy(), noise_BLD.numpy(), tokens_BL.numpy())

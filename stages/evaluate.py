@@ -71,7 +71,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from core.checkpoint import read_checkpoint
+from core.checkpoint import read_checkpoint, teacher_cfg_scale
 from core.config import Paths
 from core.eval_registry import registry_record
 from core.eval_report import DISTILLED, DISTILLED2, guidance_key, report_markdown
@@ -111,8 +111,8 @@ class Config:
     samples_per_class: int = 100
     """Samples per class for each checkpoint and guidance scale."""
     cfg_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
-    """Guidance scales (logits = u + cfg·(c − u)); 1.0 = guidance-free, always evaluated. Under a
-    ramp the scale is the last step's (VAR's ``cfg = 1.5`` is 2.5 here)."""
+    """Guidance scales (logits = u + cfg_scale·(c − u)); 1.0 = guidance-free, always evaluated. Under a
+    ramp the scale is the last step's (VAR's own ``cfg = 1.5`` is 2.5 here)."""
     guidance_schedule: GuidanceScheduleName = "auto"
     """How each scale is spread over the sampling steps: ``constant``, ``linear`` (1.0 at the first
     step up to the scale at the last: VAR's ramp over scales) or ``auto``, each family's authors'
@@ -414,8 +414,9 @@ def _gap_closed(results: dict, teachers: dict) -> None:
     if DISTILLED not in teachers or DISTILLED2 not in teachers:
         return
     dd1, dd2 = teachers[DISTILLED], teachers[DISTILLED2]
-    same = (dd1["name"], dd1.get("fingerprint"), dd1["cfg"]) == (dd2["name"], dd2.get("fingerprint"), dd2["cfg"])
-    teacher_row = results.get(dd2["name"], {}).get(guidance_key(dd2["cfg"]))
+    distilled_from = lambda teacher: (teacher["name"], teacher.get("fingerprint"), teacher_cfg_scale(teacher))
+    same = distilled_from(dd1) == distilled_from(dd2)
+    teacher_row = results.get(dd2["name"], {}).get(guidance_key(teacher_cfg_scale(dd2)))
     if not same or teacher_row is None:
         print(f"{STAGE}: {DISTILLED2}: no gap closed vs DD1 (different teachers, or the teacher not scored here)")
         return
@@ -432,13 +433,14 @@ def _compare_with_teacher(cfg: Config, name: str, samplers: dict, results: dict,
     guidance, timed in this run (the teacher is sampled again for timing if that guidance was not
     among ``cfg_scales``). Skipped when the teacher checkpoint is not evaluated here."""
     student, teacher = samplers[name], samplers[name].teacher
-    teacher_name, guidance = teacher["name"], guidance_key(teacher["cfg"])
+    teacher_name, scale = teacher["name"], teacher_cfg_scale(teacher)
+    guidance = guidance_key(scale)
     if teacher_name not in samplers:
         print(f"{STAGE}: {name}: teacher {teacher_name} is not evaluated here; no speed-up or FID ratio")
         return
     # the pairs' guidance, spread as distill_pairs spread it (students before the schedule: constant)
     at_distillation = samplers[teacher_name].with_guidance(
-        {guidance: (teacher["cfg"], teacher.get("guidance_schedule", "constant"))}
+        {guidance: (scale, teacher.get("guidance_schedule", "constant"))}
     )
     teacher_speed = speed[teacher_name]
     key = f"{guidance}_images_per_s"

@@ -11,7 +11,7 @@ the model's ``class_dropout`` for classifier-free guidance.
 Writes:
 - ``paths.models/base/model.safetensors`` + ``config.json`` (arch, architecture, tokenizer
   fingerprint, token layout, class names, this stage's params, fingerprint) and ``samples.png``
-  (one row per class; guidance-free on the left, then each ``sample_cfg`` scale)
+  (one row per class; guidance-free on the left, then each ``sample_cfg_scales`` scale)
 - ``paths.plots/pretrain/{train,val}.csv`` and ``metrics/pretrain.json``
 
 With ``init_from: champion`` the model starts from the registered champion that the
@@ -127,8 +127,8 @@ class Config:
     """Steps between resume states (0 = never)."""
     samples_per_class: int = 8
     """Columns of the sample grid, per guidance scale."""
-    sample_cfg: list[float] = field(default_factory=lambda: [1.0, 3.0])
-    """Guidance scales of the sample grids (1.0 = guidance-free; logits = u + cfg·(c − u))."""
+    sample_cfg_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
+    """Guidance scales of the sample grids (1.0 = guidance-free; logits = u + cfg_scale·(c − u))."""
     launcher: str = ""
     """accelerate config file to run under (e.g. accelerate/cpu-2proc.yaml); "" = this process."""
     init_from: Literal["scratch", "champion", "released"] = "scratch"
@@ -171,8 +171,8 @@ class Config:
             raise ValueError("grad_clip, save_every and sample_every must be >= 0")
         if not (self.ema_decay == 0 or 0 < self.ema_decay < 1):
             raise ValueError(f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}")
-        if not self.sample_cfg:
-            raise ValueError("sample_cfg needs at least one guidance scale (1.0 = guidance-free)")
+        if not self.sample_cfg_scales:
+            raise ValueError("sample_cfg_scales needs at least one guidance scale (1.0 = guidance-free)")
         if self.init_version < 0 or (self.init_version and self.init_from != "champion"):
             raise ValueError(
                 f"init_version {self.init_version} needs init_from: champion and must be >= 1 (0 = the champion)"
@@ -275,8 +275,8 @@ def evaluate(model, tokens_NL: np.ndarray, labels_N: np.ndarray, token_layout: d
 
 def sample_grid(model, tokenizer, cfg: Config) -> np.ndarray:
     """One row per class: ``samples_per_class`` guidance-free samples, then the same for each other
-    scale in ``sample_cfg``, separated by a blank column (the family's authors' sampling)."""
-    samples = sample_per_guidance(model, tokenizer, cfg.arch, cfg.samples_per_class, cfg.sample_cfg, cfg.seed)
+    scale in ``sample_cfg_scales``, separated by a blank column (the family's authors' sampling)."""
+    samples = sample_per_guidance(model, tokenizer, cfg.arch, cfg.samples_per_class, cfg.sample_cfg_scales, cfg.seed)
     return guidance_grid(samples, cfg.samples_per_class)
 
 
@@ -514,7 +514,7 @@ def _write_outputs(cfg, paths, model, arch_config, tok_config, train, val, token
     _write_csv(plots / "val.csv", ("step", "val_loss", "val_token_acc"), history["val"])
     scores = evaluate(model, val.tokens_NL, val.labels_N, val.token_layout)
     last = history["train"][-1] if history["train"] else None  # None: imported, not trained (steps 0)
-    num_samples = arch_config["num_classes"] * cfg.samples_per_class * len(cfg.sample_cfg)
+    num_samples = arch_config["num_classes"] * cfg.samples_per_class * len(cfg.sample_cfg_scales)
     timed = history["train"][1:] or history["train"]  # the first window includes warm-up
     trained = {"train_loss": last["loss"], "train_token_acc": last["token_acc"]} if last else {}
     metrics = {**scores, **trained, "steps": cfg.steps}

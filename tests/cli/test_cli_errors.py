@@ -86,13 +86,14 @@ def test_sample_says_when_the_checkpoint_is_a_tokenizer(tmp_path):
 def test_sample_refuses_guidance_on_the_distilled_student_and_steps_on_an_ar_model(tmp_path):
     fingerprint = _tokenizer(tmp_path / "tokenizer")
     student = tmp_path / "distilled"
-    teacher = {"name": "ddo", "cfg": 3.0}
+    teacher = {"name": "ddo", "cfg": 3.0}  # the key before it was renamed cfg_scale: old checkpoints still read
     _checkpoint(student, {"distilled": True, "tokenizer_fingerprint": fingerprint, "class_names": ["a", "b"],
                           "teacher": teacher})  # fmt: skip
     args = ["sample", "--checkpoint", str(student), "--tokenizer", str(tmp_path / "tokenizer")]
-    result = arpipe(*args, "--cfg", "3", cwd=tmp_path)
+    result = arpipe(*args, "--cfg-scale", "3", cwd=tmp_path)
     assert result.returncode == 2
-    assert "is a distilled student: its teacher's guidance (cfg 3.0)" in result.stderr and "--cfg" in result.stderr
+    assert "is a distilled student: its teacher's guidance (cfg_scale 3.0)" in result.stderr
+    assert "drop --cfg-scale" in result.stderr
     model = tmp_path / "base"
     _checkpoint(model, {"arch": "gpt", "tokenizer_fingerprint": fingerprint, "class_names": ["a", "b"]})
     steps = arpipe("sample", "--checkpoint", str(model), "--tokenizer", str(tmp_path / "tokenizer"), "--steps", "2",

@@ -97,7 +97,7 @@ def test_imported_folders_load_like_trained_ones_and_compute_the_authors_outputs
 def test_arpipe_sample_draws_from_an_imported_model_with_its_imported_tokenizer(imported, tmp_path):
     out = tmp_path / "grid.png"
     result = invoke("sample", "--checkpoint", imported["base"], "--tokenizer", imported["tok"], "--classes",
-                    "class 3,7", "--n", 2, "--cfg", 2.0, "--out", out)  # fmt: skip
+                    "class 3,7", "--n", 2, "--cfg-scale", 2.0, "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert out.stat().st_size > 0 and "4 samples" in result.output
 
@@ -208,7 +208,7 @@ def test_var_files_import_through_the_cli_and_sample_with_vars_ramp(tmp_path):
     assert "heads = depth" in message
     out = tmp_path / "grid.png"
     result = invoke("sample", "--checkpoint", base, "--tokenizer", tok, "--classes", "class 1,class 2", "--n", 2,
-                    "--cfg", 2.5,
+                    "--cfg-scale", 2.5,
                     "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert out.stat().st_size > 0
@@ -221,7 +221,7 @@ def test_arpipe_sample_writes_an_adm_sample_batch(imported, tmp_path):
 
     out = tmp_path / "samples.npz"
     result = invoke("sample", "--checkpoint", imported["base"], "--tokenizer", imported["tok"], "--classes", "class 3",
-                    "--npz", out, "--n", 8, "--batch", 4, "--cfg", 2.0)  # fmt: skip
+                    "--npz", out, "--n", 8, "--batch", 4, "--cfg-scale", 2.0)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "8 samples of 1 classes as an ADM sample batch" in result.output
     with np.load(out) as batch:
@@ -231,6 +231,6 @@ def test_arpipe_sample_writes_an_adm_sample_batch(imported, tmp_path):
     assert not out.with_name(out.name + ".partial").exists()
     again = tmp_path / "again.npz"
     invoke("sample", "--checkpoint", imported["base"], "--tokenizer", imported["tok"], "--classes", "class 3",
-           "--npz", again, "--n", 8, "--batch", 4, "--cfg", 2.0)  # fmt: skip
+           "--npz", again, "--n", 8, "--batch", 4, "--cfg-scale", 2.0)  # fmt: skip
     with np.load(again) as batch:
         assert np.array_equal(batch["arr_0"], images)  # deterministic

@@ -130,3 +130,22 @@ def test_a_key_deleted_from_params_yaml_fails_by_name(section):
 def test_a_config_round_trips_through_plain_params():
     cfg = Example(size=3, scales=(4, 5), inner=Inner(rate=0.5))
     assert from_dict(Example, as_params(cfg), prefix="ex", complete=True) == cfg
+
+
+@pytest.mark.parametrize(
+    "section, old, new",
+    [("pretrain", "sample_cfg", "sample_cfg_scales"), ("ddo", "sample_cfg", "sample_cfg_scales"),
+     ("ddo", "fake_cfg", "fake_cfg_scale"), ("distill_pairs", "cfg", "cfg_scale")],
+)  # fmt: skip
+def test_a_renamed_key_fails_naming_its_new_name(section, old, new):
+    """A params file from before the guidance-scale rename fails in one line that names the new key."""
+    params = read_params(REPO / "params.yaml")
+    params[section][old] = params[section].pop(new)
+    with pytest.raises(ConfigError) as info:
+        load_section(params, section, section_classes(params)[section])
+    assert str(info.value) == f"{section}.{old}: unknown key ({old} was renamed {new}; rename it)"
+
+
+def test_an_old_name_without_its_new_key_in_the_section_is_only_unknown():
+    with pytest.raises(ConfigError, match=r"^ex\.cfg: unknown key \(known keys: "):
+        from_dict(Example, {"size": 1, "cfg": 2.0}, prefix="ex")

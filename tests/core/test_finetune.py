@@ -28,10 +28,10 @@ class Tiny(GuidedFinetuneConfig):
 
 def test_a_stage_config_redeclares_base_fields_in_place_with_its_default_and_docstring():
     names = [f.name for f in dataclasses.fields(Tiny)]
-    assert names[:2] == ["batch_size", "lr"] and names[-2:] == ["sample_cfg", "beta"]
+    assert names[:2] == ["batch_size", "lr"] and names[-2:] == ["sample_cfg_scales", "beta"]
     assert names.index("save_every") == [f.name for f in dataclasses.fields(FinetuneConfig)].index("save_every")
     cfg = Tiny()
-    assert (cfg.save_every, cfg.sample_cfg, cfg.betas) == (7, [1.0, 3.0], (0.9, 0.95))
+    assert (cfg.save_every, cfg.sample_cfg_scales, cfg.betas) == (7, [1.0, 3.0], (0.9, 0.95))
     docs = field_docs(Tiny)
     assert docs["batch_size"] == "Rows per step." and docs["beta"] == "The objective's own field."
     assert docs["save_every"] == "" and docs["lr"] == ""  # re-declared without one: none, not the base's
@@ -40,7 +40,7 @@ def test_a_stage_config_redeclares_base_fields_in_place_with_its_default_and_doc
 
 @pytest.mark.parametrize(
     "bad, key", [({"batch_size": 0}, "batch_size"), ({"warmup_steps": -1}, "warmup_steps"), ({"lr": 0.0}, "lr"),
-                 ({"sample_cfg": []}, "sample_cfg")],
+                 ({"sample_cfg_scales": []}, "sample_cfg_scales")],
 )  # fmt: skip
 def test_bad_values_fail_naming_the_field(bad, key):
     with pytest.raises(ValueError, match=key):

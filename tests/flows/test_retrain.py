@@ -125,7 +125,7 @@ def test_a_larger_image_size_runs_the_chain_with_every_size_derived(tmp_path):
     params["shard"]["num_workers"] = 0
     params["train_tokenizer"].update(steps=4, batch_size=16, num_grid=2)
     params["pretrain"].update(steps=4, batch_size=16, warmup_steps=1, log_every=2, eval_every=4, save_every=0,
-                              samples_per_class=1, sample_cfg=[1.0])  # fmt: skip
+                              samples_per_class=1, sample_cfg_scales=[1.0])  # fmt: skip
     project = make_project(tmp_path / "project", params=params)
     env = {
         **os.environ,

@@ -111,13 +111,13 @@ def test_teacher_through_the_map_is_deterministic_and_follows_its_probabilities(
     eps = torch.randn(300, L, 4, generator=torch.Generator().manual_seed(0))
     statistics: dict = {}
     grid = ode_grid(48, 0.01)
-    tokens = map_teacher(model, labels, eps, codebook, grid, cfg=2.0, statistics=statistics)
+    tokens = map_teacher(model, labels, eps, codebook, grid, cfg_scale=2.0, statistics=statistics)
     assert tokens.shape == (300, L) and tokens.dtype == torch.int64
-    assert torch.equal(tokens, map_teacher(model, labels, eps, codebook, grid, cfg=2.0))
+    assert torch.equal(tokens, map_teacher(model, labels, eps, codebook, grid, cfg_scale=2.0))
     # E[−log p(q)] = H(p) when q ~ p: the mean NLL of the mapped tokens matches the mean entropy
     entropy, nll = float(statistics["entropy_B"].mean()), float(statistics["nll_B"].mean())
     assert abs(nll - entropy) < 0.05 * entropy, (nll, entropy)
-    assert not torch.equal(tokens, map_teacher(model, labels, eps.roll(1, dims=0), codebook, grid, cfg=2.0))
+    assert not torch.equal(tokens, map_teacher(model, labels, eps.roll(1, dims=0), codebook, grid, cfg_scale=2.0))
 
 
 def test_var_maps_a_whole_scale_per_step_from_each_positions_own_noise():

@@ -132,8 +132,8 @@ class FixedSampler(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.calls = []
 
-    def generate(self, labels_B, *, cfg, temperature, top_k, top_p, generator):
-        self.calls.append({"cfg": cfg, "temperature": temperature, "top_k": top_k, "top_p": top_p})
+    def generate(self, labels_B, *, cfg_scale, temperature, top_k, top_p, generator):
+        self.calls.append({"cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p})
         return torch.randint(0, 8, (len(labels_B), 3), generator=generator)
 
 
@@ -142,7 +142,7 @@ def test_fakes_are_plain_samples_seeded_per_batch():
     labels = torch.arange(10)
     first = sample_fakes(sampler, labels, seed=4, batch_size=4)
     assert first.shape == (10, 3)
-    assert all(call == {"cfg": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0} for call in sampler.calls)
+    assert all(call == {"cfg_scale": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0} for call in sampler.calls)
     assert torch.equal(first, sample_fakes(sampler, labels, seed=4, batch_size=4))
     assert not torch.equal(first, sample_fakes(sampler, labels, seed=5, batch_size=4))
     # batch b's draws do not depend on the batches after it

@@ -147,7 +147,7 @@ def test_label_dropout_rate_and_generator():
 # -- generation --------------------------------------------------------------------------------
 
 
-def greedy_by_recompute(model: GPT, labels: torch.Tensor, cfg: float) -> torch.Tensor:
+def greedy_by_recompute(model: GPT, labels: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     """Greedy decoding that recomputes the whole prefix each step, without any cache."""
     tokens = torch.zeros(labels.shape[0], model.steps, dtype=torch.long)
     null = torch.full_like(labels, model.null_class)
@@ -155,37 +155,37 @@ def greedy_by_recompute(model: GPT, labels: torch.Tensor, cfg: float) -> torch.T
         for step in range(model.steps):
             cond = model(tokens[:, : step + 1], labels)[:, step]
             uncond = model(tokens[:, : step + 1], null)[:, step]
-            tokens[:, step] = classifier_free_guidance(cond, uncond, cfg).argmax(dim=-1)
+            tokens[:, step] = classifier_free_guidance(cond, uncond, cfg_scale).argmax(dim=-1)
     return tokens
 
 
-@pytest.mark.parametrize("cfg", [1.0, 3.0])
-def test_kv_cached_generation_equals_recompute(cfg):
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_kv_cached_generation_equals_recompute(cfg_scale):
     model = tiny_model()
     labels = torch.tensor([0, 1, 2, 1, 0])
-    cached = model.generate(labels, cfg=cfg, top_k=1, generator=torch.Generator().manual_seed(0))
+    cached = model.generate(labels, cfg_scale=cfg_scale, top_k=1, generator=torch.Generator().manual_seed(0))
     assert cached.shape == (5, model.steps) and cached.dtype == torch.long
-    assert torch.equal(cached, greedy_by_recompute(model, labels, cfg))
-    assert torch.equal(cached, model.generate(labels, cfg=cfg, temperature=0.0))
+    assert torch.equal(cached, greedy_by_recompute(model, labels, cfg_scale))
+    assert torch.equal(cached, model.generate(labels, cfg_scale=cfg_scale, temperature=0.0))
 
 
 def test_guidance_changes_samples_and_accepts_a_schedule():
     model = tiny_model()
     labels = torch.tensor([0, 1, 2, 1, 0, 2, 2, 1])
     plain = model.generate(labels, temperature=0.0)
-    guided = model.generate(labels, cfg=4.0, temperature=0.0)
+    guided = model.generate(labels, cfg_scale=4.0, temperature=0.0)
     assert not torch.equal(plain, guided)
-    schedule = model.generate(labels, cfg=[4.0] * model.steps, temperature=0.0)
+    schedule = model.generate(labels, cfg_scale=[4.0] * model.steps, temperature=0.0)
     assert torch.equal(schedule, guided)
-    assert torch.equal(model.generate(labels, cfg=lambda step: 4.0, temperature=0.0), guided)
+    assert torch.equal(model.generate(labels, cfg_scale=lambda step: 4.0, temperature=0.0), guided)
 
 
 def test_cfg_one_samples_from_the_conditional_model():
-    """cfg=1.0 draws from exactly the conditional distribution: the same draws as a sampler over
+    """cfg_scale=1.0 draws from exactly the conditional distribution: the same draws as a sampler over
     plain conditional forward() logits with the same generator."""
     model = tiny_model()
     labels = torch.tensor([0, 1, 2, 0])
-    sampled = model.generate(labels, cfg=1.0, generator=torch.Generator().manual_seed(3))
+    sampled = model.generate(labels, cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(3)
     tokens = torch.zeros_like(sampled)
     with torch.no_grad():
@@ -198,9 +198,9 @@ def test_cfg_one_samples_from_the_conditional_model():
 def test_sampling_is_reproducible_per_seed_and_restores_train_mode():
     model = tiny_model().train()
     labels = torch.arange(8) % CLASSES
-    first = model.generate(labels, cfg=2.0, top_p=0.9, generator=torch.Generator().manual_seed(1))
-    again = model.generate(labels, cfg=2.0, top_p=0.9, generator=torch.Generator().manual_seed(1))
-    other = model.generate(labels, cfg=2.0, top_p=0.9, generator=torch.Generator().manual_seed(2))
+    first = model.generate(labels, cfg_scale=2.0, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    again = model.generate(labels, cfg_scale=2.0, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    other = model.generate(labels, cfg_scale=2.0, top_p=0.9, generator=torch.Generator().manual_seed(2))
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     assert model.training

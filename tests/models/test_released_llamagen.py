@@ -85,7 +85,7 @@ def test_gpt_teacher_forced_logits_and_greedy_samples_match_the_authors(gpt_fixt
     # their KV-cached generate, greedy: the class token's zero rotation holds in our cache too
     real_labels = case["input/labels"][:-1]
     assert torch.equal(model.generate(real_labels, temperature=0.0), case["output/greedy"])
-    assert torch.equal(model.generate(real_labels, cfg=2.0, temperature=0.0), case["output/greedy_cfg2"])
+    assert torch.equal(model.generate(real_labels, cfg_scale=2.0, temperature=0.0), case["output/greedy_cfg2"])
 
 
 @torch.no_grad()

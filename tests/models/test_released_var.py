@@ -68,7 +68,7 @@ def test_imported_models_compute_what_the_authors_code_computes():
         assert (logits - var_data["out.logits"]).abs().max() < 1e-3
         # VAR's sampler at cfg 1.5 (its ramp t = 1.5·k/(K−1)) is ours at linear_guidance_ramp(2.5)
         tokens = model.generate(
-            var_data["in.sample_labels"], cfg=linear_guidance_ramp(1 + sampling["cfg"], model.steps),
+            var_data["in.sample_labels"], cfg_scale=linear_guidance_ramp(1 + sampling["cfg"], model.steps),
             top_k=sampling["top_k"], top_p=sampling["top_p"],
             generator=torch.Generator().manual_seed(sampling["seed"]),
         )  # fmt: skip
@@ -246,8 +246,9 @@ def test_imported_var_samples_with_the_ramp():
     model = ar_from_state(var.state_dict, var.config, tokenizer)
     labels = torch.tensor([0, 5, 9])
 
-    def sample(cfg):
-        return model.generate(labels, cfg=cfg, top_k=32, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    def sample(cfg_scale):
+        generator = torch.Generator().manual_seed(3)
+        return model.generate(labels, cfg_scale=cfg_scale, top_k=32, top_p=0.9, generator=generator)
 
     ramped = sample(guidance_per_step(4.0, "auto", arch="var", steps=model.steps))
     assert torch.equal(ramped, sample([1.0, 2.0, 3.0, 4.0]))

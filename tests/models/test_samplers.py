@@ -40,7 +40,7 @@ def student_checkpoint(tokenizer, two_step_at: int = 4) -> tuple[dict, dict]:
     dd = DDConfig(code_dim=codebook_VD.shape[1], split=12 if two_step_at else 0, two_step_at=two_step_at)
     student = student_from_teacher("gpt", teacher, dd, codebook_VD)
     config = {"arch": "gpt", "model": teacher.config_dict(), "dd": dataclasses.asdict(dd), "distilled": True,
-              "teacher": {"name": "base", "cfg": 2.0, "guidance_schedule": "constant"}}  # fmt: skip
+              "teacher": {"name": "base", "cfg_scale": 2.0, "guidance_schedule": "constant"}}  # fmt: skip
     return student.state_dict(), config
 
 
@@ -60,7 +60,7 @@ def test_one_factory_gives_each_checkpoint_its_modes_behind_the_same_calls(token
             assert torch.equal(images, sampler.sample(LABELS, mode, seed=3, batch_size=2))
         assert sampler.token_latency_ms(LABELS[:2], sampler.modes[-1], seed=0) > 0
     # the same draws as the family's own sampling functions
-    expected = sample_images(ar.model, tokenizer, LABELS, cfg=3.0, seed=3, batch_size=2)
+    expected = sample_images(ar.model, tokenizer, LABELS, cfg_scale=3.0, seed=3, batch_size=2)
     assert torch.equal(ar.sample(LABELS, "cfg3", seed=3, batch_size=2), expected)
     expected = sample_distilled_images(student.student, tokenizer, LABELS, steps=2, seed=3, batch_size=2)
     assert torch.equal(student.sample(LABELS, "2step", seed=3, batch_size=2), expected)
@@ -76,5 +76,5 @@ def test_a_teacher_at_its_distillation_guidance_shares_the_model_and_the_filters
     ar = sampler_from_state(*ar_checkpoint(), tokenizer, SamplingSettings(guidance={"cfg1": 1.0}, temperature=0.9))
     teacher = ar.with_guidance({"cfg2": (2.0, "constant")})
     assert teacher.modes == ("cfg2",) and teacher.model is ar.model and teacher.temperature == 0.9
-    expected = sample_images(ar.model, tokenizer, LABELS, cfg=2.0, temperature=0.9, seed=0, batch_size=5)
+    expected = sample_images(ar.model, tokenizer, LABELS, cfg_scale=2.0, temperature=0.9, seed=0, batch_size=5)
     assert torch.equal(teacher.sample(LABELS, "cfg2", seed=0, batch_size=5), expected)

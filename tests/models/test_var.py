@@ -268,18 +268,18 @@ def sample_by_recompute(model: VAR, labels: torch.Tensor, scales: list[float], s
 
 
 @pytest.mark.parametrize(
-    "cfg, overrides",
+    "cfg_scale, overrides",
     [(1.0, {}), (2.0, {}), (linear_guidance_ramp(3.0, 4), {}), (2.0, {"attn_l2_norm": True})],
     ids=["guidance-free", "cfg2", "linear-ramp", "cfg2-cosine-attention"],
 )
-def test_kv_cached_generation_equals_recompute(cfg, overrides):
+def test_kv_cached_generation_equals_recompute(cfg_scale, overrides):
     model = tiny_model(**overrides)
     labels = torch.tensor([0, 1, 2, 1, 0])
-    scales = cfg if isinstance(cfg, list) else [cfg] * model.steps
-    cached = model.generate(labels, cfg=cfg, generator=torch.Generator().manual_seed(0))
+    scales = cfg_scale if isinstance(cfg_scale, list) else [cfg_scale] * model.steps
+    cached = model.generate(labels, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(0))
     assert cached.shape == (5, SEQ_LEN) and cached.dtype == torch.long
     assert torch.equal(cached, sample_by_recompute(model, labels, scales, seed=0))
-    greedy = model.generate(labels, cfg=cfg, temperature=0.0)
+    greedy = model.generate(labels, cfg_scale=cfg_scale, temperature=0.0)
     assert torch.equal(greedy, sample_by_recompute(model, labels, scales, seed=0, temperature=0.0))
 
 
@@ -287,7 +287,7 @@ def test_cfg_zero_samples_from_the_null_class():
     """u + 0·(c − u) = u: guidance 0 draws what the null label draws without guidance."""
     model = tiny_model()
     labels = torch.tensor([0, 1, 2, 0])
-    unconditional = model.generate(labels, cfg=0.0, generator=torch.Generator().manual_seed(5))
+    unconditional = model.generate(labels, cfg_scale=0.0, generator=torch.Generator().manual_seed(5))
     null = torch.full_like(labels, model.null_class)
     assert torch.equal(unconditional, model.generate(null, generator=torch.Generator().manual_seed(5)))
 
@@ -296,20 +296,20 @@ def test_guidance_changes_samples_and_accepts_a_schedule():
     model = tiny_model()
     labels = torch.tensor([0, 1, 2, 1, 0, 2, 2, 1])
     plain = model.generate(labels, temperature=0.0)
-    guided = model.generate(labels, cfg=4.0, temperature=0.0)
+    guided = model.generate(labels, cfg_scale=4.0, temperature=0.0)
     assert not torch.equal(plain, guided)
-    assert torch.equal(model.generate(labels, cfg=[4.0] * model.steps, temperature=0.0), guided)
-    assert torch.equal(model.generate(labels, cfg=lambda step: 4.0, temperature=0.0), guided)
+    assert torch.equal(model.generate(labels, cfg_scale=[4.0] * model.steps, temperature=0.0), guided)
+    assert torch.equal(model.generate(labels, cfg_scale=lambda step: 4.0, temperature=0.0), guided)
     with pytest.raises(ValueError, match="4 steps"):
-        model.generate(labels, cfg=[4.0] * 30)
+        model.generate(labels, cfg_scale=[4.0] * 30)
 
 
 def test_sampling_is_reproducible_per_seed_and_restores_train_mode():
     model = tiny_model().train()
     labels = torch.arange(8) % CLASSES
-    first = model.generate(labels, cfg=2.0, top_p=0.9, generator=torch.Generator().manual_seed(1))
-    again = model.generate(labels, cfg=2.0, top_p=0.9, generator=torch.Generator().manual_seed(1))
-    other = model.generate(labels, cfg=2.0, top_p=0.9, generator=torch.Generator().manual_seed(2))
+    first = model.generate(labels, cfg_scale=2.0, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    again = model.generate(labels, cfg_scale=2.0, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    other = model.generate(labels, cfg_scale=2.0, top_p=0.9, generator=torch.Generator().manual_seed(2))
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     assert model.training

@@ -31,7 +31,7 @@ def bases(tiny_caches, tmp_path_factory):
                                     plots=str(root / kind / "p"), metrics=str(root / kind / "m"))  # fmt: skip
         base = pretrain.Config(
             arch=arch, model=TINY_MODEL, steps=12, batch_size=16, lr=3e-3, warmup_steps=2, log_every=4,
-            eval_every=12, save_every=0, samples_per_class=1, sample_cfg=[1.0],
+            eval_every=12, save_every=0, samples_per_class=1, sample_cfg_scales=[1.0],
         )  # fmt: skip
         pretrain.run(base, paths, NullTracker())
         out[arch] = paths
@@ -41,7 +41,7 @@ def bases(tiny_caches, tmp_path_factory):
 def tiny(**overrides) -> Config:
     values = dict(input="base", rounds=2, steps_per_round=3, batch_size=16, lr=1e-3, alpha=2.0, beta=0.5,
                   log_every=1, save_every=2, sample_batch_size=32, samples_per_class=1,
-                  sample_cfg=[1.0, 2.0])  # fmt: skip
+                  sample_cfg_scales=[1.0, 2.0])  # fmt: skip
     return Config(**{**values, **overrides})
 
 
@@ -94,7 +94,7 @@ def test_finetunes_in_rounds_and_writes_a_loadable_sampleable_checkpoint(bases, 
     tok_state, tok_config = read_checkpoint(paths.tokenizer)
     tokenizer = tokenizer_from_state(tok_state, tok_config)
     model = ar_from_state(state, config, tokenizer)
-    images = sample_images(model, tokenizer, torch.tensor([0, 1]), cfg=2.0, seed=3)
+    images = sample_images(model, tokenizer, torch.tensor([0, 1]), cfg_scale=2.0, seed=3)
     assert images.shape == (2, 8, 8, 3) and images.dtype == torch.uint8
     assert (Path(paths.models) / "ddo" / "samples.png").is_file()
     assert not any(Path(paths.resume).rglob("checkpoint_*")), "resume state is removed after success"

@@ -32,7 +32,7 @@ def teachers(tiny_caches, tmp_path_factory):
         )  # fmt: skip
         base = pretrain.Config(
             arch=arch, model=TINY_MODEL, steps=12, batch_size=16, lr=3e-3, warmup_steps=2, log_every=4,
-            eval_every=12, save_every=0, samples_per_class=1, sample_cfg=[1.0],
+            eval_every=12, save_every=0, samples_per_class=1, sample_cfg_scales=[1.0],
         )  # fmt: skip
         pretrain.run(base, paths, NullTracker())
         pairs_metrics = distill_pairs.run(tiny_pairs(), paths, NullTracker())
@@ -41,7 +41,7 @@ def teachers(tiny_caches, tmp_path_factory):
 
 
 def tiny_pairs(**overrides) -> distill_pairs.Config:
-    values = dict(teacher="base", count=96, batch_size=40, cfg=2.0, ode_steps=12, t_min=0.02)
+    values = dict(teacher="base", count=96, batch_size=40, cfg_scale=2.0, ode_steps=12, t_min=0.02)
     return distill_pairs.Config(**{**values, **overrides})
 
 
@@ -84,7 +84,8 @@ def test_pairs_round_trip_with_the_teachers_fingerprint_and_follow_the_teacher(t
     assert pairs.noise_NLD.shape == (96, seq_len, codebook.shape[1]) and pairs.noise_NLD.dtype == np.float32
     assert pairs.tokens_NL.shape == (96, seq_len) and pairs.tokens_NL.dtype == np.uint16
     assert np.array_equal(pairs.labels_N, np.arange(96) % 10), "class-balanced labels"
-    assert pairs.meta["teacher"] == "base" and pairs.meta["arch"] == arch and pairs.meta["stage_config"]["cfg"] == 2.0
+    assert pairs.meta["teacher"] == "base" and pairs.meta["arch"] == arch
+    assert pairs.meta["stage_config"]["cfg_scale"] == 2.0
     # the stored tokens are the teacher's map of the stored noise (rows 38..42 straddle two batches of 40)
     teacher = ar_from_state(*read_checkpoint(Path(paths.models) / "base"), tokenizer)
     rows = slice(38, 43)
@@ -93,7 +94,7 @@ def test_pairs_round_trip_with_the_teachers_fingerprint_and_follow_the_teacher(t
     top_k, top_p = family_filters("auto", "auto", arch=arch, vocab_size=teacher.config.vocab_size)
     assert (guidance, top_k, top_p) == ((2.0, 0, 1.0) if arch == "gpt" else ([1.0, 1.5, 2.0], 32, 0.96))
     again = map_teacher(teacher, torch.from_numpy(pairs.labels_N[rows]).long(), torch.from_numpy(pairs.noise_NLD[rows]),
-                        codebook, ode_grid(12, 0.02), cfg=guidance, top_k=top_k, top_p=top_p)  # fmt: skip
+                        codebook, ode_grid(12, 0.02), cfg_scale=guidance, top_k=top_k, top_p=top_p)  # fmt: skip
     assert np.array_equal(again.numpy(), pairs.tokens_NL[rows])
     assert metrics["count"] == 96 and metrics["codes_used"] > 1
     assert abs(metrics["mapped_nll_per_token"] - metrics["teacher_entropy_per_token"]) < 0.25
@@ -136,7 +137,7 @@ def test_distills_a_loadable_student_whose_one_step_samples_decode(teachers, tmp
     state, config = read_checkpoint(Path(paths.models) / "distilled")
     assert config["distilled"] is True and config["stage"] == "distill" and config["arch"] == arch
     assert config["teacher"]["name"] == "base" and config["teacher"]["fingerprint"] == base_config["fingerprint"]
-    assert config["model"] == base_config["model"] and config["teacher"]["cfg"] == 2.0
+    assert config["model"] == base_config["model"] and config["teacher"]["cfg_scale"] == 2.0
     assert 1 <= config["dd"]["two_step_at"] <= config["dd"]["split"]
     assert {"val_agreement_1step", "val_agreement_2step", "train_loss", "train_ce", "train_mse"} <= set(metrics)
     assert [r["step"] for r in csv.DictReader(open(Path(paths.plots) / "distill" / "train.csv"))] == ["2", "4", "6"]
@@ -166,7 +167,7 @@ def test_distills_a_loadable_student_whose_one_step_samples_decode(teachers, tmp
         args = ["sample", "--checkpoint", str(Path(paths.models) / "distilled"), "--tokenizer", paths.tokenizer]
         result = CliRunner().invoke(cli, [*args, "--classes", "0,3", "--n", "2", "--steps", steps, "--out", str(out)])
         assert result.exit_code == 0, result.output
-        assert f"distilled student, {steps}-step (teacher base at cfg 2.0)" in result.output
+        assert f"distilled student, {steps}-step (teacher base at cfg_scale 2.0)" in result.output
         assert Image.open(out).size[0] >= 2 * 8
 
 

@@ -20,7 +20,7 @@ KIND_OF = {"gpt": "vq", "var": "msvq"}
 
 @pytest.fixture(scope="module")
 def teachers(tiny_caches, tmp_path_factory):
-    """Per family: the shared tiny tokenizer, a tiny ``base`` teacher and its pairs at cfg 2 (read-only)."""
+    """Per family: the shared tiny tokenizer, a tiny ``base`` teacher and its pairs at guidance 2 (read-only)."""
     root = tmp_path_factory.mktemp("distill2-teachers")
     out = {}
     for arch, kind in KIND_OF.items():
@@ -30,10 +30,10 @@ def teachers(tiny_caches, tmp_path_factory):
         )  # fmt: skip
         base = pretrain.Config(
             arch=arch, model=TINY_MODEL, steps=12, batch_size=16, lr=3e-3, warmup_steps=2, log_every=4,
-            eval_every=12, save_every=0, samples_per_class=1, sample_cfg=[1.0],
+            eval_every=12, save_every=0, samples_per_class=1, sample_cfg_scales=[1.0],
         )  # fmt: skip
         pretrain.run(base, paths, NullTracker())
-        pairs = distill_pairs.Config(teacher="base", count=48, batch_size=48, cfg=2.0, ode_steps=8, t_min=0.02)
+        pairs = distill_pairs.Config(teacher="base", count=48, batch_size=48, cfg_scale=2.0, ode_steps=8, t_min=0.02)
         distill_pairs.run(pairs, paths, NullTracker())
         out[arch] = paths
     return out
@@ -66,7 +66,7 @@ def test_writes_a_one_step_generator_that_evaluate_and_sample_load(teachers, tmp
     assert config["distilled"] is True and config["stage"] == "distill2" and config["arch"] == arch
     assert config["dd"]["split"] == 0 and config["dd"]["two_step_at"] == 0 and config["dd2"]["t_gen"] == 0.5
     assert config["teacher"]["name"] == "base" and config["teacher"]["fingerprint"] == base_config["fingerprint"]
-    assert config["teacher"]["cfg"] == 2.0 and config["model"] == base_config["model"]
+    assert config["teacher"]["cfg_scale"] == 2.0 and config["model"] == base_config["model"]
     assert {"gen_nll_per_token", "teacher_entropy_per_token", "codes_used", "train_gts_loss", "train_csd_loss"} <= set(
         metrics
     )

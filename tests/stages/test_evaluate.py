@@ -202,18 +202,18 @@ def test_registered_champion_loads_as_pyfunc_and_samples_offline(chain, tmp_path
     signature = model.metadata.signature  # what the MLflow UI shows under the model's schema
     assert signature.inputs.to_dict() == [
         {"type": "any", "name": "label", "required": True},
-        {"type": "double", "name": "cfg", "required": False},
+        {"type": "double", "name": "cfg_scale", "required": False},
         {"type": "long", "name": "seed", "required": False},
     ]
     assert signature.outputs.to_dict() == [
         {"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, 8, 8, 3)}}
     ]
     example = model.input_example  # logged beside the signature; the model samples it as sent
-    assert list(example.columns) == ["label", "cfg", "seed"]
+    assert list(example.columns) == ["label", "cfg_scale", "seed"]
     assert model.predict(example).shape == (len(example), 8, 8, 3)
-    images = model.predict(pd.DataFrame({"label": [0, "1", 2], "cfg": [1.0, 2.0, 2.0], "seed": [0, 0, 1]}))
+    images = model.predict(pd.DataFrame({"label": [0, "1", 2], "cfg_scale": [1.0, 2.0, 2.0], "seed": [0, 0, 1]}))
     assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
-    again = model.predict(pd.DataFrame({"label": [0], "cfg": [1.0], "seed": [0]}))
+    again = model.predict(pd.DataFrame({"label": [0], "cfg_scale": [1.0], "seed": [0]}))
     np.testing.assert_array_equal(again[0], images[0])  # same seed, same image
     with pytest.raises(ValueError, match="unknown class 'zebra'"):
         model.predict(pd.DataFrame({"label": ["zebra"]}))
@@ -229,7 +229,7 @@ def test_arpipe_sample_writes_one_row_per_class_and_refuses_unknown_classes(chai
     out = tmp_path / "grid.png"
     base = str(Path(chain.models) / "base")
     args = ["sample", "--checkpoint", base, "--tokenizer", chain.tokenizer, "--classes", "3,7", "--n", "4"]
-    result = CliRunner().invoke(cli, [*args, "--cfg", "2", "--out", str(out)])
+    result = CliRunner().invoke(cli, [*args, "--cfg-scale", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "8 samples (4 per class: 3, 7)" in result.output
     width, height = Image.open(out).size
@@ -366,7 +366,7 @@ def test_the_distilled_student_is_scored_at_one_and_two_steps_against_its_teache
     (models / "base").symlink_to(Path(chain.models) / "base")
     outs = {name: str(tmp_path / name) for name in ("distill", "eval", "metrics", "plots", "resume", "last_run")}
     paths = dataclasses.replace(chain, models=str(models), **outs)
-    pairs = distill_pairs.Config(teacher="base", count=64, batch_size=32, cfg=2.0, ode_steps=8, t_min=0.02)
+    pairs = distill_pairs.Config(teacher="base", count=64, batch_size=32, cfg_scale=2.0, ode_steps=8, t_min=0.02)
     distill_pairs.run(pairs, paths, NullTracker())
     distill.run(distill.Config(steps=4, batch_size=16, warmup_steps=1, val_count=8, save_every=0, samples_per_class=1),
                 paths, NullTracker())  # fmt: skip
@@ -445,7 +445,7 @@ def test_the_dd2_generator_is_scored_at_one_step_with_the_gap_closed_vs_dd1(chai
     (models / "base").symlink_to(Path(chain.models) / "base")
     outs = {name: str(tmp_path / name) for name in ("distill", "eval", "metrics", "plots", "resume", "last_run")}
     paths = dataclasses.replace(chain, models=str(models), **outs)
-    pairs = distill_pairs.Config(teacher="base", count=32, batch_size=32, cfg=2.0, ode_steps=8, t_min=0.02)
+    pairs = distill_pairs.Config(teacher="base", count=32, batch_size=32, cfg_scale=2.0, ode_steps=8, t_min=0.02)
     distill_pairs.run(pairs, paths, NullTracker())
     distill.run(distill.Config(steps=2, batch_size=16, warmup_steps=1, val_count=8, save_every=0, samples_per_class=1),
                 paths, NullTracker())  # fmt: skip

@@ -39,7 +39,7 @@ def tiny(arch="gpt", **overrides) -> Config:
         eval_every=4,
         save_every=2,
         samples_per_class=1,
-        sample_cfg=[1.0, 2.0],
+        sample_cfg_scales=[1.0, 2.0],
     )
     return Config(**{**values, **overrides})
 
@@ -79,7 +79,7 @@ def test_trains_and_writes_a_loadable_sampleable_checkpoint(caches, tmp_path, ar
     # the written checkpoint rebuilds, samples, and decodes to images of the data's size
     tokenizer = tokenizer_from_state(tok_state, tok_config)
     model = ar_from_state(state, config, tokenizer)
-    images = sample_images(model, tokenizer, torch.tensor([0, 1]), cfg=2.0, seed=3)
+    images = sample_images(model, tokenizer, torch.tensor([0, 1]), cfg_scale=2.0, seed=3)
     assert images.shape == (2, 8, 8, 3) and images.dtype == torch.uint8
     assert (Path(paths.models) / "base" / "samples.png").is_file()
     assert not any(Path(paths.resume).rglob("checkpoint_*")), "resume state is removed after success"

@@ -23,7 +23,7 @@ MODEL = {"depth": 2, "width": 32, "heads": 2, "token_dropout": 0.0, "resid_dropo
 
 def tiny(**overrides) -> Config:
     values = dict(model=dict(MODEL), steps=2, batch_size=16, warmup_steps=1, log_every=1, eval_every=2,
-                  save_every=0, samples_per_class=1, sample_cfg=[1.0])  # fmt: skip
+                  save_every=0, samples_per_class=1, sample_cfg_scales=[1.0])  # fmt: skip
     return Config(**{**values, **overrides})
 
 

@@ -48,7 +48,7 @@ def imported_tokenizer(**overrides) -> train_tokenizer.Config:
 
 def imported_gpt(**overrides) -> pretrain.Config:
     values = dict(arch="gpt", model={}, init_from="released", released=GPT, steps=0, samples_per_class=1,
-                  sample_cfg=[1.0])  # fmt: skip
+                  sample_cfg_scales=[1.0])  # fmt: skip
     return pretrain.Config(**{**values, **overrides})
 
 
@@ -111,7 +111,7 @@ def test_cca_and_arpipe_sample_run_on_a_model_imported_by_hand(project, tmp_path
                              heads=4)  # fmt: skip
     assert config["stage"] == "import" and "stage_config" not in config
     cfg = cca.Config(input="base", steps=2, batch_size=8, lr=1e-4, log_every=1, save_every=0, samples_per_class=1,
-                     sample_cfg=[1.0])  # fmt: skip
+                     sample_cfg_scales=[1.0])  # fmt: skip
     metrics = cca.run(cfg, paths, NullTracker())
     assert metrics["steps"] == 2
     state, config = read_checkpoint(tmp_path / "models" / "cca")
@@ -144,9 +144,9 @@ def test_the_rest_of_the_chain_runs_on_the_imported_gpt(project, tmp_path):
     paths = dataclasses.replace(project, resume=str(tmp_path / "resume"), **outs)
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "base").symlink_to(Path(project.models) / "base")
-    assert "skipped" in sar.run(sar.Config(samples_per_class=1, sample_cfg=[1.0]), paths, NullTracker())
+    assert "skipped" in sar.run(sar.Config(samples_per_class=1, sample_cfg_scales=[1.0]), paths, NullTracker())
     ddo_cfg = ddo.Config(input="sar", rounds=1, steps_per_round=2, batch_size=8, sample_batch_size=16, log_every=1,
-                         save_every=0, samples_per_class=1, sample_cfg=[1.0])  # fmt: skip
+                         save_every=0, samples_per_class=1, sample_cfg_scales=[1.0])  # fmt: skip
     assert ddo.run(ddo_cfg, paths, NullTracker())["steps"] == 2
     pairs = distill_pairs.Config(teacher="ddo", count=32, batch_size=16, ode_steps=4, t_min=0.05)
     distill_pairs.run(pairs, paths, NullTracker())
@@ -268,13 +268,14 @@ def test_the_var_recipe_runs_on_imported_var_files(project, tmp_path):
     pretrain.run(imported_gpt(arch="var", released=model, model={"depth": 2}), paths, NullTracker())
     assert read_checkpoint(Path(paths.models) / "base")[1]["model"]["attn_l2_norm"] is True
     refine = sar.Config(steps=2, batch_size=8, log_every=1, save_every=0, rollout="sample", rollout_guidance=1.2,
-                        rollout_top_k=900, samples_per_class=1, sample_cfg=[1.0])  # fmt: skip
+                        rollout_top_k=900, samples_per_class=1, sample_cfg_scales=[1.0])  # fmt: skip
     assert sar.run(refine, paths, NullTracker())["steps"] == 2
     assert cca.run(cca.Config(input="sar", skip=True), paths, NullTracker())["skipped"]
     ddo_cfg = ddo.Config(input="sar", rounds=1, steps_per_round=2, batch_size=8, sample_batch_size=16, log_every=1,
-                         save_every=0, samples_per_class=1, sample_cfg=[1.0])  # fmt: skip
+                         save_every=0, samples_per_class=1, sample_cfg_scales=[1.0])  # fmt: skip
     assert ddo.run(ddo_cfg, paths, NullTracker())["steps"] == 2
     out = tmp_path / "grid.png"
-    args = ["--checkpoint", str(Path(paths.models) / "ddo"), "--tokenizer", paths.tokenizer, "--n", "1", "--cfg", "2.5"]
+    args = ["--checkpoint", str(Path(paths.models) / "ddo"), "--tokenizer", paths.tokenizer, "--n", "1",
+            "--cfg-scale", "2.5"]  # fmt: skip
     result = CliRunner().invoke(cli, ["sample", *args, "--classes", "1,7", "--out", str(out)])
     assert result.exit_code == 0, result.output

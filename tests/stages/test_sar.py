@@ -51,7 +51,7 @@ def bases(tiny_caches, tmp_path_factory):
         model = TINY_MODEL if arch == "var" else {k: v for k, v in TINY_MODEL.items() if k != "drop_path"}
         base = pretrain.Config(
             arch=arch, model=model, steps=12, batch_size=16, lr=3e-3, warmup_steps=2, log_every=4,
-            eval_every=12, save_every=0, samples_per_class=1, sample_cfg=[1.0],
+            eval_every=12, save_every=0, samples_per_class=1, sample_cfg_scales=[1.0],
         )  # fmt: skip
         pretrain.run(base, paths, NullTracker())
         out[arch] = paths
@@ -60,7 +60,7 @@ def bases(tiny_caches, tmp_path_factory):
 
 def tiny(**overrides) -> Config:
     values = dict(steps=6, batch_size=16, lr=1e-3, log_every=2, save_every=2, samples_per_class=1,
-                  sample_cfg=[1.0, 2.0])  # fmt: skip
+                  sample_cfg_scales=[1.0, 2.0])  # fmt: skip
     return Config(**{**values, **overrides})
 
 
@@ -116,7 +116,7 @@ def test_refines_a_var_and_writes_a_checkpoint_evaluate_and_cca_can_read(bases, 
     tok_state, tok_config = read_checkpoint(paths.tokenizer)
     tokenizer = tokenizer_from_state(tok_state, tok_config)
     model = ar_from_state(state, config, tokenizer)
-    assert sample_images(model, tokenizer, torch.tensor([0, 1]), cfg=2.0, seed=3).shape == (2, 8, 8, 3)
+    assert sample_images(model, tokenizer, torch.tensor([0, 1]), cfg_scale=2.0, seed=3).shape == (2, 8, 8, 3)
     _, _, policy, reference, in_config = cca.load_models(cca.Config(input="sar"), paths)
     assert in_config["fingerprint"] == config["fingerprint"]
     assert all(torch.equal(policy.state_dict()[k], state[k]) for k in state)
