@@ -121,7 +121,8 @@ def report_markdown(
             "`evaluate_speed.json` in `paths.last_run` and MLflow, `distilled2/1step_*`): "
             f"FID / teacher's {row.get('fid_vs_teacher', float('nan')):.2f}x, sequential passes {passes:g} / 1"
             + (f"; gap closed vs DD1's one step (FID_DD1 − FID_DD2) / (FID_DD1 − FID_teacher) = {gap:.2f}"
-               if gap is not None else "; gap closed vs DD1: not available (DD1 or the teacher not scored here)")
+               if gap is not None else "; gap closed vs DD1: not available (DD1's one step not above its "
+                                        "teacher's FID, or DD1 or the teacher not scored here)")
             + ".",
             "",
         ]  # fmt: skip

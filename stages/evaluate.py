@@ -410,7 +410,8 @@ def _fid_line(guidance: str, metrics: dict) -> str:
 def _gap_closed(results: dict, teachers: dict) -> None:
     """DD2's one-step FID gap to the teacher against DD1's: ``(FID_DD1 − FID_DD2) / (FID_DD1 −
     FID_teacher)`` at the teacher's distillation guidance, in every feature space scored; only when
-    both students distil the same teacher at the same guidance and all three were scored here."""
+    both students distil the same teacher at the same guidance, all three were scored here and DD1's FID
+    is above the teacher's (otherwise the ratio divides by a gap that is not there)."""
     if DISTILLED not in teachers or DISTILLED2 not in teachers:
         return
     dd1, dd2 = teachers[DISTILLED], teachers[DISTILLED2]
@@ -425,7 +426,11 @@ def _gap_closed(results: dict, teachers: dict) -> None:
             continue
         fid_dd1, fid_dd2 = results[DISTILLED]["1step"][prefix + "fid"], results[DISTILLED2]["1step"][prefix + "fid"]
         gap = fid_dd1 - teacher_row[prefix + "fid"]
-        results[DISTILLED2]["1step"][prefix + "gap_closed_vs_dd1"] = (fid_dd1 - fid_dd2) / gap if gap else float("nan")
+        if gap <= 0:  # DD1 already scores at or below its teacher: there is no gap for DD2 to close
+            print(f"{STAGE}: {DISTILLED2}: no {prefix}gap closed vs DD1: DD1's one-step {prefix}FID {fid_dd1:.3f} is "
+                  f"not above the teacher's {teacher_row[prefix + 'fid']:.3f}")  # fmt: skip
+            continue
+        results[DISTILLED2]["1step"][prefix + "gap_closed_vs_dd1"] = (fid_dd1 - fid_dd2) / gap
 
 
 def _compare_with_teacher(cfg: Config, name: str, samplers: dict, results: dict, speed: dict, labels_N) -> None:

@@ -454,10 +454,32 @@ def test_the_dd2_generator_is_scored_at_one_step_with_the_gap_closed_vs_dd1(chai
     metrics = run(tiny(register=False), paths, NullTracker())
     assert set(metrics["distilled2"]) == {"1step"}, "a DD2 generator samples in one step only"
     block, dd1 = metrics["distilled2"]["1step"], metrics["distilled"]["1step"]
-    assert set(block) == {*evaluate.METRICS, *INTERVAL, "fid_vs_teacher", "gap_closed_vs_dd1"}
     teacher_fid = metrics["base"]["cfg2"]["fid"]
-    assert block["gap_closed_vs_dd1"] == pytest.approx((dd1["fid"] - block["fid"]) / (dd1["fid"] - teacher_fid))
+    if dd1["fid"] > teacher_fid:  # the ratio exists only where DD1 left a gap to its teacher
+        assert set(block) == {*evaluate.METRICS, *INTERVAL, "fid_vs_teacher", "gap_closed_vs_dd1"}
+        assert block["gap_closed_vs_dd1"] == pytest.approx((dd1["fid"] - block["fid"]) / (dd1["fid"] - teacher_fid))
+    else:
+        assert set(block) == {*evaluate.METRICS, *INTERVAL, "fid_vs_teacher"}
     speed = json.loads((tmp_path / "last_run" / "evaluate_speed.json").read_text())["distilled2"]
     assert speed["1step_step_reduction"] == 16 and speed["1step_latency_speedup"] > 0
     report = (tmp_path / "eval" / "report.md").read_text()
-    assert "| distilled2 | 1step |" in report and "gap closed vs DD1's one step" in report
+    assert "| distilled2 | 1step |" in report and "gap closed vs DD1" in report
+
+
+def test_the_gap_closed_vs_dd1_is_left_out_when_dd1_is_not_above_its_teacher():
+    """``(FID_DD1 − FID_DD2) / (FID_DD1 − FID_teacher)`` divides by DD1's gap to the teacher: when DD1
+    already scores at or below the teacher there is nothing to close, and a ratio would mislead."""
+    teacher = {"name": "base", "fingerprint": "f", "cfg_scale": 1.0}
+    teachers = {evaluate.DISTILLED: teacher, evaluate.DISTILLED2: dict(teacher)}
+
+    def results(fid_dd1):
+        return {"base": {"cfg1": {"fid": 4.0}}, evaluate.DISTILLED: {"1step": {"fid": fid_dd1}},
+                evaluate.DISTILLED2: {"1step": {"fid": 5.0}}}  # fmt: skip
+
+    behind = results(6.0)
+    evaluate._gap_closed(behind, teachers)
+    assert behind[evaluate.DISTILLED2]["1step"]["gap_closed_vs_dd1"] == pytest.approx(0.5)  # (6 - 5) / (6 - 4)
+    for fid_dd1 in (4.0, 3.5):  # level with the teacher, or below it
+        ahead = results(fid_dd1)
+        evaluate._gap_closed(ahead, teachers)
+        assert "gap_closed_vs_dd1" not in ahead[evaluate.DISTILLED2]["1step"]
