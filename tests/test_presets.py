@@ -1,4 +1,4 @@
-"""The ImageNet-256 presets load through the stages' own strict Config parsing, and `arpipe plan`
+"""The presets (ImageNet-256, photos) load through the stages' own strict Config parsing, and `arpipe plan`
 sizes them (and the default params) correctly: published parameter counts, FLOPs, memory."""
 
 import importlib
@@ -16,12 +16,17 @@ PRESETS = sorted((REPO / "presets").glob("*.yaml"))
 SPECIAL = {"paths": Paths, "durable": DurableConfig}
 
 
-def test_there_are_both_presets():
+IMAGENET = [p for p in PRESETS if not p.stem.startswith("photos-")]
+
+
+def test_there_are_the_imagenet_and_the_photo_presets():
     assert {p.stem for p in PRESETS} == {
         "imagenet256-var-d16",
         "imagenet256-gpt-b",
         "llamagen-gpt-b-cca",
         "var-d16-sar-ddo",
+        "photos-gpt",
+        "photos-var",
     }
 
 
@@ -33,6 +38,8 @@ def test_every_section_loads_strictly_and_matches_params_yaml(preset):
     for section in params:
         cls = SPECIAL.get(section) or importlib.import_module(f"stages.{section}").Config
         load_section(params, section, cls)
+    if preset not in IMAGENET:
+        return
     assert params["shard"]["image_size"] == 256  # the tokenizer, evalnet and AR model take their sizes from it
     assert params["pretrain"]["launcher"] and (REPO / params["pretrain"]["launcher"]).is_file()
 
@@ -41,7 +48,7 @@ def test_every_section_loads_strictly_and_matches_params_yaml(preset):
 def plans():
     from arpipe.plan import plan_models
 
-    return {p.stem: plan_models(read_params(p), gpus=8, num_classes=1000) for p in PRESETS}
+    return {p.stem: plan_models(read_params(p), gpus=8, num_classes=1000) for p in IMAGENET}
 
 
 def test_var_d16_and_gpt_b_have_their_published_sizes(plans):
@@ -167,7 +174,7 @@ def test_the_released_presets_restate_exactly_the_released_architectures():
         assert ar_body["arch"] == ar["arch"] and tok_body["kind"] == tok["kind"]
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("preset", IMAGENET, ids=lambda p: p.stem)
 def test_plan_takes_the_class_count_from_the_preset_not_the_local_shards(preset, tmp_path):
     import os
     import subprocess
@@ -182,3 +189,57 @@ def test_plan_takes_the_class_count_from_the_preset_not_the_local_shards(preset,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == f"{preset}: 1000 classes (shard.num_classes), 8 GPU(s)"
+
+
+def _flat(node, prefix=""):
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for key, value in node.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+PHOTO_RECIPE = {
+    "shard.source",
+    "shard.source_path",
+    "shard.image_size",
+    "train_tokenizer.model.codebook_size",
+    "train_tokenizer.steps",
+    "train_tokenizer.recon_loss",
+    "cache_tokens.hflip",
+}
+VAR_RECIPE = {
+    "train_tokenizer.kind",
+    "train_tokenizer.model.z_channels",
+    "train_tokenizer.model.scales",
+    "train_tokenizer.model.restart_max_total_share",
+    "pretrain.arch",
+    "pretrain.model.token_dropout",
+    "pretrain.model.drop_path",
+    "cca.lam",
+    "ddo.alpha",
+    "ddo.beta",
+}
+
+
+def test_the_photo_presets_are_params_yaml_plus_the_measured_photo_recipe():
+    """A default changed in params.yaml reaches the photo presets: they differ from it only in the
+    recipe's keys (docs/experiments.md, "Photo recipe"), so they cannot drift from it unseen."""
+    shipped = _flat(read_params(REPO / "params.yaml"))
+    for stem, recipe in (("photos-gpt", PHOTO_RECIPE), ("photos-var", PHOTO_RECIPE | VAR_RECIPE)):
+        preset = _flat(read_params(REPO / "presets" / f"{stem}.yaml"))
+        changed = {key for key in shipped.keys() | preset.keys() if shipped.get(key) != preset.get(key)}
+        assert changed == recipe, f"{stem}: {sorted(changed ^ recipe)}"
+
+
+def test_the_photo_presets_model_64_and_130_tokens_of_32_px_photos():
+    from arpipe.plan import plan_models
+
+    gpt = read_params(REPO / "presets" / "photos-gpt.yaml")
+    var = read_params(REPO / "presets" / "photos-var.yaml")
+    assert gpt["shard"]["source"] == var["shard"]["source"] == "imagefolder"
+    assert gpt["shard"]["image_size"] == var["shard"]["image_size"] == 32
+    assert not gpt["pretrain"]["launcher"] and not var["pretrain"]["launcher"]  # CPU-sized: one process
+    assert "L=64" in plan_models(gpt, gpus=1, num_classes=8)[1].name
+    assert "L=130" in plan_models(var, gpus=1, num_classes=8)[1].name
