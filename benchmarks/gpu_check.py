@@ -25,7 +25,9 @@ Rows of the table:
   (one process shards nothing).
 - ``sample b64`` / ``sample b256``: ``model.generate`` with guidance (GPT: scale 2.0 constant; VAR:
   VAR's linear ramp for its cfg 1.5, i.e. ``linear_guidance_ramp(2.5, steps)``), temperature 1, no
-  top-k/top-p, one untimed call then the median of ``--sample-repeats``: images/s (tokens only).
+  top-k/top-p, one untimed call then the median of ``--sample-repeats``: images/s (tokens only);
+  ``sample b64 compiled`` / ``b256 compiled``: the same through ``generate(compiled=...)`` (static
+  KV cache for the GPT, a graph per scale for VAR), the compiling first call reported apart.
 - peak memory: ``torch.cuda.max_memory_allocated`` per row (GiB); on CPU the process's max RSS.
 
 ``--tiny`` (automatic when no CUDA device is visible) runs the same code paths at a tiny config on
@@ -88,6 +90,7 @@ class Setup:
     peak_size: int
     fsdp_steps: int = 3
     fsdp_compile_backend: str = "inductor"
+    compiled_sample_batches: tuple[int, ...] = (64, 256)
 
 
 FULL = Setup(
@@ -108,7 +111,7 @@ TINY = Setup(
     msvq={"image_size": 16, "base_channels": 8, "channel_multipliers": (1, 2, 2), "attention": False,
           "z_channels": 8, "codebook_size": 64, "scales": (1, 2, 4)},
     batch={"gpt": 8, "var": 8}, steps=2, warmup=1, sample_batches=(4, 8), compile_backend="aot_eager", peak_size=256,
-    fsdp_steps=2, fsdp_compile_backend="eager",
+    fsdp_steps=2, fsdp_compile_backend="eager", compiled_sample_batches=(4,),
 )  # fmt: skip
 
 
@@ -249,29 +252,36 @@ def train_row(family: str, setup: Setup, device: torch.device, peak: float, comp
 
 
 @torch.no_grad()
-def sample_rows(family: str, setup: Setup, device: torch.device, repeats: int) -> list[Row]:
+def sample_rows(family: str, setup: Setup, device: torch.device, repeats: int, compiled: bool = False) -> list[Row]:
+    """Eager rows at ``sample_batches``; ``compiled``: ``generate(compiled=<the setup's backend>)``
+    rows at ``compiled_sample_batches``, the first (compiling) call reported apart."""
     from models.sampling import linear_guidance_ramp
 
     model = build_model(family, setup, device).eval()
     cfg_scale = GUIDANCE[family] if family == "gpt" else linear_guidance_ramp(1 + GUIDANCE[family], model.steps)
     rows = []
-    for batch in setup.sample_batches:
+    for batch in setup.compiled_sample_batches if compiled else setup.sample_batches:
         reset_memory(device)
         labels_B = torch.arange(batch, device=device) % model.config.num_classes
 
         seconds = []
-        for i in range(1 + repeats):  # the first call warms up
+        for _ in range(1 + repeats):  # the first call warms up (compiled: compiles)
             start = time.perf_counter()
             with autocast(device):
                 generator = torch.Generator(device=device).manual_seed(SEED)
-                model.generate(labels_B, cfg_scale=cfg_scale, generator=generator)
+                model.generate(labels_B, cfg_scale=cfg_scale, generator=generator,
+                               compiled=setup.compile_backend if compiled else False)  # fmt: skip
             sync(device)
-            if i:
-                seconds.append(time.perf_counter() - start)
-        median = statistics.median(seconds)
+            seconds.append(time.perf_counter() - start)
+        median = statistics.median(seconds[1:])
         what = "cfg_scale 2.0" if family == "gpt" else "VAR's cfg 1.5 ramp"
-        rows.append(Row(family, f"sample b{batch}", batch, median, images_per_s=batch / median,
-                        memory_gib=memory_gib(device), note=f"{what}, {model.steps} steps, tokens only"))  # fmt: skip
+        note = f"{what}, {model.steps} steps, tokens only"
+        if compiled:
+            note += f", {setup.compile_backend}: first call {seconds[0]:.1f} s"
+        rows.append(Row(family, f"sample b{batch}" + (" compiled" if compiled else ""), batch, median,
+                        images_per_s=batch / median, memory_gib=memory_gib(device), note=note))  # fmt: skip
+    if compiled:
+        torch._dynamo.reset()  # drop the compiled graphs (and the model they hold)
     return rows
 
 
@@ -415,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
             rows += guarded(family, "fsdp smoke", setup.batch[family], fsdp_row, family, setup, args)
         print(f"{family}: sampling at batch {', '.join(map(str, setup.sample_batches))} ...", flush=True)
         rows += guarded(family, "sample", 0, sample_rows, family, setup, device, args.sample_repeats)
+        if not args.skip_compile:
+            print(f"{family}: sampling compiled ({setup.compile_backend}) at batch "
+                  f"{', '.join(map(str, setup.compiled_sample_batches))} ...", flush=True)  # fmt: skip
+            rows += guarded(family, "sample compiled", 0, sample_rows, family, setup, device, args.sample_repeats, True)
     print_table(rows)
     failed = [f"{r.family} {r.what}" for r in rows if not r.ok]
     print(f"failed: {', '.join(failed)}" if failed else "every row ran")

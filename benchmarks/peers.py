@@ -9,7 +9,8 @@ The configuration of ``../shared/reference/performance.md`` (fp32, CPU, batch 64
   ``generate(model, labels, 64, cfg_scale=2.0)`` against ``GPT.generate(labels, cfg_scale=2.0)``.
 - ``var``: arpipe's ``VAR`` as train_step.py builds it (depth 6 x 256, 4 heads, vocab 512, scales
   1,2,3,4,6,8 = 130 tokens) against VAR's ``VAR(vae, depth=6, embed_dim=256, num_heads=4,
-  patch_nums=(1,2,3,4,6,8))`` with a narrow VQVAE backbone (only its quantizer is used: the
+  patch_nums=(1,2,3,4,6,8), drop_path_rate=0.025)`` (its training script's 0.1·depth/24, as arpipe's
+  default) with a narrow VQVAE backbone (only its quantizer is used: the
   teacher-forcing input for training, the next-scale input for sampling); sampling its
   ``autoregressive_infer_cfg(B, labels, cfg=1.5)`` against ``VAR.generate(labels,
   cfg_scale=linear_guidance_ramp(2.5, 6))`` (the same ramp in arpipe's convention), tokens only (the
@@ -20,7 +21,11 @@ Both sides: uniformly random tokens and labels, fp32 cross-entropy, backward, cl
 no top-k/top-p; 64 images per sampling call, the median of ``--sample-repeats`` after a warm-up.
 MFU = arpipe's ``flops_per_token() * batch * tokens`` (the same model FLOPs on both sides) /
 median step / the fp32 matmul peak measured in that child (the higher of before and after).
-``--compile`` compiles the training forward on both sides (``torch.compile``, inductor).
+``--compile`` compiles both sides (``torch.compile``, inductor): the training forward; for sampling,
+arpipe's ``generate(compiled=True)`` (a static KV cache for the GPT, a graph per scale for VAR)
+against LlamaGen's whole model compiled as its ``sample_c2i.py --compile`` does (VAR's sampler has
+no compile path: eager). The authors' eager step is timed in the same rounds, so the file
+(``peers_compiled``) also holds arpipe compiled / authors eager.
 
 Every measurement runs in its own child process (the authors' VAR package is called ``models``
 like ours), importing the authors' modules read-only from the given checkouts, nothing copied;
@@ -68,7 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-repeats", type=int, default=3, help="timed sampling calls (median)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating arpipe/authors rounds")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every child")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the training forward on both sides")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both sides (training forward, sampling steps); the authors' eager step "
+                        "is timed in the same rounds too (results: peers_compiled)")  # fmt: skip
     parser.add_argument("--child", choices=("arpipe-gpt", "arpipe-var", "llamagen", "var"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -134,8 +141,9 @@ def _authors_var(checkout: Path, torch):
                     using_mid_sa=False)  # fmt: skip
     vae.encoder, vae.decoder = Encoder(double_z=False, **backbone), Decoder(**backbone)
     vae.fhat_to_img = lambda f_hat: f_hat.new_zeros(f_hat.shape[0], 3, 1, 1)  # tokens only: no final decode
+    # stochastic depth as VAR's build_vae_var sets it (0.1·depth/24), which is arpipe's default too
     model = VAR(vae_local=vae, num_classes=CLASSES, depth=6, embed_dim=256, num_heads=4, patch_nums=SCALES,
-                flash_if_available=False, fused_if_available=False)  # fmt: skip
+                drop_path_rate=0.1 * 6 / 24, flash_if_available=False, fused_if_available=False)  # fmt: skip
     model.init_weights()
     return model, vae
 
@@ -168,8 +176,9 @@ def child(args) -> dict:
 
         cfg_scale = GUIDANCE["gpt"] if family == "gpt" else linear_guidance_ramp(1 + GUIDANCE["var"], len(SCALES))
 
-        def sample():
-            model.generate(sample_labels, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(SEED))
+        def sample(labels=sample_labels):
+            model.generate(labels, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(SEED),
+                           compiled=args.compile)  # fmt: skip
 
     elif args.child == "llamagen":
         gpt, generate = _authors_llamagen(args.llamagen)
@@ -180,8 +189,10 @@ def child(args) -> dict:
         def loss_fn():
             return forward(idx=tokens_BL[:, :-1], cond_idx=labels_B, targets=tokens_BL)[1]
 
-        def sample():
-            generate.generate(model, sample_labels, L, cfg_scale=GUIDANCE["gpt"], temperature=1.0, top_k=0, top_p=1.0)
+        def sample(labels=sample_labels):
+            # compiled: the whole model, as LlamaGen's sample_c2i.py --compile does (its KV cache is static)
+            generate.generate(forward, labels, L, cfg_scale=GUIDANCE["gpt"], temperature=1.0, top_k=0,
+                              top_p=1.0)  # fmt: skip
 
     else:
         model, vae = _authors_var(args.var, torch)
@@ -192,8 +203,8 @@ def child(args) -> dict:
         def loss_fn():
             return F.cross_entropy(forward(labels_B, inputs).float().flatten(0, 1), tokens_BL.flatten())
 
-        def sample():
-            model.autoregressive_infer_cfg(args.sample_batch, sample_labels, g_seed=SEED, cfg=GUIDANCE["var"],
+        def sample(labels=sample_labels):
+            model.autoregressive_infer_cfg(len(labels), labels, g_seed=SEED, cfg=GUIDANCE["var"],
                                            top_k=0, top_p=0.0)  # fmt: skip
 
     optimizer = _adamw(model, torch)
@@ -214,21 +225,25 @@ def child(args) -> dict:
     with torch.no_grad():
         sample()  # warm-up
         sample_seconds = _timed_steps(sample, args.sample_repeats)
+        one_label = sample_labels[:1]
+        sample(one_label)  # warm-up (compiled: the batch-1 graphs)
+        latency_seconds = _timed_steps(lambda: sample(one_label), args.sample_repeats)
     params = sum(p.numel() for p in model.parameters())
     return {"side": args.child, "family": family, "params": params, "tokens": L, "step_seconds": seconds,
             "warmup_seconds": warm, "step_median": statistics.median(seconds), "peak_flops": peak,
             "step_flops": flops, "sample_seconds": sample_seconds,
-            "images_per_s": args.sample_batch / statistics.median(sample_seconds)}  # fmt: skip
+            "images_per_s": args.sample_batch / statistics.median(sample_seconds),
+            "latency_seconds": latency_seconds, "batch1_latency_s": statistics.median(latency_seconds)}  # fmt: skip
 
 
 # -- parent ----------------------------------------------------------------------------------------
 
 
-def run_child(side: str, args) -> dict:
+def run_child(side: str, args, compile_: bool) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch", str(args.batch), "--sample-batch", str(args.sample_batch),
                "--sample-repeats", str(args.sample_repeats), "--threads", str(args.threads),
-               *(["--compile"] if args.compile else [])]  # fmt: skip
+               *(["--compile"] if compile_ else [])]  # fmt: skip
     for name in ("llamagen", "var"):
         if getattr(args, name):
             command += [f"--{name}", str(getattr(args, name).resolve())]
@@ -252,7 +267,8 @@ def summarise(runs: list[dict], flops: float) -> dict:
     step = statistics.median(r["step_median"] for r in runs)
     peak = statistics.median(r["peak_flops"] for r in runs)
     return {"step_seconds": step, "mfu": flops / step / peak, "peak_flops": peak, "params": runs[0]["params"],
-            "images_per_s": statistics.median(r["images_per_s"] for r in runs), "runs": runs}  # fmt: skip
+            "images_per_s": statistics.median(r["images_per_s"] for r in runs),
+            "batch1_latency_s": statistics.median(r["batch1_latency_s"] for r in runs), "runs": runs}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,32 +291,45 @@ def main(argv: list[str] | None = None) -> int:
     mode = "compiled" if args.compile else "eager"
     print(f"peers: batch {args.batch}, {args.steps} steps after {args.warmup}, {args.threads} threads, {mode}; "
           f"sampling {args.sample_batch} images; {args.repeats} alternating round(s)", flush=True)  # fmt: skip
-    collected = {name: {"arpipe": [], "authors": []} for name in peers}
+    sides = [("arpipe", True), ("authors", True)] if args.compile else [("arpipe", False), ("authors", False)]
+    if args.compile:
+        sides.append(("authors_eager", False))
+    collected = {name: {key: [] for key, _ in sides} for name in peers}
     for round_index in range(args.repeats):
         for name, family in peers.items():
-            for side, key in ((f"arpipe-{family}", "arpipe"), (name, "authors")):
-                print(f"round {round_index + 1}: {side} ...", flush=True)
-                collected[name][key].append(run_child(side, args))
+            for key, compile_ in sides:
+                side = f"arpipe-{family}" if key == "arpipe" else name
+                print(f"round {round_index + 1}: {side}{' (compiled)' if compile_ else ''} ...", flush=True)
+                collected[name][key].append(run_child(side, args, compile_))
     figures = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "families": {}}
     print()
-    print(f"{'family':<7} {'side':<9} {'params':>7} {'step s':>7} {'MFU':>6} {'images/s':>9} {'step ratio':>10} "
-          f"{'sampling ratio':>14}")  # fmt: skip
+    print(f"{'family':<7} {'side':<9} {'params':>7} {'step s':>7} {'MFU':>6} {'images/s':>9} {'batch-1 s':>9} "
+          f"{'step ratio':>10} {'sampling ratio':>14} {'latency ratio':>13}")  # fmt: skip
     for name, family in peers.items():
         flops = collected[name]["arpipe"][0]["step_flops"]
         ours, theirs = (summarise(collected[name][k], flops) for k in ("arpipe", "authors"))
         step_ratio = ours["step_seconds"] / theirs["step_seconds"]
         sample_ratio = ours["images_per_s"] / theirs["images_per_s"]
+        latency_ratio = ours["batch1_latency_s"] / theirs["batch1_latency_s"]
         for side, row in (("arpipe", ours), (name, theirs)):
-            ratios = f"{step_ratio:>9.2f}x {sample_ratio:>13.2f}x" if side == "arpipe" else ""
+            ratios = f"{step_ratio:>9.2f}x {sample_ratio:>13.2f}x {latency_ratio:>12.2f}x" if side == "arpipe" else ""
             print(f"{family:<7} {side:<9} {row['params'] / 1e6:>6.2f}M {row['step_seconds']:>7.3f} {row['mfu']:>6.1%} "
-                  f"{row['images_per_s']:>9.1f} {ratios}")  # fmt: skip
+                  f"{row['images_per_s']:>9.1f} {row['batch1_latency_s']:>9.3f} {ratios}")  # fmt: skip
         figures["families"][family] = {"authors": name, "arpipe": ours, name: theirs, "step_ratio": step_ratio,
-                                       "sampling_ratio": sample_ratio}  # fmt: skip
+                                       "sampling_ratio": sample_ratio, "latency_ratio": latency_ratio}  # fmt: skip
+        if args.compile:
+            eager = summarise(collected[name]["authors_eager"], flops)
+            vs_eager = ours["step_seconds"] / eager["step_seconds"]
+            print(f"{family:<7} {name + ' eager':<9} {eager['params'] / 1e6:>6.2f}M {eager['step_seconds']:>7.3f} "
+                  f"{eager['mfu']:>6.1%} {'':>9} arpipe compiled / this: {vs_eager:.2f}x")  # fmt: skip
+            figures["families"][family].update({f"{name}_eager": eager, "step_ratio_vs_authors_eager": vs_eager})
     print(
-        "\nstep ratio = arpipe step / authors' step (goal <= 0.8 eager); sampling ratio = arpipe images/s / "
-        "authors' (goal >= 1.5)"
+        "\nstep ratio = arpipe step / authors' step, same mode (goals: <= 0.8 of the authors' eager step, <= 1.0 of "
+        "their compiled one); sampling ratio = arpipe images/s / authors' (goal >= 1.5); latency ratio = arpipe's "
+        "batch-1 seconds / authors' (lower is better)"
     )
-    write_results("peers", figures, argv=None if argv is None else ["benchmarks/peers.py", *argv])
+    name = "peers_compiled" if args.compile else "peers"
+    write_results(name, figures, argv=None if argv is None else ["benchmarks/peers.py", *argv])
     return 0
 
 

@@ -342,10 +342,11 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None) -> Iterator[N
         yield NullTracker()
         return
     root = repo_root()
+    commit = git_commit(root)
     tags = {
         "arpipe.stage": stage,
-        "git.commit": git_commit(root),
-        "mlflow.source.git.commit": git_commit(root),
+        "git.commit": commit,
+        "mlflow.source.git.commit": commit,
         "mlflow.source.name": f"stages.{stage}",
         **process_tags(),
     }

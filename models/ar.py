@@ -65,20 +65,28 @@ def sample_images(
     seed: int = 0,
     batch_size: int = 256,
     first_batch: int = 0,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Sample one image per label: uint8 (N, H, W, C) on the CPU.
 
     Batch b draws from its own generator seeded ``seed·1_000_003 + first_batch + b``, so samples
     are not repeated across batches, a batch's images do not depend on how many batches come after,
     and a long run split into chunks (``first_batch`` = the chunk's first batch) draws the same.
-    ``cfg_scale``: a guidance scale or one per step (``sampling.guidance_per_step``)."""
+    ``cfg_scale``: a guidance scale or one per step (``sampling.guidance_per_step``); ``compiled``:
+    ``generate(compiled=True)`` (the same draws; a last, smaller batch compiles once more)."""
     device = next(model.parameters()).device
     images = []
     for b, start in enumerate(range(0, len(labels_N), batch_size)):
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + first_batch + b)
         labels_B = labels_N[start : start + batch_size].to(device)
         tokens_BL = model.generate(
-            labels_B, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            labels_B,
+            cfg_scale=cfg_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            compiled=compiled,
         )
         x_BCHW = tokenizer.decode(tokens_BL)
         images.append(((x_BCHW + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())

@@ -21,7 +21,9 @@ Guidance convention (models/sampling.py): logits = u + cfg_scale·(c − u); ``c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,7 @@ from models.transformer_blocks import (
     Dropout,
     KVCache,
     RMSNorm,
+    StaticKVCache,
     TransformerBlock,
     grid_rotation,
     swiglu_hidden_width,
@@ -232,6 +235,7 @@ class GPT(ClassConditionalAR, nn.Module):
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         draw: TokenDraw | None = None,
+        compiled: bool | str | Callable = False,
     ) -> torch.Tensor:
         """Sample tokens_BL (int64) for ``labels_B`` one token per step with a preallocated KV cache.
 
@@ -244,6 +248,10 @@ class GPT(ClassConditionalAR, nn.Module):
         ``generator``. ``draw(step, guided fp32 logits (B, V)) -> tokens`` replaces that draw
         (the temperature and filters are then the callable's; models/dd.py's flow-matching map is
         one). Dropout is off while sampling; the train/eval mode is restored afterwards.
+        ``compiled``: run each one-token step through ``torch.compile`` over a static KV cache
+        (``transformer_blocks.StaticKVCache``), compiled once per model and batch shape, not per
+        length (True: Inductor; else the ``torch.compile`` backend given); the drawing stays
+        eager, so the same ``generator`` draws the same way.
         """
         scales = guidance_schedule(cfg_scale, self.steps)
         guided = any(scale != 1.0 for scale in scales)
@@ -251,11 +259,15 @@ class GPT(ClassConditionalAR, nn.Module):
         if guided:
             labels_B = torch.cat([labels_B, torch.full_like(labels_B, self.null_class)])
         param = self.head.weight
-        caches = [
-            KVCache(labels_B.shape[0], self.config.num_heads, L, self.config.head_dim,
-                    dtype=param.dtype, device=param.device)
-            for _ in self.blocks
-        ]  # fmt: skip
+        shape = dict(batch=labels_B.shape[0], heads=self.config.num_heads, max_len=L, head_dim=self.config.head_dim,
+                     dtype=param.dtype, device=param.device)  # fmt: skip
+        if compiled:
+            position_1 = torch.zeros(1, dtype=torch.long, device=param.device)
+            caches = [StaticKVCache(**shape, position=position_1) for _ in self.blocks]
+            decode = functools.partial(compiled_decode_step("inductor" if compiled is True else compiled), self)
+        else:
+            caches = [KVCache(**shape) for _ in self.blocks]
+            decode = self.decode_step
         rotation = self._rotation(L, param.device)
         tokens_BL = torch.empty(B, L, dtype=torch.long, device=param.device)
         x_B1C = self.class_embedding(labels_B)[:, None]
@@ -263,9 +275,9 @@ class GPT(ClassConditionalAR, nn.Module):
         self.eval()
         try:
             for step in range(L):
-                for block, cache in zip(self.blocks, caches, strict=True):
-                    x_B1C = block(x_B1C, rotation[step : step + 1], cache=cache)
-                logits_BV = self.head(self.final_norm(x_B1C[:, 0])).float()
+                if compiled:
+                    position_1.fill_(step)
+                logits_BV = decode(x_B1C, rotation[step : step + 1], caches)
                 if guided:
                     cond_BV, uncond_BV = logits_BV.chunk(2)
                     logits_BV = classifier_free_guidance(cond_BV, uncond_BV, scales[step])
@@ -280,6 +292,17 @@ class GPT(ClassConditionalAR, nn.Module):
         finally:
             self.train(was_training)
         return tokens_BL
+
+    def decode_step(
+        self, x_B1C: torch.Tensor, rotation_1: torch.Tensor, caches: list[KVCache] | list[StaticKVCache]
+    ) -> torch.Tensor:
+        """One sampling step: the new position's input x_B1C through every block (appending to
+        ``caches``) -> fp32 logits_BV. With static caches every cached slot is attended to under
+        their mask."""
+        mask = caches[0].mask() if isinstance(caches[0], StaticKVCache) else None
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x_B1C = block(x_B1C, rotation_1, cache=cache, attn_mask=mask)
+        return self.head(self.final_norm(x_B1C[:, 0])).float()
 
     # -- optimisation helpers ---------------------------------------------------------------------
 
@@ -296,3 +319,16 @@ class GPT(ClassConditionalAR, nn.Module):
         config = self.config
         attention = 12 * config.depth * config.model_width * config.seq_len
         return 6 * self.num_params(embeddings=False) + attention
+
+
+_COMPILED_STEPS: dict[str | Callable, Callable] = {}
+
+
+def compiled_decode_step(backend: str | Callable = "inductor") -> Callable:
+    """``GPT.decode_step`` (unbound: call it with the model first) through ``torch.compile`` with
+    ``backend`` and static shapes, built once per backend. Unbound, one compiled step serves every
+    GPT of the same structure and keeps none of them alive; torch recompiles only for another
+    structure, batch size or dtype."""
+    if backend not in _COMPILED_STEPS:
+        _COMPILED_STEPS[backend] = torch.compile(GPT.decode_step, dynamic=False, backend=backend)
+    return _COMPILED_STEPS[backend]

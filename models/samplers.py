@@ -47,6 +47,8 @@ class SamplingSettings:
     """0 = off; ``auto``: the family's (``models.sampling.family_filters``)."""
     top_p: float | Literal["auto"] = "auto"
     """1.0 = off; ``auto``: the family's."""
+    compile: bool = False
+    """Sample through ``torch.compile``d decoding steps (``GPT/VAR.generate(compiled=True)``)."""
 
 
 class Sampler(Protocol):
@@ -78,10 +80,10 @@ class ARSampler:
     registrable = True
 
     def __init__(self, model: nn.Module, tokenizer: nn.Module, arch: str, guidance: dict[str, tuple[float, str]],
-                 *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):  # fmt: skip
+                 *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, compiled: bool = False):  # fmt: skip
         """``guidance``: mode name -> (scale, schedule); ``top_k``, ``top_p`` resolved (no ``auto``)."""
         self.model, self.tokenizer, self.arch = model, tokenizer, arch
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.temperature, self.top_k, self.top_p, self.compiled = temperature, top_k, top_p, compiled
         self._per_step = {name: guidance_per_step(scale, schedule, arch=arch, steps=model.steps)
                           for name, (scale, schedule) in guidance.items()}  # fmt: skip
 
@@ -89,13 +91,14 @@ class ARSampler:
     def from_settings(cls, model: nn.Module, tokenizer: nn.Module, arch: str, settings: SamplingSettings):
         top_k, top_p = family_filters(settings.top_k, settings.top_p, arch=arch, vocab_size=model.config.vocab_size)
         guidance = {name: (scale, settings.guidance_schedule) for name, scale in settings.guidance.items()}
-        return cls(model, tokenizer, arch, guidance, temperature=settings.temperature, top_k=top_k, top_p=top_p)
+        return cls(model, tokenizer, arch, guidance, temperature=settings.temperature, top_k=top_k, top_p=top_p,
+                   compiled=settings.compile)  # fmt: skip
 
     def with_guidance(self, guidance: dict[str, tuple[float, str]]) -> ARSampler:
         """The same model and filters with other modes, ``{name: (scale, schedule)}`` (e.g. a
         teacher at the guidance and schedule its student was distilled at)."""
         return ARSampler(self.model, self.tokenizer, self.arch, guidance, temperature=self.temperature,
-                         top_k=self.top_k, top_p=self.top_p)  # fmt: skip
+                         top_k=self.top_k, top_p=self.top_p, compiled=self.compiled)  # fmt: skip
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -111,7 +114,7 @@ class ARSampler:
     def sample(self, labels_N: torch.Tensor, mode: str, *, seed: int, batch_size: int) -> torch.Tensor:
         return sample_images(self.model, self.tokenizer, labels_N, cfg_scale=self._per_step[mode],
                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=seed,
-                             batch_size=batch_size)  # fmt: skip
+                             batch_size=batch_size, compiled=self.compiled)  # fmt: skip
 
     def token_latency_ms(self, labels_N: torch.Tensor, mode: str, *, seed: int) -> float:
         return token_latency_ms(self.model, labels_N, cfg_scale=self._per_step[mode], seed=seed)

@@ -255,6 +255,34 @@ class KVCache:
         return self.keys_BHSD[:, :, :end], self.values_BHSD[:, :, :end]
 
 
+class StaticKVCache(KVCache):
+    """A ``KVCache`` of fixed shape for a compiled decoding step (gpt-fast's static cache).
+
+    The position written is a tensor (``position``, int64 (1,), shared by every layer's cache and
+    advanced by the caller in place), ``append`` writes there with ``index_copy_`` and returns the
+    full ``max_len`` buffers, and ``mask`` hides the slots not written yet. Every step then has
+    the same shapes, so ``torch.compile`` builds the step once for a whole sequence instead of
+    once per length. Costs attention over all ``max_len`` slots at every step.
+    """
+
+    def __init__(self, *args, position: torch.Tensor, **kwargs):
+        super().__init__(*args, **kwargs)
+        # masked slots still enter the matmuls: zeros, never uninitialised memory (NaN * 0 = NaN)
+        self.keys_BHSD.zero_()
+        self.values_BHSD.zero_()
+        self.slots_S = torch.arange(self.keys_BHSD.shape[2], device=self.keys_BHSD.device)
+        self.position = position
+
+    def append(self, keys_BH1D: torch.Tensor, values_BH1D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys_BHSD.index_copy_(2, self.position, keys_BH1D)
+        self.values_BHSD.index_copy_(2, self.position, values_BH1D)
+        return self.keys_BHSD, self.values_BHSD
+
+    def mask(self) -> torch.Tensor:
+        """bool (1, 1, 1, max_len): True where a position has been written (up to ``position``)."""
+        return (self.slots_S <= self.position)[None, None, None]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -269,7 +297,7 @@ class SelfAttention(nn.Module):
         x_BLC: torch.Tensor,
         rotation: torch.Tensor | None = None,
         *,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
@@ -327,7 +355,7 @@ class TransformerBlock(nn.Module):
         x_BLC: torch.Tensor,
         rotation: torch.Tensor | None = None,
         *,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
@@ -463,7 +491,7 @@ class AdaLNBlock(nn.Module):
         x_BLC: torch.Tensor,
         cond_BC: torch.Tensor,
         *,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         modulation = self.modulation(cond_BC).view(-1, 1, 6, self.width).unbind(2)

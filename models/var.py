@@ -35,8 +35,11 @@ Shape letter l: the s_k² positions of one scale.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -334,6 +337,7 @@ class VAR(ClassConditionalAR, nn.Module):
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         draw: TokenDraw | None = None,
+        compiled: bool | str | Callable = False,
     ) -> torch.Tensor:
         """Sample tokens_BL (int64) for ``labels_B``, one whole scale per step, with a KV cache.
 
@@ -346,7 +350,10 @@ class VAR(ClassConditionalAR, nn.Module):
         drawn with ``torch.multinomial`` from ``generator``. ``draw(step, guided fp32 logits
         (B, l, V)) -> tokens`` replaces that draw (the temperature and filters are then the
         callable's; models/dd.py's flow-matching map is one). Dropout is off while sampling; the
-        train/eval mode is restored afterwards.
+        train/eval mode is restored afterwards. ``compiled``: each scale's step (blocks and head)
+        through ``torch.compile``, one graph per scale, built once per model and batch shape (True:
+        Inductor; else the ``torch.compile`` backend given); the drawing and the next scale's input
+        stay eager.
         """
         scales = guidance_schedule(cfg_scale, self.steps)
         guided = any(scale != 1.0 for scale in scales)
@@ -367,11 +374,12 @@ class VAR(ClassConditionalAR, nn.Module):
             cond_BC = self.class_embedding(labels_B)
             x_BlC = self._start_tokens(cond_BC)
             start = 0
+            backend = "inductor" if compiled is True else compiled
+            decode = functools.partial(compiled_decode_step(backend), self) if compiled else self.decode_step
             for step, side in enumerate(config.scales):
                 end = start + side * side
-                for block, cache in zip(self.blocks, caches, strict=True):
-                    x_BlC = block(x_BlC, cond_BC, cache=cache)
-                logits_BlV = self.head(self.final_norm(x_BlC, cond_BC)).float()
+                with _one_graph_per_scale(len(config.scales)) if compiled else contextlib.nullcontext():
+                    logits_BlV = decode(x_BlC, cond_BC, caches)
                 if guided:
                     cond_BlV, uncond_BlV = logits_BlV.chunk(2)
                     logits_BlV = classifier_free_guidance(cond_BlV, uncond_BlV, scales[step])
@@ -391,6 +399,13 @@ class VAR(ClassConditionalAR, nn.Module):
         finally:
             self.train(was_training)
         return tokens_BL
+
+    def decode_step(self, x_BlC: torch.Tensor, cond_BC: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One sampling step: a whole scale's inputs x_BlC through every block (appending to
+        ``caches``) -> fp32 logits_BlV."""
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x_BlC = block(x_BlC, cond_BC, cache=cache)
+        return self.head(self.final_norm(x_BlC, cond_BC)).float()
 
     # -- optimisation helpers ---------------------------------------------------------------------
 
@@ -415,3 +430,21 @@ class VAR(ClassConditionalAR, nn.Module):
         per_token = self.num_params(embeddings=False) - per_sample
         attention = 12 * config.depth * config.model_width * config.seq_len
         return 6 * per_token + 6 * per_sample / config.seq_len + attention
+
+
+_COMPILED_STEPS: dict[str | Callable, Callable] = {}
+
+
+def _one_graph_per_scale(num_scales: int):
+    """Let torch.compile keep a graph per scale (VAR-d16 has 10, over dynamo's default limit of 8)."""
+    return torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, num_scales + 2))
+
+
+def compiled_decode_step(backend: str | Callable = "inductor") -> Callable:
+    """``VAR.decode_step`` (unbound: call it with the model first) through ``torch.compile`` with
+    ``backend`` and static shapes (one graph per scale: the KV cache's length is fixed at each),
+    built once per backend. Unbound, the graphs serve every VAR of the same structure and keep
+    none of them alive."""
+    if backend not in _COMPILED_STEPS:
+        _COMPILED_STEPS[backend] = torch.compile(VAR.decode_step, dynamic=False, backend=backend)
+    return _COMPILED_STEPS[backend]

@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-ROWS = ("train eager", "train compiled", "fsdp smoke", "sample b4", "sample b8")
+ROWS = ("train eager", "train compiled", "fsdp smoke", "sample b4", "sample b8", "sample b4 compiled")
 
 
 def test_results_file_holds_figures_and_provenance(tmp_path, monkeypatch):
@@ -49,7 +49,7 @@ def test_tiny_gpu_check_runs_every_row_on_cpu_and_writes_its_table(tmp_path):
     assert record["name"] == "gpu_check_tiny" and record["figures"]["failed"] == []
     assert {"cpu_fp32", "cpu_fp32_check"} <= set(record["peak_flops"])
     rows = record["figures"]["rows"]
-    assert len(rows) == 10 and all(r["ok"] for r in rows)
+    assert len(rows) == 12 and all(r["ok"] for r in rows)
     trains = [r for r in rows if r["what"].startswith("train")]
     assert all(r["seconds"] > 0 and 0 < r["mfu"] for r in trains)
     assert all(r["images_per_s"] > 0 for r in rows if r["what"].startswith("sample"))

@@ -94,6 +94,8 @@ def test_sample_refuses_guidance_on_the_distilled_student_and_steps_on_an_ar_mod
     assert result.returncode == 2
     assert "is a distilled student: its teacher's guidance (cfg_scale 3.0)" in result.stderr
     assert "drop --cfg-scale" in result.stderr
+    compiled = arpipe(*args, "--compile", cwd=tmp_path)
+    assert compiled.returncode == 2 and "drop --compile" in compiled.stderr
     model = tmp_path / "base"
     _checkpoint(model, {"arch": "gpt", "tokenizer_fingerprint": fingerprint, "class_names": ["a", "b"]})
     steps = arpipe("sample", "--checkpoint", str(model), "--tokenizer", str(tmp_path / "tokenizer"), "--steps", "2",

@@ -283,6 +283,24 @@ def test_kv_cached_generation_equals_recompute(cfg_scale, overrides):
     assert torch.equal(greedy, sample_by_recompute(model, labels, scales, seed=0, temperature=0.0))
 
 
+def test_compiled_sampling_compiles_one_graph_per_scale_once_and_draws_the_same():
+    """``generate(compiled=...)``: a graph per scale (shapes differ by scale), none more on the next
+    call, and the same tokens as eager sampling from the same seed. Traced with a counting backend
+    (no Inductor code generation, which the benchmarks time)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()  # no graphs of earlier tests on the shared decode step
+    counter = CompileCounter()
+    model = tiny_model()
+    labels = torch.arange(6) % CLASSES
+    eager = model.generate(labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(1))
+    compiled = model.generate(labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(1), compiled=counter)
+    assert torch.equal(compiled, eager)
+    again = model.generate(labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(1), compiled=counter)
+    assert torch.equal(again, compiled)
+    assert counter.frame_count == len(SCALES)
+
+
 def test_cfg_zero_samples_from_the_null_class():
     """u + 0·(c − u) = u: guidance 0 draws what the null label draws without guidance."""
     model = tiny_model()

@@ -220,10 +220,13 @@ def test_registered_champion_loads_as_pyfunc_and_samples_offline(chain, tmp_path
     assert Path(paths.eval, "report.md").is_file()
 
 
-def test_arpipe_sample_writes_one_row_per_class_and_refuses_unknown_classes(chain, tmp_path):
+def test_arpipe_sample_writes_one_row_per_class_and_refuses_unknown_classes(chain, tmp_path, monkeypatch):
+    import torch
     from click.testing import CliRunner
     from PIL import Image
+    from torch._dynamo.testing import CompileCounter
 
+    import models.gpt as gpt_module
     from arpipe.cli import cli
 
     out = tmp_path / "grid.png"
@@ -236,6 +239,15 @@ def test_arpipe_sample_writes_one_row_per_class_and_refuses_unknown_classes(chai
     assert width > height > 0  # 2 rows of 4 cells
     bad = CliRunner().invoke(cli, [*args[:-4], "--classes", "3,zebra", "--out", str(out)])
     assert bad.exit_code != 0 and "unknown class 'zebra'" in bad.output
+    # --compile draws the same images through compiled steps (traced here, not code-generated)
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(gpt_module.torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counter}))
+    monkeypatch.setattr(gpt_module, "_COMPILED_STEPS", {})
+    torch._dynamo.reset()
+    compiled = tmp_path / "compiled.png"
+    result = CliRunner().invoke(cli, [*args, "--cfg-scale", "2", "--compile", "--out", str(compiled)])
+    assert result.exit_code == 0, result.output
+    assert counter.frame_count >= 1 and compiled.read_bytes() == out.read_bytes()
 
 
 # -- Inception feature space (torch-fidelity) ----------------------------------------------------
