@@ -23,6 +23,7 @@ length) rather than the image count; ``shard``, ``cache_tokens`` and the train-s
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -81,10 +82,9 @@ def stage_names(root: Path) -> list[str]:
     return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
 
 
-def run_variant(work: Path, name: str, source: Path, images: int, overrides: dict, log) -> dict:
+def run_variant(work: Path, name: str, folder: Path, overrides: dict, log) -> dict:
     root = make_copy(work / name)
-    folder = work / f"images-{images}"
-    count = sum(1 for _ in folder.rglob("*.*")) if folder.is_dir() else subset_folder(source, images, folder)
+    count = sum(1 for path in folder.rglob("*") if path.is_symlink())
     shipped = yaml.safe_load((root / "params.yaml").read_text())
     params = merge(shipped, {"shard": {"source": "imagefolder", "source_path": str(folder.resolve())}})
     params = merge(params, overrides)
@@ -130,12 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     plan = [(f"{n} images, 16 tokens", n, {}) for n in args.images]
     plan += [(f"{min(args.images)} images, {t} tokens", min(args.images), TOKENS_OVERRIDE[t]) for t in args.tokens]
+    folders = {}
+    for images in args.images:  # every subset first: a folder too small fails before any stage runs
+        folders[images] = work / f"images-{images}"
+        if not folders[images].is_dir():  # built aside, so a failed build is never taken for a subset
+            partial = work / f"images-{images}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            subset_folder(args.source, images, partial)
+            partial.rename(folders[images])
     variants = {}
     started = time.perf_counter()
     with (work / "stages.log").open("a") as log:
         for index, (name, images, overrides) in enumerate(plan):
             print(f"{name} ({index + 1}/{len(plan)}) in {work}", flush=True)
-            variants[name] = run_variant(work, f"v{index}", args.source, images, overrides, log)
+            variants[name] = run_variant(work, f"v{index}", folders[images], overrides, log)
     lines = table(variants)
     print("\n" + "\n".join(lines))
     print(

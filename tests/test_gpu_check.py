@@ -64,3 +64,21 @@ def test_peers_without_checkouts_skips_with_a_message(tmp_path):
     assert "gpt: skipped (--llamagen not given)" in result.stdout
     assert f"var: skipped ({tmp_path} lacks models/var.py" in result.stdout
     assert "nothing to compare" in result.stdout and not list(tmp_path.glob("*.json"))
+
+
+def test_cost_growth_refuses_a_folder_too_small_before_running_anything(tmp_path):
+    """benchmarks/cost_growth.py links the first N/classes images of each class: a class with fewer
+    fails at once, naming the class and the count, before any stage runs."""
+    for name, count in (("coat", 5), ("shirt", 2)):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(count):
+            (tmp_path / "src" / name / f"{i}.png").write_bytes(b"")
+    command = [sys.executable, str(REPO / "benchmarks" / "cost_growth.py"), "--source", str(tmp_path / "src"),
+               "--images", "8", "--tokens", "", "--work", str(tmp_path / "work")]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "class shirt has 2 images, 4 needed" in result.stderr
+    assert not (tmp_path / "work" / "v0").exists()
+    unknown = subprocess.run([*command[:2], "--source", str(tmp_path / "src"), "--tokens", "32"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert unknown.returncode == 2 and "--tokens 32: known variants are [64]" in unknown.stderr
