@@ -120,7 +120,7 @@ def grows_with(variants: dict[str, dict], base: str, stage: str) -> str:
     grew = set()
     for name, variant in variants.items():
         if name != base and variant["seconds"][stage] > 1.5 * reference:
-            grew.add("tokens" if "tokens" in name else "images")
+            grew.add("tokens" if variant["overrides"] else "images")
     return " and ".join(sorted(grew)) or "neither (fixed steps)"
 
 
