@@ -291,9 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "compiled" if args.compile else "eager"
     print(f"peers: batch {args.batch}, {args.steps} steps after {args.warmup}, {args.threads} threads, {mode}; "
           f"sampling {args.sample_batch} images; {args.repeats} alternating round(s)", flush=True)  # fmt: skip
-    sides = [("arpipe", True), ("authors", True)] if args.compile else [("arpipe", False), ("authors", False)]
-    if args.compile:
-        sides.append(("authors_eager", False))
+    sides = [("arpipe", args.compile), ("authors", args.compile)] + [("authors_eager", False)] * args.compile
     collected = {name: {key: [] for key, _ in sides} for name in peers}
     for round_index in range(args.repeats):
         for name, family in peers.items():

@@ -79,15 +79,8 @@ def sample_images(
     for b, start in enumerate(range(0, len(labels_N), batch_size)):
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + first_batch + b)
         labels_B = labels_N[start : start + batch_size].to(device)
-        tokens_BL = model.generate(
-            labels_B,
-            cfg_scale=cfg_scale,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=generator,
-            compiled=compiled,
-        )
+        tokens_BL = model.generate(labels_B, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   generator=generator, compiled=compiled)  # fmt: skip
         x_BCHW = tokenizer.decode(tokens_BL)
         images.append(((x_BCHW + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
     return torch.cat(images)

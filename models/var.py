@@ -35,7 +35,6 @@ Shape letter l: the s_k² positions of one scale.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -378,8 +377,7 @@ class VAR(ClassConditionalAR, nn.Module):
             decode = functools.partial(compiled_decode_step(backend), self) if compiled else self.decode_step
             for step, side in enumerate(config.scales):
                 end = start + side * side
-                with _one_graph_per_scale(len(config.scales)) if compiled else contextlib.nullcontext():
-                    logits_BlV = decode(x_BlC, cond_BC, caches)
+                logits_BlV = decode(x_BlC, cond_BC, caches)
                 if guided:
                     cond_BlV, uncond_BlV = logits_BlV.chunk(2)
                     logits_BlV = classifier_free_guidance(cond_BlV, uncond_BlV, scales[step])
@@ -446,5 +444,11 @@ def compiled_decode_step(backend: str | Callable = "inductor") -> Callable:
     built once per backend. Unbound, the graphs serve every VAR of the same structure and keep
     none of them alive."""
     if backend not in _COMPILED_STEPS:
-        _COMPILED_STEPS[backend] = torch.compile(VAR.decode_step, dynamic=False, backend=backend)
+        compiled = torch.compile(VAR.decode_step, dynamic=False, backend=backend)
+
+        def step(model: VAR, x_BlC: torch.Tensor, cond_BC: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+            with _one_graph_per_scale(len(model.config.scales)):
+                return compiled(model, x_BlC, cond_BC, caches)
+
+        _COMPILED_STEPS[backend] = step
     return _COMPILED_STEPS[backend]
